@@ -1,0 +1,253 @@
+//! Envelope encryption: data keys (DEKs) encrypt values; the master key
+//! (KEK) wraps data keys. Both are AES-256-GCM. Key bytes live in
+//! `Zeroizing` buffers and cipher states zeroize their round keys on drop.
+
+use crate::error::{EkmError, Result};
+use crate::format::{self, HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN, VERSION_TAG};
+use crate::keyid::{KeyId, KEY_REF_LEN};
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use rand::rngs::SysRng;
+use rand::TryRng;
+use std::ops::Range;
+use zeroize::Zeroizing;
+
+pub const KEY_LEN: usize = 32;
+/// Bytes of a wrapped data key: nonce | encrypted key | tag.
+pub const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+/// Bytes of the master key check value stored with each wrapped key.
+pub const KCV_LEN: usize = 8;
+
+/// Fills `buf` from the operating system's random source.
+pub fn os_random(buf: &mut [u8]) -> Result<()> {
+    SysRng
+        .try_fill_bytes(buf)
+        .map_err(|e| EkmError::Internal(format!("OS random source failed: {e}")))
+}
+
+/// An unwrapped data key, ready to use: the AES key schedule is computed once.
+pub struct DataKey {
+    id: KeyId,
+    key_ref: [u8; KEY_REF_LEN],
+    cipher: Aes256Gcm,
+}
+
+/// Small buffers stay on the stack; larger ones go to the heap (zeroized on drop).
+enum Scratch {
+    Stack([u8; 512], usize),
+    Heap(Zeroizing<Vec<u8>>),
+}
+
+impl Scratch {
+    fn new(n: usize) -> Self {
+        if n <= 512 {
+            Scratch::Stack([0u8; 512], n)
+        } else {
+            Scratch::Heap(Zeroizing::new(vec![0u8; n]))
+        }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        match self {
+            Scratch::Stack(b, n) => &mut b[..*n],
+            Scratch::Heap(v) => &mut v[..],
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Scratch::Stack(b, n) = self {
+            zeroize::Zeroize::zeroize(&mut b[..*n]);
+        }
+    }
+}
+
+fn aad_of(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Scratch {
+    let mut s = Scratch::new(VERSION_TAG.len() + KEY_REF_LEN + context.len());
+    let b = s.as_mut();
+    b[..4].copy_from_slice(VERSION_TAG);
+    b[4..4 + KEY_REF_LEN].copy_from_slice(key_ref);
+    b[4 + KEY_REF_LEN..].copy_from_slice(context);
+    s
+}
+
+impl DataKey {
+    pub fn new(id: KeyId, bytes: &[u8; KEY_LEN]) -> Self {
+        DataKey { id, key_ref: id.to_ref(), cipher: Aes256Gcm::new(bytes.into()) }
+    }
+
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    /// Encrypts `plaintext` with `nonce` and writes the text form into `out`,
+    /// which must be exactly `format::encoded_len(plaintext.len())` bytes.
+    pub fn seal_into(&self, nonce: &[u8; NONCE_LEN], plaintext: &[u8], context: &[u8], out: &mut [u8]) -> Result<()> {
+        let mut scratch = Scratch::new(OVERHEAD + plaintext.len());
+        let bin = scratch.as_mut();
+        bin[..KEY_REF_LEN].copy_from_slice(&self.key_ref);
+        bin[KEY_REF_LEN..HEADER_LEN].copy_from_slice(nonce);
+        let (body, tag_out) = bin[HEADER_LEN..].split_at_mut(plaintext.len());
+        body.copy_from_slice(plaintext);
+        let mut aad = aad_of(&self.key_ref, context);
+        let tag = self
+            .cipher
+            .encrypt_inout_detached(&Nonce::from(*nonce), aad.as_mut(), body.into())
+            .map_err(|_| EkmError::Internal("value too long to encrypt".into()))?;
+        tag_out.copy_from_slice(&tag);
+        let n = format::encode_into(bin, out);
+        debug_assert_eq!(n, out.len());
+        Ok(())
+    }
+
+    /// Convenience form of [`seal_into`](Self::seal_into).
+    pub fn seal(&self, nonce: &[u8; NONCE_LEN], plaintext: &[u8], context: &[u8]) -> Result<String> {
+        let mut out = vec![0u8; format::encoded_len(plaintext.len())];
+        self.seal_into(nonce, plaintext, context, &mut out)?;
+        Ok(String::from_utf8(out).expect("base64 is ASCII"))
+    }
+
+    /// Decodes and decrypts `text` inside `buf` (at least
+    /// `format::decoded_len(text)` bytes) and returns where the plaintext is.
+    pub fn open_in(&self, text: &str, context: &[u8], buf: &mut [u8]) -> Result<Range<usize>> {
+        let n = format::decode_into(text, buf)?;
+        if n < OVERHEAD {
+            return Err(EkmError::Malformed("too short"));
+        }
+        if buf[..KEY_REF_LEN] != self.key_ref {
+            return Err(EkmError::Internal("ciphertext opened with a key it does not name".into()));
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&buf[KEY_REF_LEN..HEADER_LEN]);
+        let (head, tag) = buf[..n].split_at_mut(n - TAG_LEN);
+        let tag = Tag::try_from(&tag[..]).map_err(|_| EkmError::Malformed("tag"))?;
+        let body = &mut head[HEADER_LEN..];
+        let mut aad = aad_of(&self.key_ref, context);
+        self.cipher
+            .decrypt_inout_detached(&Nonce::from(nonce), aad.as_mut(), body.into(), &tag)
+            .map_err(|_| EkmError::AuthenticationFailed(self.id.to_string()))?;
+        Ok(HEADER_LEN..n - TAG_LEN)
+    }
+
+    /// Convenience form of [`open_in`](Self::open_in).
+    pub fn open(&self, text: &str, context: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let mut buf = Zeroizing::new(vec![0u8; format::decoded_len(text)?]);
+        let r = self.open_in(text, context, &mut buf)?;
+        Ok(Zeroizing::new(buf[r].to_vec()))
+    }
+}
+
+/// The key-encryption key. Never stored in the database, never printed.
+pub struct MasterKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl MasterKey {
+    /// Parses 64 hex digits or standard base64 of 32 bytes, surrounded by
+    /// optional whitespace. `source` names where it came from, for errors.
+    pub fn parse(text: &[u8], source: &str) -> Result<Self> {
+        let t = text.trim_ascii();
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        let ok = if t.len() == 64 {
+            hex::decode_to_slice(t, &mut k[..]).is_ok()
+        } else if t.len() == 44 {
+            let mut tmp = Zeroizing::new([0u8; 33]);
+            matches!(
+                base64::Engine::decode_slice(&base64::engine::general_purpose::STANDARD, t, &mut tmp[..]),
+                Ok(KEY_LEN)
+            ) && {
+                k.copy_from_slice(&tmp[..KEY_LEN]);
+                true
+            }
+        } else {
+            false
+        };
+        if !ok {
+            return Err(EkmError::MasterKeyInvalid(source.to_string()));
+        }
+        Ok(MasterKey(k))
+    }
+
+    pub fn generate() -> Result<Self> {
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        os_random(&mut k[..])?;
+        Ok(MasterKey(k))
+    }
+
+    /// Hex form, for writing the development key file.
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        Zeroizing::new(hex::encode(&self.0[..]))
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new((&*self.0).into())
+    }
+
+    /// A key check value: the GCM tag of an empty message under a fixed,
+    /// wrap-reserved nonce. It identifies the master key without revealing it.
+    pub fn check_value(&self) -> [u8; KCV_LEN] {
+        let nonce = Nonce::from([0xffu8; NONCE_LEN]);
+        let tag = self
+            .cipher()
+            .encrypt_inout_detached(&nonce, b"ekm master key check v1", (&mut [][..]).into())
+            .expect("empty message");
+        let mut out = [0u8; KCV_LEN];
+        out.copy_from_slice(&tag[..KCV_LEN]);
+        out
+    }
+
+    /// Wraps a data key, bound to its id.
+    pub fn wrap(&self, id: &KeyId, dek: &[u8; KEY_LEN]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        loop {
+            os_random(&mut nonce)?;
+            if nonce != [0xff; NONCE_LEN] {
+                break; // reserved for the check value
+            }
+        }
+        let mut out = vec![0u8; WRAPPED_LEN];
+        out[..NONCE_LEN].copy_from_slice(&nonce);
+        out[NONCE_LEN..NONCE_LEN + KEY_LEN].copy_from_slice(dek);
+        let aad = format!("ekm-dek-v1:{id}");
+        let tag = self
+            .cipher()
+            .encrypt_inout_detached(&Nonce::from(nonce), aad.as_bytes(), (&mut out[NONCE_LEN..NONCE_LEN + KEY_LEN]).into())
+            .map_err(|_| EkmError::Internal("wrap failed".into()))?;
+        out[NONCE_LEN + KEY_LEN..].copy_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// Unwraps a data key. `kcv` is the check value stored with it: a
+    /// mismatch means the wrong master key is configured.
+    pub fn unwrap(&self, id: &KeyId, wrapped: &[u8], kcv: &[u8]) -> Result<DataKey> {
+        if kcv != self.check_value() {
+            return Err(EkmError::MasterKeyMismatch(id.to_string()));
+        }
+        if wrapped.len() != WRAPPED_LEN {
+            return Err(EkmError::WrappedKeyCorrupt(id.to_string()));
+        }
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        k.copy_from_slice(&wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN]);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&wrapped[..NONCE_LEN]);
+        let tag = Tag::try_from(&wrapped[NONCE_LEN + KEY_LEN..]).map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
+        let aad = format!("ekm-dek-v1:{id}");
+        self.cipher()
+            .decrypt_inout_detached(&Nonce::from(nonce), aad.as_bytes(), (&mut k[..]).into(), &tag)
+            .map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
+        Ok(DataKey::new(*id, &k))
+    }
+}
+
+/// A fresh data key from the OS random source, returned wrapped (for the
+/// table) and unwrapped (for use).
+pub fn new_data_key(master: &MasterKey, id: &KeyId) -> Result<(Vec<u8>, DataKey)> {
+    let mut dek = Zeroizing::new([0u8; KEY_LEN]);
+    os_random(&mut dek[..])?;
+    let wrapped = master.wrap(id, &dek)?;
+    Ok((wrapped, DataKey::new(*id, &dek)))
+}

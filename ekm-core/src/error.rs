@@ -1,0 +1,99 @@
+//! Every failure ekm reports, with the SQLSTATE and hint the extension raises.
+//! Messages never carry plaintext or key bytes: only key ids, states and
+//! lengths, which are not secret.
+
+use crate::lifecycle::KeyState;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EkmError {
+    #[error("value is not an ekm ciphertext")]
+    NotCiphertext,
+    #[error("ekm ciphertext format version \"{0}\" is not supported by this ekm")]
+    UnsupportedVersion(String),
+    #[error("ekm ciphertext is truncated or malformed ({0})")]
+    Malformed(&'static str),
+    #[error("ekm ciphertext could not be authenticated with key {0}: the context does not match, or the value was altered")]
+    AuthenticationFailed(String),
+    #[error("key {0} does not exist in this database")]
+    UnknownKey(String),
+    #[error("key {key_id} is {state} and cannot {action}")]
+    KeyNotUsable { key_id: String, state: KeyState, action: &'static str },
+    #[error("invalid key id \"{0}\"")]
+    InvalidKeyId(String),
+    #[error("no active ekm key")]
+    NoActiveKey,
+    #[error("key {key_id} cannot go from {from} to {to}")]
+    InvalidTransition { key_id: String, from: KeyState, to: KeyState },
+    #[error("ekm master key is not available: {0}")]
+    MasterKeyUnavailable(String),
+    #[error("ekm master key from {0} is not a 256-bit key")]
+    MasterKeyInvalid(String),
+    #[error("ekm master key does not match the one key {0} was wrapped with (key check value mismatch)")]
+    MasterKeyMismatch(String),
+    #[error("wrapped material of key {0} failed authentication")]
+    WrappedKeyCorrupt(String),
+    #[error("ekm internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, EkmError>;
+
+impl EkmError {
+    /// The SQLSTATE the extension raises for this error.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            EkmError::NotCiphertext => "22P02",       // invalid_text_representation
+            EkmError::UnsupportedVersion(_) => "0A000", // feature_not_supported
+            EkmError::Malformed(_) => "22P03",       // invalid_binary_representation
+            EkmError::AuthenticationFailed(_) => "XX001", // data_corrupted
+            EkmError::UnknownKey(_) => "42704",      // undefined_object
+            EkmError::KeyNotUsable { .. } => "55000", // object_not_in_prerequisite_state
+            EkmError::InvalidKeyId(_) => "22023",    // invalid_parameter_value
+            EkmError::NoActiveKey => "55000",
+            EkmError::InvalidTransition { .. } => "55000",
+            EkmError::MasterKeyUnavailable(_) => "58000", // system_error
+            EkmError::MasterKeyInvalid(_) => "F0000",     // config_file_error
+            EkmError::MasterKeyMismatch(_) => "28000",    // invalid_authorization_specification
+            EkmError::WrappedKeyCorrupt(_) => "XX001",
+            EkmError::Internal(_) => "XX000",
+        }
+    }
+
+    /// What the DBA can do about it.
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            EkmError::NotCiphertext => {
+                "ekm ciphertexts start with \"ekm1:\"; use ekm_is_encrypted(value) to find values that are not encrypted".into()
+            }
+            EkmError::UnsupportedVersion(_) => "install the ekm version that wrote this value".into(),
+            EkmError::Malformed(_) | EkmError::AuthenticationFailed(_) => {
+                "decrypt with the context the value was encrypted with; otherwise restore the value from a backup".into()
+            }
+            EkmError::UnknownKey(_) => {
+                "the key was never created in this database: restore ekm's key tables from the backup that holds it".into()
+            }
+            EkmError::KeyNotUsable { key_id, state, .. } => match state {
+                KeyState::Retired => format!("reactivate it with SELECT ekm_activate_key('{key_id}'), or use ekm_rollback()"),
+                KeyState::Destroyed => "its material was erased; restore the value from a backup taken before the key was destroyed".into(),
+                KeyState::Created => format!("activate it with SELECT ekm_activate_key('{key_id}')"),
+                _ => return None,
+            },
+            EkmError::InvalidKeyId(_) => "key ids look like key_20250927_153045_b7c2; list them with SELECT key_id FROM ekm.keys".into(),
+            EkmError::NoActiveKey => "activate a key with SELECT ekm_activate_key(key_id)".into(),
+            EkmError::InvalidTransition { .. } => {
+                "key states go created -> active -> rotating -> retired -> destroyed; an inactive key can be made active again".into()
+            }
+            EkmError::MasterKeyUnavailable(_) => {
+                "check ekm.master_key_command or ekm.master_key_file in postgresql.conf and the server log, then SELECT pg_reload_conf()".into()
+            }
+            EkmError::MasterKeyInvalid(_) => {
+                "the key must be 64 hexadecimal digits or 44 base64 characters (32 bytes), optionally followed by a newline".into()
+            }
+            EkmError::MasterKeyMismatch(_) => {
+                "configure the master key this database's keys were created with (ekm.master_key_command / ekm.master_key_file); nothing was changed".into()
+            }
+            EkmError::WrappedKeyCorrupt(_) => "restore ekm.key_material from a backup".into(),
+            EkmError::Internal(_) => return None,
+        })
+    }
+}

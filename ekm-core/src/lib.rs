@@ -1,0 +1,13 @@
+//! ekm's security-critical core, free of PostgreSQL: the ciphertext format,
+//! envelope encryption, key ids, the key lifecycle and rotation policy.
+
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod keyid;
+pub mod lifecycle;
+
+pub use crypto::{DataKey, MasterKey};
+pub use error::{EkmError, Result};
+pub use keyid::KeyId;
+pub use lifecycle::{KeyState, Policy};

@@ -1,0 +1,152 @@
+use chrono::{TimeZone, Utc};
+use ekm_core::crypto::{new_data_key, KCV_LEN};
+use ekm_core::format::{self, encoded_len};
+use ekm_core::{EkmError, KeyId, MasterKey};
+use proptest::prelude::*;
+
+fn key_id(s: u16) -> KeyId {
+    KeyId::new(Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap(), s).unwrap()
+}
+
+fn setup() -> (MasterKey, ekm_core::DataKey) {
+    let m = MasterKey::generate().unwrap();
+    let (_, dk) = new_data_key(&m, &key_id(0xabcd)).unwrap();
+    (m, dk)
+}
+
+#[test]
+fn round_trip_sizes_and_contexts() {
+    let (_, k) = setup();
+    for (pt, ctx) in [
+        (&b""[..], &b""[..]),
+        (b"alice@example.com", b"public.people.email"),
+        (b"+919876543210", b""),
+        ("ünïcødé ✓".as_bytes(), b"x"),
+    ] {
+        let ct = k.seal(&[7u8; 12], pt, ctx).unwrap();
+        assert!(ct.starts_with("ekm1:"));
+        assert!(ct[5..].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert_eq!(ct.len(), encoded_len(pt.len()));
+        assert_eq!(&k.open(&ct, ctx).unwrap()[..], pt);
+        assert_eq!(format::key_of(&ct).unwrap(), k.id());
+    }
+    // a multi-megabyte value
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let ct = k.seal(&[1u8; 12], &big, b"").unwrap();
+    assert_eq!(&k.open(&ct, b"").unwrap()[..], &big[..]);
+}
+
+#[test]
+fn compact_against_fernet() {
+    let (_, k) = setup();
+    let ct = k.seal(&[0u8; 12], b"alice.smith@example.co.uk", b"").unwrap();
+    assert_eq!(ct.len(), 85);
+    assert!(ct.len() * 100 <= 156 * 60);
+}
+
+#[test]
+fn wrong_context_and_tampering_fail_cleanly() {
+    let (_, k) = setup();
+    let ct = k.seal(&[3u8; 12], b"secret", b"public.people.email").unwrap();
+    assert!(matches!(k.open(&ct, b"public.people.mobno"), Err(EkmError::AuthenticationFailed(_))));
+    assert!(matches!(k.open(&ct, b""), Err(EkmError::AuthenticationFailed(_))));
+    // flip each body character in turn (except the key reference, which names another key)
+    let bytes = ct.as_bytes();
+    for i in 5 + 12..bytes.len() {
+        let mut t = bytes.to_vec();
+        t[i] = if t[i] == b'A' { b'B' } else { b'A' };
+        let t = String::from_utf8(t).unwrap();
+        let r = k.open(&t, b"public.people.email");
+        assert!(matches!(r, Err(EkmError::AuthenticationFailed(_)) | Err(EkmError::Malformed(_))), "{i}: {r:?}");
+    }
+    // truncation
+    for cut in [ct.len() - 1, ct.len() - 5, 40, 6, 5] {
+        let r = k.open(&ct[..cut], b"public.people.email");
+        assert!(r.is_err(), "cut {cut}");
+    }
+}
+
+#[test]
+fn errors_never_carry_plaintext_or_key_bytes() {
+    let (m, k) = setup();
+    let ct = k.seal(&[3u8; 12], b"TOPSECRETVALUE", b"ctx").unwrap();
+    let e = k.open(&ct, b"other").unwrap_err();
+    let msg = format!("{e} {:?} {}", e, e.hint().unwrap_or_default());
+    assert!(!msg.contains("TOPSECRETVALUE"));
+    assert!(!msg.contains(&*m.to_hex()));
+    assert_eq!(format!("{m:?}"), "MasterKey(<redacted>)");
+}
+
+#[test]
+fn wrap_unwrap_and_master_key_mismatch() {
+    let m = MasterKey::generate().unwrap();
+    let id = key_id(1);
+    let (wrapped, dk) = new_data_key(&m, &id).unwrap();
+    let kcv = m.check_value();
+    assert_eq!(kcv.len(), KCV_LEN);
+    let dk2 = m.unwrap(&id, &wrapped, &kcv).unwrap();
+    let ct = dk.seal(&[9u8; 12], b"v", b"").unwrap();
+    assert_eq!(&dk2.open(&ct, b"").unwrap()[..], b"v");
+    // bound to the key id
+    assert!(matches!(m.unwrap(&key_id(2), &wrapped, &kcv), Err(EkmError::WrappedKeyCorrupt(_))));
+    // another master key: named as a mismatch, never garbage
+    let other = MasterKey::generate().unwrap();
+    assert!(matches!(other.unwrap(&id, &wrapped, &kcv), Err(EkmError::MasterKeyMismatch(_))));
+    // corrupted material
+    let mut bad = wrapped.clone();
+    bad[20] ^= 1;
+    assert!(matches!(m.unwrap(&id, &bad, &kcv), Err(EkmError::WrappedKeyCorrupt(_))));
+    assert!(matches!(m.unwrap(&id, &wrapped[..10], &kcv), Err(EkmError::WrappedKeyCorrupt(_))));
+}
+
+#[test]
+fn master_key_parsing() {
+    let hex64 = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+    let a = MasterKey::parse(hex64.as_bytes(), "file").unwrap();
+    let b64 = "ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8=";
+    let b = MasterKey::parse(b64.as_bytes(), "cmd").unwrap();
+    assert_eq!(a.check_value(), b.check_value());
+    for bad in ["", "short", &hex64[..63], "zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"] {
+        let e = MasterKey::parse(bad.as_bytes(), "ekm.master_key_file").unwrap_err();
+        assert_eq!(e, EkmError::MasterKeyInvalid("ekm.master_key_file".into()));
+    }
+}
+
+#[test]
+fn key_of_names_the_key() {
+    let (_, k) = setup();
+    let ct = k.seal(&[0u8; 12], b"x", b"").unwrap();
+    assert_eq!(format::key_of(&ct).unwrap().to_string(), "key_20261128_120000_abcd");
+    assert_eq!(format::key_of("nope"), Err(EkmError::NotCiphertext));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The parser never panics, and anything it accepts without the right key fails cleanly.
+    #[test]
+    fn parser_total(s in "\\PC{0,200}") {
+        let _ = format::decoded_len(&s);
+        let _ = format::key_of(&s);
+        let _ = format::looks_encrypted(&s);
+        let _ = KeyId::parse(&s);
+    }
+
+    #[test]
+    fn parser_total_on_ekm_like_input(body in "[A-Za-z0-9_=+/-]{0,120}") {
+        let (_, k) = setup();
+        let s = format!("ekm1:{body}");
+        let _ = format::key_of(&s);
+        if let Ok(n) = format::decoded_len(&s) {
+            let mut buf = vec![0u8; n];
+            let _ = k.open_in(&s, b"", &mut buf);
+        }
+    }
+
+    #[test]
+    fn round_trip_any(pt in proptest::collection::vec(any::<u8>(), 0..300), ctx in proptest::collection::vec(any::<u8>(), 0..40), nonce in any::<[u8; 12]>()) {
+        let (_, k) = setup();
+        let ct = k.seal(&nonce, &pt, &ctx).unwrap();
+        prop_assert_eq!(&k.open(&ct, &ctx).unwrap()[..], &pt[..]);
+    }
+}
