@@ -18,7 +18,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 need_pkgs=()
 PGV=$(dpkg-query -W -f='${Version}' postgresql-15 2>/dev/null || true)
 dpkg-query -W -f='${Status}' postgresql-15 2>/dev/null | grep -q 'ok installed' || need_pkgs+=(postgresql-15)
-for p in postgresql-server-dev-15 postgresql-contrib-15 libclang-dev clang build-essential pkg-config libssl-dev sudo; do
+for p in postgresql-server-dev-15 libclang-dev clang build-essential pkg-config libssl-dev sudo; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -28,7 +28,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   pkgs=()
   for p in "${need_pkgs[@]}"; do
     case "$p" in
-      postgresql-server-dev-15|postgresql-contrib-15)
+      postgresql-server-dev-15)
         # keep the dev headers at the server's exact version
         if [ -n "$PGV" ] && [ "$p" = postgresql-server-dev-15 ]; then pkgs+=("$p=$PGV"); else pkgs+=("$p"); fi ;;
       *) pkgs+=("$p") ;;

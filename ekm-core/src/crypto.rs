@@ -32,16 +32,18 @@ pub struct DataKey {
     cipher: Aes256Gcm,
 }
 
-/// Small buffers stay on the stack; larger ones go to the heap (zeroized on drop).
-enum Scratch {
-    Stack([u8; 512], usize),
+/// Small buffers stay on the stack (no allocation on the per-row path);
+/// larger ones go to the heap. Both are zeroized on drop.
+#[allow(clippy::large_enum_variant)] // on the stack on purpose
+enum Scratch<const N: usize> {
+    Stack([u8; N], usize),
     Heap(Zeroizing<Vec<u8>>),
 }
 
-impl Scratch {
+impl<const N: usize> Scratch<N> {
     fn new(n: usize) -> Self {
-        if n <= 512 {
-            Scratch::Stack([0u8; 512], n)
+        if n <= N {
+            Scratch::Stack([0u8; N], n)
         } else {
             Scratch::Heap(Zeroizing::new(vec![0u8; n]))
         }
@@ -54,7 +56,7 @@ impl Scratch {
     }
 }
 
-impl Drop for Scratch {
+impl<const N: usize> Drop for Scratch<N> {
     fn drop(&mut self) {
         if let Scratch::Stack(b, n) = self {
             zeroize::Zeroize::zeroize(&mut b[..*n]);
@@ -62,7 +64,7 @@ impl Drop for Scratch {
     }
 }
 
-fn aad_of(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Scratch {
+fn aad_of(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Scratch<128> {
     let mut s = Scratch::new(VERSION_TAG.len() + KEY_REF_LEN + context.len());
     let b = s.as_mut();
     b[..4].copy_from_slice(VERSION_TAG);
@@ -73,7 +75,11 @@ fn aad_of(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Scratch {
 
 impl DataKey {
     pub fn new(id: KeyId, bytes: &[u8; KEY_LEN]) -> Self {
-        DataKey { id, key_ref: id.to_ref(), cipher: Aes256Gcm::new(bytes.into()) }
+        DataKey {
+            id,
+            key_ref: id.to_ref(),
+            cipher: Aes256Gcm::new(bytes.into()),
+        }
     }
 
     pub fn id(&self) -> KeyId {
@@ -82,8 +88,14 @@ impl DataKey {
 
     /// Encrypts `plaintext` with `nonce` and writes the text form into `out`,
     /// which must be exactly `format::encoded_len(plaintext.len())` bytes.
-    pub fn seal_into(&self, nonce: &[u8; NONCE_LEN], plaintext: &[u8], context: &[u8], out: &mut [u8]) -> Result<()> {
-        let mut scratch = Scratch::new(OVERHEAD + plaintext.len());
+    pub fn seal_into(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        plaintext: &[u8],
+        context: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let mut scratch = Scratch::<512>::new(OVERHEAD + plaintext.len());
         let bin = scratch.as_mut();
         bin[..KEY_REF_LEN].copy_from_slice(&self.key_ref);
         bin[KEY_REF_LEN..HEADER_LEN].copy_from_slice(nonce);
@@ -101,7 +113,12 @@ impl DataKey {
     }
 
     /// Convenience form of [`seal_into`](Self::seal_into).
-    pub fn seal(&self, nonce: &[u8; NONCE_LEN], plaintext: &[u8], context: &[u8]) -> Result<String> {
+    pub fn seal(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        plaintext: &[u8],
+        context: &[u8],
+    ) -> Result<String> {
         let mut out = vec![0u8; format::encoded_len(plaintext.len())];
         self.seal_into(nonce, plaintext, context, &mut out)?;
         Ok(String::from_utf8(out).expect("base64 is ASCII"))
@@ -115,7 +132,9 @@ impl DataKey {
             return Err(EkmError::Malformed("too short"));
         }
         if buf[..KEY_REF_LEN] != self.key_ref {
-            return Err(EkmError::Internal("ciphertext opened with a key it does not name".into()));
+            return Err(EkmError::Internal(
+                "ciphertext opened with a key it does not name".into(),
+            ));
         }
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&buf[KEY_REF_LEN..HEADER_LEN]);
@@ -157,7 +176,11 @@ impl MasterKey {
         } else if t.len() == 44 {
             let mut tmp = Zeroizing::new([0u8; 33]);
             matches!(
-                base64::Engine::decode_slice(&base64::engine::general_purpose::STANDARD, t, &mut tmp[..]),
+                base64::Engine::decode_slice(
+                    &base64::engine::general_purpose::STANDARD,
+                    t,
+                    &mut tmp[..]
+                ),
                 Ok(KEY_LEN)
             ) && {
                 k.copy_from_slice(&tmp[..KEY_LEN]);
@@ -215,7 +238,11 @@ impl MasterKey {
         let aad = format!("ekm-dek-v1:{id}");
         let tag = self
             .cipher()
-            .encrypt_inout_detached(&Nonce::from(nonce), aad.as_bytes(), (&mut out[NONCE_LEN..NONCE_LEN + KEY_LEN]).into())
+            .encrypt_inout_detached(
+                &Nonce::from(nonce),
+                aad.as_bytes(),
+                (&mut out[NONCE_LEN..NONCE_LEN + KEY_LEN]).into(),
+            )
             .map_err(|_| EkmError::Internal("wrap failed".into()))?;
         out[NONCE_LEN + KEY_LEN..].copy_from_slice(&tag);
         Ok(out)
@@ -234,10 +261,16 @@ impl MasterKey {
         k.copy_from_slice(&wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN]);
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&wrapped[..NONCE_LEN]);
-        let tag = Tag::try_from(&wrapped[NONCE_LEN + KEY_LEN..]).map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
+        let tag = Tag::try_from(&wrapped[NONCE_LEN + KEY_LEN..])
+            .map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
         let aad = format!("ekm-dek-v1:{id}");
         self.cipher()
-            .decrypt_inout_detached(&Nonce::from(nonce), aad.as_bytes(), (&mut k[..]).into(), &tag)
+            .decrypt_inout_detached(
+                &Nonce::from(nonce),
+                aad.as_bytes(),
+                (&mut k[..]).into(),
+                &tag,
+            )
             .map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
         Ok(DataKey::new(*id, &k))
     }

@@ -17,18 +17,28 @@ pub enum EkmError {
     #[error("key {0} does not exist in this database")]
     UnknownKey(String),
     #[error("key {key_id} is {state} and cannot {action}")]
-    KeyNotUsable { key_id: String, state: KeyState, action: &'static str },
+    KeyNotUsable {
+        key_id: String,
+        state: KeyState,
+        action: &'static str,
+    },
     #[error("invalid key id \"{0}\"")]
     InvalidKeyId(String),
     #[error("no active ekm key")]
     NoActiveKey,
     #[error("key {key_id} cannot go from {from} to {to}")]
-    InvalidTransition { key_id: String, from: KeyState, to: KeyState },
+    InvalidTransition {
+        key_id: String,
+        from: KeyState,
+        to: KeyState,
+    },
     #[error("ekm master key is not available: {0}")]
     MasterKeyUnavailable(String),
     #[error("ekm master key from {0} is not a 256-bit key")]
     MasterKeyInvalid(String),
-    #[error("ekm master key does not match the one key {0} was wrapped with (key check value mismatch)")]
+    #[error(
+        "ekm master key does not match the one key {0} was wrapped with (key check value mismatch)"
+    )]
     MasterKeyMismatch(String),
     #[error("wrapped material of key {0} failed authentication")]
     WrappedKeyCorrupt(String),
@@ -42,13 +52,13 @@ impl EkmError {
     /// The SQLSTATE the extension raises for this error.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            EkmError::NotCiphertext => "22P02",       // invalid_text_representation
+            EkmError::NotCiphertext => "22P02", // invalid_text_representation
             EkmError::UnsupportedVersion(_) => "0A000", // feature_not_supported
-            EkmError::Malformed(_) => "22P03",       // invalid_binary_representation
+            EkmError::Malformed(_) => "22P03",  // invalid_binary_representation
             EkmError::AuthenticationFailed(_) => "XX001", // data_corrupted
-            EkmError::UnknownKey(_) => "42704",      // undefined_object
+            EkmError::UnknownKey(_) => "42704", // undefined_object
             EkmError::KeyNotUsable { .. } => "55000", // object_not_in_prerequisite_state
-            EkmError::InvalidKeyId(_) => "22023",    // invalid_parameter_value
+            EkmError::InvalidKeyId(_) => "22023", // invalid_parameter_value
             EkmError::NoActiveKey => "55000",
             EkmError::InvalidTransition { .. } => "55000",
             EkmError::MasterKeyUnavailable(_) => "58000", // system_error
@@ -73,7 +83,7 @@ impl EkmError {
                 "the key was never created in this database: restore ekm's key tables from the backup that holds it".into()
             }
             EkmError::KeyNotUsable { key_id, state, .. } => match state {
-                KeyState::Retired => format!("reactivate it with SELECT ekm_activate_key('{key_id}'), or use ekm_rollback()"),
+                KeyState::Retired => format!("reactivate it with SELECT ekm_activate_key('{key_id}')"),
                 KeyState::Destroyed => "its material was erased; restore the value from a backup taken before the key was destroyed".into(),
                 KeyState::Created => format!("activate it with SELECT ekm_activate_key('{key_id}')"),
                 _ => return None,

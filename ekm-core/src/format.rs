@@ -26,11 +26,12 @@ pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 
 /// Length of base64url (no padding) text for `n` bytes.
 pub const fn b64_len(n: usize) -> usize {
-    (n / 3) * 4 + match n % 3 {
-        0 => 0,
-        1 => 2,
-        _ => 3,
-    }
+    (n / 3) * 4
+        + match n % 3 {
+            0 => 0,
+            1 => 2,
+            _ => 3,
+        }
 }
 
 /// Text length of the ciphertext of an `n`-byte plaintext.
@@ -64,11 +65,12 @@ pub fn decoded_len(text: &str) -> Result<usize> {
     if n % 4 == 1 {
         return Err(EkmError::Malformed("impossible base64 length"));
     }
-    let bytes = (n / 4) * 3 + match n % 4 {
-        2 => 1,
-        3 => 2,
-        _ => 0,
-    };
+    let bytes = (n / 4) * 3
+        + match n % 4 {
+            2 => 1,
+            3 => 2,
+            _ => 0,
+        };
     if bytes < OVERHEAD {
         return Err(EkmError::Malformed("too short"));
     }
@@ -134,9 +136,18 @@ mod tests {
     fn classifies_foreign_values() {
         assert_eq!(decoded_len("hello"), Err(EkmError::NotCiphertext));
         assert_eq!(decoded_len(""), Err(EkmError::NotCiphertext));
-        assert_eq!(decoded_len("FERNET_V2:key:abc"), Err(EkmError::NotCiphertext));
-        assert_eq!(decoded_len("ekm2:AAAA"), Err(EkmError::UnsupportedVersion("ekm2".into())));
-        assert!(matches!(decoded_len("ekm1:AAAA"), Err(EkmError::Malformed(_))));
+        assert_eq!(
+            decoded_len("FERNET_V2:key:abc"),
+            Err(EkmError::NotCiphertext)
+        );
+        assert_eq!(
+            decoded_len("ekm2:AAAA"),
+            Err(EkmError::UnsupportedVersion("ekm2".into()))
+        );
+        assert!(matches!(
+            decoded_len("ekm1:AAAA"),
+            Err(EkmError::Malformed(_))
+        ));
         assert!(matches!(decoded_len("ekm1:A"), Err(EkmError::Malformed(_))));
         assert!(!looks_encrypted("plain@example.com"));
         assert!(looks_encrypted("ekm7:whatever"));

@@ -39,7 +39,10 @@ impl KeyId {
             return Err(bad());
         }
         let hexpart = &s[20..24];
-        if !hexpart.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+        if !hexpart
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        {
             return Err(bad());
         }
         let dt = NaiveDateTime::parse_from_str(&s[4..19], "%Y%m%d_%H%M%S").map_err(|_| bad())?;
@@ -67,13 +70,21 @@ impl KeyId {
         if secs > MAX_SECS {
             return Err(EkmError::Malformed("key reference out of range"));
         }
-        Ok(KeyId { secs, suffix: u16::from_be_bytes([r[5], r[6]]) })
+        Ok(KeyId {
+            secs,
+            suffix: u16::from_be_bytes([r[5], r[6]]),
+        })
     }
 }
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "key_{}_{:04x}", self.created().format("%Y%m%d_%H%M%S"), self.suffix)
+        write!(
+            f,
+            "key_{}_{:04x}",
+            self.created().format("%Y%m%d_%H%M%S"),
+            self.suffix
+        )
     }
 }
 
@@ -107,7 +118,10 @@ mod tests {
             "key_20250927_153060_b7c2",
             "key_20250927_153045_b7:2",
         ] {
-            assert!(matches!(KeyId::parse(s), Err(EkmError::InvalidKeyId(_))), "{s}");
+            assert!(
+                matches!(KeyId::parse(s), Err(EkmError::InvalidKeyId(_))),
+                "{s}"
+            );
         }
     }
 

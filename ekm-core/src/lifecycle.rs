@@ -69,7 +69,11 @@ impl KeyState {
         if self.may_become(to) {
             Ok(())
         } else {
-            Err(EkmError::InvalidTransition { key_id: key_id.to_string(), from: self, to })
+            Err(EkmError::InvalidTransition {
+                key_id: key_id.to_string(),
+                from: self,
+                to,
+            })
         }
     }
 }
@@ -104,7 +108,12 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { lifetime_days: 90, due_age_days: 76, warning_days: 14, due_encryptions: NONCE_BOUND / 2.0 }
+        Policy {
+            lifetime_days: 90,
+            due_age_days: 76,
+            warning_days: 14,
+            due_encryptions: NONCE_BOUND / 2.0,
+        }
     }
 }
 
@@ -120,10 +129,15 @@ pub struct KeyAge {
 }
 
 impl Policy {
-    pub fn evaluate(&self, created_at: DateTime<Utc>, now: DateTime<Utc>, encryptions: i64) -> KeyAge {
+    pub fn evaluate(
+        &self,
+        created_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        encryptions: i64,
+    ) -> KeyAge {
         let expires_at = created_at + Duration::days(self.lifetime_days as i64);
-        let due_at =
-            (created_at + Duration::days(self.due_age_days as i64)).min(expires_at - Duration::days(self.warning_days as i64));
+        let due_at = (created_at + Duration::days(self.due_age_days as i64))
+            .min(expires_at - Duration::days(self.warning_days as i64));
         KeyAge {
             age_days: (now - created_at).num_days(),
             expires_at,
@@ -147,14 +161,20 @@ mod tests {
         assert!(Rotating.may_become(Retired));
         assert!(Retired.may_become(Destroyed));
         assert!(Retired.may_become(Active));
-        assert!(!Active.may_become(Retired), "data on an active key must move first");
+        assert!(
+            !Active.may_become(Retired),
+            "data on an active key must move first"
+        );
         assert!(!Active.may_become(Destroyed));
         assert!(!Rotating.may_become(Destroyed));
         for s in KeyState::ALL {
             assert!(!Destroyed.may_become(s) || s == Destroyed);
             assert_eq!(s.as_str().parse::<KeyState>().unwrap(), s);
         }
-        assert!(matches!(Active.check_transition(Destroyed, "k"), Err(EkmError::InvalidTransition { .. })));
+        assert!(matches!(
+            Active.check_transition(Destroyed, "k"),
+            Err(EkmError::InvalidTransition { .. })
+        ));
     }
 
     #[test]
@@ -179,7 +199,10 @@ mod tests {
         assert!(a.needs_rotation);
         assert_eq!(a.due_at, c + Duration::days(76));
         // a short lifetime makes "fewer than 14 days remain" the earlier rule
-        let short = Policy { lifetime_days: 20, ..p };
+        let short = Policy {
+            lifetime_days: 20,
+            ..p
+        };
         let a = short.evaluate(c, c + Duration::days(6), 0);
         assert!(a.needs_rotation);
         assert_eq!(a.due_at, c + Duration::days(6));

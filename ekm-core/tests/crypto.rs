@@ -25,7 +25,9 @@ fn round_trip_sizes_and_contexts() {
     ] {
         let ct = k.seal(&[7u8; 12], pt, ctx).unwrap();
         assert!(ct.starts_with("ekm1:"));
-        assert!(ct[5..].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(ct[5..]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
         assert_eq!(ct.len(), encoded_len(pt.len()));
         assert_eq!(&k.open(&ct, ctx).unwrap()[..], pt);
         assert_eq!(format::key_of(&ct).unwrap(), k.id());
@@ -39,7 +41,9 @@ fn round_trip_sizes_and_contexts() {
 #[test]
 fn compact_against_fernet() {
     let (_, k) = setup();
-    let ct = k.seal(&[0u8; 12], b"alice.smith@example.co.uk", b"").unwrap();
+    let ct = k
+        .seal(&[0u8; 12], b"alice.smith@example.co.uk", b"")
+        .unwrap();
     assert_eq!(ct.len(), 85);
     assert!(ct.len() * 100 <= 156 * 60);
 }
@@ -47,9 +51,17 @@ fn compact_against_fernet() {
 #[test]
 fn wrong_context_and_tampering_fail_cleanly() {
     let (_, k) = setup();
-    let ct = k.seal(&[3u8; 12], b"secret", b"public.people.email").unwrap();
-    assert!(matches!(k.open(&ct, b"public.people.mobno"), Err(EkmError::AuthenticationFailed(_))));
-    assert!(matches!(k.open(&ct, b""), Err(EkmError::AuthenticationFailed(_))));
+    let ct = k
+        .seal(&[3u8; 12], b"secret", b"public.people.email")
+        .unwrap();
+    assert!(matches!(
+        k.open(&ct, b"public.people.mobno"),
+        Err(EkmError::AuthenticationFailed(_))
+    ));
+    assert!(matches!(
+        k.open(&ct, b""),
+        Err(EkmError::AuthenticationFailed(_))
+    ));
     // flip each body character in turn (except the key reference, which names another key)
     let bytes = ct.as_bytes();
     for i in 5 + 12..bytes.len() {
@@ -57,7 +69,13 @@ fn wrong_context_and_tampering_fail_cleanly() {
         t[i] = if t[i] == b'A' { b'B' } else { b'A' };
         let t = String::from_utf8(t).unwrap();
         let r = k.open(&t, b"public.people.email");
-        assert!(matches!(r, Err(EkmError::AuthenticationFailed(_)) | Err(EkmError::Malformed(_))), "{i}: {r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(EkmError::AuthenticationFailed(_)) | Err(EkmError::Malformed(_))
+            ),
+            "{i}: {r:?}"
+        );
     }
     // truncation
     for cut in [ct.len() - 1, ct.len() - 5, 40, 6, 5] {
@@ -88,15 +106,27 @@ fn wrap_unwrap_and_master_key_mismatch() {
     let ct = dk.seal(&[9u8; 12], b"v", b"").unwrap();
     assert_eq!(&dk2.open(&ct, b"").unwrap()[..], b"v");
     // bound to the key id
-    assert!(matches!(m.unwrap(&key_id(2), &wrapped, &kcv), Err(EkmError::WrappedKeyCorrupt(_))));
+    assert!(matches!(
+        m.unwrap(&key_id(2), &wrapped, &kcv),
+        Err(EkmError::WrappedKeyCorrupt(_))
+    ));
     // another master key: named as a mismatch, never garbage
     let other = MasterKey::generate().unwrap();
-    assert!(matches!(other.unwrap(&id, &wrapped, &kcv), Err(EkmError::MasterKeyMismatch(_))));
+    assert!(matches!(
+        other.unwrap(&id, &wrapped, &kcv),
+        Err(EkmError::MasterKeyMismatch(_))
+    ));
     // corrupted material
     let mut bad = wrapped.clone();
     bad[20] ^= 1;
-    assert!(matches!(m.unwrap(&id, &bad, &kcv), Err(EkmError::WrappedKeyCorrupt(_))));
-    assert!(matches!(m.unwrap(&id, &wrapped[..10], &kcv), Err(EkmError::WrappedKeyCorrupt(_))));
+    assert!(matches!(
+        m.unwrap(&id, &bad, &kcv),
+        Err(EkmError::WrappedKeyCorrupt(_))
+    ));
+    assert!(matches!(
+        m.unwrap(&id, &wrapped[..10], &kcv),
+        Err(EkmError::WrappedKeyCorrupt(_))
+    ));
 }
 
 #[test]
@@ -106,7 +136,12 @@ fn master_key_parsing() {
     let b64 = "ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8=";
     let b = MasterKey::parse(b64.as_bytes(), "cmd").unwrap();
     assert_eq!(a.check_value(), b.check_value());
-    for bad in ["", "short", &hex64[..63], "zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"] {
+    for bad in [
+        "",
+        "short",
+        &hex64[..63],
+        "zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    ] {
         let e = MasterKey::parse(bad.as_bytes(), "ekm.master_key_file").unwrap_err();
         assert_eq!(e, EkmError::MasterKeyInvalid("ekm.master_key_file".into()));
     }
@@ -116,7 +151,10 @@ fn master_key_parsing() {
 fn key_of_names_the_key() {
     let (_, k) = setup();
     let ct = k.seal(&[0u8; 12], b"x", b"").unwrap();
-    assert_eq!(format::key_of(&ct).unwrap().to_string(), "key_20261128_120000_abcd");
+    assert_eq!(
+        format::key_of(&ct).unwrap().to_string(),
+        "key_20261128_120000_abcd"
+    );
     assert_eq!(format::key_of("nope"), Err(EkmError::NotCiphertext));
 }
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The master key's sources: the development default, a file, a command; a
+# wrong, missing or malformed key is a clear ERROR and changes nothing; the
+# key never reaches the log. Drives a real cluster with reloads and restarts.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/lib.sh"
+source "$here/tap.sh"
+dir=/tmp/ekm-mk; port=55434
+trap 'cluster_stop "$dir" immediate >/dev/null 2>&1 || true' EXIT
+cluster_start "$dir" "$port" || exit 1
+q() { cpsql "$dir" "$port" -d "${DB:-postgres}" -At -q -c "$1" 2>&1; }
+# Runs a statement, printing SQLSTATE and message on error (key ids masked).
+qerr() {
+  cpsql "$dir" "$port" -d "${DB:-postgres}" -At -q -v VERBOSITY=verbose -c "$1" 2>&1 \
+    | sed -E 's/key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}/key_X/g' | grep -E '^ERROR' | head -n 1
+}
+reload() { q "SELECT pg_reload_conf()" >/dev/null; sleep 1; }
+
+# 1. Development default: created once, 0600, announced at WARNING.
+keyfile=$dir/data/ekm_dev_master.key
+check "dev key file created at start" "$(test -f "$keyfile" && echo yes)" yes
+check "dev key file mode 0600" "$(stat -c %a "$keyfile")" 600
+check_match "log says it is a development default" "$(grep -c 'WARNING:  ekm: created a DEVELOPMENT DEFAULT master key' "$dir/server.log")" '^1$'
+devkey=$(cat "$keyfile")
+q "CREATE EXTENSION ekm" >/dev/null
+ct=$(q "SELECT ekm_encrypt('dev secret')")
+check "dev default encrypts and decrypts" "$(q "SELECT ekm_decrypt('$ct')")" "dev secret"
+check_match "status names the dev default" "$(q "SELECT master_key_source FROM ekm_key_status()")" '^development default \(.*ekm_dev_master.key\)$'
+cluster_stop "$dir"; cluster_restart_only "$dir"
+check "restart keeps the same dev key" "$(cat "$keyfile")" "$devkey"
+check_match "restart warns it is still the dev default" "$(grep -c 'using the DEVELOPMENT DEFAULT master key' "$dir/server.log")" '^[1-9]'
+check "dev key still decrypts after restart" "$(q "SELECT ekm_decrypt('$ct')")" "dev secret"
+
+# 2. A configured key file.
+mk1=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+mk2=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+kdir=$dir/keys; mkdir -p "$kdir"
+printf '%s\n' "$mk1" > "$kdir/mk1"; printf '%s\n' "$mk2" > "$kdir/mk2"
+printf 'not a key\n' > "$kdir/bad"
+printf '%s' "$mk1" | xxd -r -p | base64 > "$kdir/mk1.b64"
+chmod 600 "$kdir"/*; [ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$kdir"
+q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk1'" >/dev/null; reload
+q "CREATE DATABASE filedb" >/dev/null
+DB=filedb q "CREATE EXTENSION ekm" >/dev/null
+check_match "status names the key file" "$(DB=filedb q "SELECT master_key_source FROM ekm_key_status()")" '^ekm.master_key_file \(.*/mk1\)$'
+ct1=$(DB=filedb q "SELECT ekm_encrypt('file secret')")
+check "file key decrypts in a new session" "$(DB=filedb q "SELECT ekm_decrypt('$ct1')")" "file secret"
+wrapped_before=$(DB=filedb q "SELECT md5(string_agg(key_id || encode(wrapped, 'hex') || encode(master_kcv, 'hex'), ',' ORDER BY key_id)) FROM ekm.key_material")
+check_match "the first database's keys need the dev key" "$(qerr "SELECT ekm_decrypt('$ct')")" '^ERROR:  28000: ekm master key does not match the one key key_X was wrapped with'
+
+# 3. Wrong master key: a clear error, nothing written.
+q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk2'" >/dev/null; reload
+check_match "wrong key: decrypt names the mismatch" "$(DB=filedb qerr "SELECT ekm_decrypt('$ct1')")" '^ERROR:  28000: ekm master key does not match the one key key_X was wrapped with \(key check value mismatch\)'
+check_match "wrong key: encrypt names the mismatch" "$(DB=filedb qerr "SELECT ekm_encrypt('x')")" '^ERROR:  28000: '
+check_match "wrong key: no new key is wrapped under it" "$(DB=filedb qerr "SELECT ekm_create_key()")" '^ERROR:  28000: '
+check "wrong key: key material unchanged" "$(DB=filedb q "SELECT md5(string_agg(key_id || encode(wrapped, 'hex') || encode(master_kcv, 'hex'), ',' ORDER BY key_id)) FROM ekm.key_material")" "$wrapped_before"
+
+# 4. Missing and malformed keys.
+q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/nonexistent'" >/dev/null; reload
+check_match "missing key file" "$(DB=filedb qerr "SELECT ekm_decrypt('$ct1')")" '^ERROR:  58000: ekm master key is not available: ekm.master_key_file: cannot open .*nonexistent'
+q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/bad'" >/dev/null; reload
+check_match "malformed key file" "$(DB=filedb qerr "SELECT ekm_decrypt('$ct1')")" '^ERROR:  F0000: ekm master key from ekm.master_key_file is not a 256-bit key'
+q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk1.b64'" >/dev/null; reload
+check "base64 form of the same key works" "$(DB=filedb q "SELECT ekm_decrypt('$ct1')")" "file secret"
+
+# 5. A command.
+q "ALTER SYSTEM RESET ekm.master_key_file" >/dev/null
+q "ALTER SYSTEM SET ekm.master_key_command = 'cat $kdir/mk1'" >/dev/null; reload
+check "command key decrypts" "$(DB=filedb q "SELECT ekm_decrypt('$ct1')")" "file secret"
+check_match "status names the command, not its text" "$(DB=filedb q "SELECT master_key_source FROM ekm_key_status()")" '^ekm.master_key_command$'
+q "ALTER SYSTEM SET ekm.master_key_command = 'exit 3'" >/dev/null; reload
+check_match "failing command" "$(DB=filedb qerr "SELECT ekm_decrypt('$ct1')")" '^ERROR:  58000: ekm master key is not available: ekm.master_key_command failed \(exit status: 3\)'
+q "ALTER SYSTEM SET ekm.master_key_command = 'echo nonsense'" >/dev/null; reload
+check_match "command printing garbage" "$(DB=filedb qerr "SELECT ekm_decrypt('$ct1')")" '^ERROR:  F0000: ekm master key from ekm.master_key_command is not a 256-bit key'
+q "ALTER SYSTEM SET ekm.master_key_command = 'cat $kdir/mk1'" >/dev/null; reload
+check "back to the right key: everything decrypts" "$(DB=filedb q "SELECT ekm_decrypt('$ct1')")" "file secret"
+
+# 6. Nothing secret in the log: no master key, no plaintext of a failed statement.
+DB=filedb qerr "SELECT ekm_decrypt(ekm_encrypt('PLAINTEXT-MARKER-42', 'a'), 'b')" >/dev/null
+check_match "the failed statement's error is logged" "$(grep -c 'could not be authenticated' "$dir/server.log")" '^[1-9]'
+for secret in "$devkey" "$mk1" "$mk2" "$(cat "$kdir/mk1.b64")" PLAINTEXT-MARKER-42; do
+  check "log never holds ${secret:0:6}…" "$(grep -c -- "$secret" "$dir/server.log")" 0
+done
+cluster_stop "$dir"
+tap_done

@@ -1,0 +1,47 @@
+# Shared helpers for ekm's scripts: throwaway PostgreSQL 15 clusters run by an
+# unprivileged OS user (PostgreSQL refuses to run as root). Source it.
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+EKM_PG_USER=${EKM_PG_USER:-ekmpg}
+
+# Runs a command as the cluster's OS user (ourselves unless we are root).
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u "$EKM_PG_USER" -- "$@"; else "$@"; fi
+}
+
+# cluster_start DIR PORT [postgresql.conf lines...]: a fresh cluster in DIR
+# (data in DIR/data, socket in DIR), listening on 127.0.0.1:PORT.
+cluster_start() {
+  local dir=$1 port=$2; shift 2
+  cluster_stop "$dir" 2>/dev/null || true
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  [ "$(id -u)" -eq 0 ] && chown "$EKM_PG_USER" "$dir"
+  as_pg "$PGBIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync -E UTF8 >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; return 1; }
+  {
+    echo "port = $port"
+    echo "listen_addresses = '127.0.0.1'"
+    echo "unix_socket_directories = '$dir'"
+    echo "shared_preload_libraries = 'ekm'"
+    echo "fsync = off"
+    echo "max_worker_processes = 16"
+    for l in "$@"; do echo "$l"; done
+  } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+  cluster_restart_only "$dir"
+}
+
+cluster_restart_only() {
+  as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$PGBIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w -t 60 start >/dev/null \
+    || { tail -n 30 "$1/server.log" >&2; return 1; }
+}
+
+cluster_stop() {
+  [ -f "$1/data/postmaster.pid" ] || return 0
+  as_pg "$PGBIN/pg_ctl" -D "$1/data" -w -t 60 -m "${2:-fast}" stop >/dev/null
+}
+
+# psql against a cluster: cpsql DIR PORT [psql args...]
+cpsql() {
+  local dir=$1 port=$2; shift 2
+  psql -X -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs every ekm test: formatting and lints, ekm-core unit tests, pgrx
+# #[pg_test]s, golden-file SQL regression and isolation tests, and the
+# multi-session scenario scripts against real clusters. Installs what it
+# needs first (scripts/setup.sh). Works as root and as a user with sudo.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/setup.sh || { echo "setup failed"; exit 1; }
+source scripts/lib.sh
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
+
+passed=0; failed=0; failures=()
+log=$(mktemp -d /tmp/ekm-test-log.XXXXXX)
+[ "$(id -u)" -eq 0 ] && chmod 755 "$log"
+
+# run NAME COMMAND...: runs a stage, shows its output, and counts its tests
+# from the runner's own summary lines (one test if it has none).
+run() {
+  local name=$1; shift
+  echo "=== $name"
+  local out="$log/$name.log"
+  "$@" 2>&1 | tee "$out"
+  local rc=${PIPESTATUS[0]}
+  local p f
+  p=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$out" | awk '{s+=$4} END {print s+0}')
+  f=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed; [0-9]+ failed' "$out" | awk '{s+=$6} END {print s+0}')
+  local tp tf
+  tp=$(grep -Eo '^[a-z_.]+: [0-9]+ passed, [0-9]+ failed' "$out" | awk '{s+=$2} END {print s+0}')
+  tf=$(grep -Eo '^[a-z_.]+: [0-9]+ passed, [0-9]+ failed' "$out" | awk '{s+=$4} END {print s+0}')
+  local rp rf
+  rp=0; rf=0
+  if [ "$name" = regress ]; then  # pg_regress: "test NAME ... ok"
+    rp=$(grep -Ec '^test +[a-z0-9_]+ +\.\.\. ok' "$out")
+    rf=$(grep -Ec '^test +[a-z0-9_]+ +\.\.\. FAILED' "$out")
+  fi
+  p=$((p + tp + rp)); f=$((f + tf + rf))
+  if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
+    if [ "$rc" -eq 0 ]; then p=1; else f=1; fi
+  elif [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+    f=1
+  fi
+  passed=$((passed + p)); failed=$((failed + f))
+  [ "$rc" -eq 0 ] || failures+=("$name")
+  echo "--- $name: rc=$rc ($p passed, $f failed)"
+}
+
+run fmt cargo fmt --all -- --check
+run clippy cargo clippy --workspace --all-targets -- -D warnings
+run core cargo test -p ekm-core
+
+if [ "$(id -u)" -eq 0 ]; then
+  install -d -o "$EKM_PG_USER" -g "$EKM_PG_USER" /tmp/ekm-pgtest
+  run pg_test cargo pgrx test pg15 --runas "$EKM_PG_USER" --pgdata /tmp/ekm-pgtest
+else
+  run pg_test cargo pgrx test pg15
+fi
+
+# The regression and scenario tests use the extension as users install it.
+run install cargo pgrx install --pg-config /usr/bin/pg_config
+if [[ " ${failures[*]:-} " == *" install "* ]]; then
+  echo "install failed: skipping the cluster tests"
+else
+  run regress bash pgrx-tests/scripts/run_regress.sh
+  for s in pgrx-tests/scripts/t_*.sh; do
+    run "$(basename "$s" .sh)" bash "$s"
+  done
+fi
+
+echo
+echo "=== summary"
+[ ${#failures[@]} -eq 0 ] || echo "failed stages: ${failures[*]}"
+echo "ekm: $passed passed, $failed failed"
+[ ${#failures[@]} -eq 0 ] && [ "$failed" -eq 0 ]

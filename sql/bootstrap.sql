@@ -1,0 +1,63 @@
+-- ekm bootstrap: schema, roles and tables. Functions come after (pgrx),
+-- then finalize.sql (views, triggers, grants, the first key).
+
+CREATE SCHEMA IF NOT EXISTS ekm;
+REVOKE ALL ON SCHEMA ekm FROM PUBLIC;
+
+-- Roles are cluster-wide: a second database creating ekm reuses them.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'ekm_admin') THEN
+        CREATE ROLE ekm_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'ekm_user') THEN
+        CREATE ROLE ekm_user NOLOGIN;
+    END IF;
+END
+$$;
+
+-- Key metadata (the runbook's EncryptionKeyMetadata). is_active is derived
+-- from the state, so the two can never disagree.
+CREATE TABLE ekm.key (
+    key_id          text PRIMARY KEY
+                    CHECK (key_id ~ '^key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}$'),
+    rotation_status text NOT NULL DEFAULT 'created'
+                    CHECK (rotation_status IN ('created', 'active', 'rotating', 'retired', 'destroyed')),
+    is_active       boolean GENERATED ALWAYS AS (rotation_status = 'active') STORED,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    activated_at    timestamptz,
+    rotated_at      timestamptz,  -- stopped encrypting (became rotating)
+    retired_at      timestamptz,
+    destroyed_at    timestamptz,
+    encryptions     bigint NOT NULL DEFAULT 0 CHECK (encryptions >= 0)
+);
+COMMENT ON TABLE ekm.key IS 'ekm data keys: metadata only. Managed with ekm_* functions; see the ekm.keys view.';
+
+-- At most one active key, enforced by the database itself.
+CREATE UNIQUE INDEX key_one_active ON ekm.key ((true)) WHERE rotation_status = 'active';
+
+-- Wrapped data keys (AES-256-GCM under the master key, bound to key_id).
+-- Readable by the owner only; NULL once the key is destroyed.
+CREATE TABLE ekm.key_material (
+    key_id     text PRIMARY KEY REFERENCES ekm.key (key_id),
+    wrapped    bytea,
+    master_kcv bytea NOT NULL
+);
+COMMENT ON TABLE ekm.key_material IS 'ekm wrapped data keys. Never readable by application roles.';
+
+CREATE TABLE ekm.audit_log (
+    id           bigserial PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    session_role name NOT NULL DEFAULT session_user,
+    acting_role  name NOT NULL DEFAULT current_user,
+    event        text NOT NULL,
+    key_id       text,
+    detail       jsonb NOT NULL DEFAULT '{}'
+);
+COMMENT ON TABLE ekm.audit_log IS 'Every ekm key event: who, when, what.';
+
+-- pg_dump keeps ekm's state (wrapped keys are useless without the master key).
+SELECT pg_catalog.pg_extension_config_dump('ekm.key', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.key_material', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.audit_log_id_seq', '');

@@ -1,0 +1,368 @@
+//! SQL functions other than the per-row hot path (see `fastpath.rs`).
+
+use crate::catalog::{self, as_owner};
+use crate::error::OrRaise;
+use crate::{gucs, keycache, masterkey, shmem};
+use chrono::{DateTime, Utc};
+use ekm_core::crypto::new_data_key;
+use ekm_core::{format, EkmError, KeyId, KeyState};
+type EkmResult<T> = ekm_core::Result<T>;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+pub fn ts_to_chrono(t: TimestampWithTimeZone) -> DateTime<Utc> {
+    let pg: i64 = t.into_inner();
+    DateTime::from_timestamp_micros(pg + PG_EPOCH_OFFSET_MICROS).unwrap_or_default()
+}
+
+pub fn chrono_to_ts(t: DateTime<Utc>) -> TimestampWithTimeZone {
+    TimestampWithTimeZone::try_from(t.timestamp_micros() - PG_EPOCH_OFFSET_MICROS)
+        .expect("timestamp in range")
+}
+
+fn now() -> DateTime<Utc> {
+    ts_to_chrono(unsafe {
+        TimestampWithTimeZone::try_from(pg_sys::GetCurrentTransactionStartTimestamp())
+            .expect("valid")
+    })
+}
+
+/// Which key encrypted `ciphertext` (read from its header; no lookup).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn ekm_key_id(ciphertext: &str) -> String {
+    format::key_of(ciphertext).or_raise().to_string()
+}
+
+/// Whether `value` is an ekm ciphertext (of any format version). Never raises.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn ekm_is_encrypted(value: &str) -> bool {
+    format::looks_encrypted(value)
+}
+
+/// The same plaintext under the active key; never returns plaintext. A value
+/// already on the active key is checked (it must decrypt) and returned as is.
+#[pg_extern(volatile, parallel_safe)]
+fn ekm_reencrypt(
+    ciphertext: Option<&str>,
+    context: default!(Option<&str>, "NULL"),
+) -> Option<String> {
+    let ct = ciphertext?;
+    Some(reencrypt(ct, context.unwrap_or("").as_bytes()).or_raise())
+}
+
+pub fn reencrypt(ct: &str, ctx: &[u8]) -> EkmResult<String> {
+    let key = format::key_of(ct)?;
+    let plain = keycache::with_decrypt_key(&key.to_ref(), |k| k.open(ct, ctx))?;
+    let (active, _) = keycache::active_key_and_owner()?;
+    if active == Some(key) {
+        return Ok(ct.to_string());
+    }
+    keycache::with_encrypt_key(|k, nonce| k.seal(nonce, &plain, ctx))
+}
+
+fn create_key(state: KeyState) -> EkmResult<KeyId> {
+    let (_, owner) = catalog::key_table()?;
+    let master = masterkey::load()?;
+    let kcv = master.check_value().to_vec();
+    let id = as_owner(owner, || -> EkmResult<KeyId> {
+        // Never mix master keys: a new key is wrapped only under the master
+        // key the existing keys were wrapped with.
+        for row in catalog::load_keys(owner)? {
+            if row.wrapped.is_some() && row.kcv != kcv {
+                return Err(EkmError::MasterKeyMismatch(row.id.to_string()));
+            }
+        }
+        for _ in 0..16 {
+            let mut s = [0u8; 2];
+            ekm_core::crypto::os_random(&mut s)?;
+            let id = KeyId::new(Utc::now(), u16::from_be_bytes(s))?;
+            let inserted: Option<String> = catalog::one_mut(
+                "INSERT INTO ekm.key (key_id, rotation_status, created_at, activated_at) \
+                 VALUES ($1, $2, now(), CASE WHEN $2 = 'active' THEN now() END) \
+                 ON CONFLICT (key_id) DO NOTHING RETURNING key_id",
+                vec![id.to_string().into(), state.as_str().into()],
+            )?;
+            if inserted.is_none() {
+                continue; // same second and suffix as an existing key
+            }
+            let (wrapped, _) = new_data_key(&master, &id)?;
+            catalog::exec(
+                "INSERT INTO ekm.key_material (key_id, wrapped, master_kcv) VALUES ($1, $2, $3)",
+                vec![id.to_string().into(), wrapped.into(), kcv.clone().into()],
+            )?;
+            let detail = format!(
+                r#"{{"state": "{}", "master_key_source": "{}"}}"#,
+                state,
+                masterkey::describe(&gucs::master_key_source())
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+            );
+            catalog::audit("key_created", Some(&id.to_string()), &detail)?;
+            return Ok(id);
+        }
+        Err(EkmError::Internal("could not find a free key id".into()))
+    })?;
+    keycache::invalidate_all();
+    Ok(id)
+}
+
+/// Creates a new data key in state `created` (it does nothing until activated).
+#[pg_extern(volatile)]
+fn ekm_create_key() -> String {
+    create_key(KeyState::Created).or_raise().to_string()
+}
+
+/// Adds this database's pending encryption counts to `ekm.key.encryptions` (as owner).
+pub fn flush_encryption_counts() -> EkmResult<()> {
+    let keys: Vec<String> = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
+        let mut v = Vec::new();
+        for r in c.select("SELECT key_id FROM ekm.key", None, &[])? {
+            v.push(r.get::<String>(1)?.unwrap_or_default());
+        }
+        Ok(v)
+    })
+    .map_err(|e| EkmError::Internal(e.to_string()))?;
+    for k in keys {
+        let id = KeyId::parse(&k)?;
+        let n = shmem::pending(&id.to_ref());
+        if n > 0 {
+            catalog::exec(
+                "UPDATE ekm.key SET encryptions = encryptions + $2 WHERE key_id = $1",
+                vec![k.clone().into(), (n as i64).into()],
+            )?;
+            shmem::flushed(&id.to_ref(), n);
+        }
+    }
+    Ok(())
+}
+
+/// Makes `key_id` the one active key. The previously active key becomes
+/// `rotating` (it still decrypts the values written under it).
+#[pg_extern(volatile)]
+fn ekm_activate_key(key_id: &str) -> String {
+    activate(key_id).or_raise()
+}
+
+fn activate(key_id: &str) -> EkmResult<String> {
+    let id = KeyId::parse(key_id)?;
+    let (_, owner) = catalog::key_table()?;
+    as_owner(owner, || -> EkmResult<()> {
+        let state: Option<String> = catalog::one_mut(
+            "SELECT rotation_status FROM ekm.key WHERE key_id = $1 FOR UPDATE",
+            vec![id.to_string().into()],
+        )?;
+        let state: KeyState = state
+            .ok_or_else(|| EkmError::UnknownKey(id.to_string()))?
+            .parse()?;
+        if state == KeyState::Active {
+            return Ok(());
+        }
+        state.check_transition(KeyState::Active, key_id)?;
+        if state == KeyState::Retired || state == KeyState::Created {
+            // Its material must unwrap under the current master key before it may encrypt.
+            let master = masterkey::load()?;
+            let row = catalog::load_keys(owner)?.into_iter().find(|r| r.id == id);
+            let row = row.ok_or_else(|| EkmError::UnknownKey(id.to_string()))?;
+            let w = row.wrapped.ok_or(EkmError::KeyNotUsable {
+                key_id: id.to_string(),
+                state: KeyState::Destroyed,
+                action: "encrypt",
+            })?;
+            master.unwrap(&id, &w, &row.kcv)?;
+        }
+        flush_encryption_counts()?;
+        catalog::exec(
+            "UPDATE ekm.key SET rotation_status = 'rotating', rotated_at = now() WHERE rotation_status = 'active'",
+            vec![],
+        )?;
+        catalog::exec(
+            "UPDATE ekm.key SET rotation_status = 'active', activated_at = now() WHERE key_id = $1",
+            vec![id.to_string().into()],
+        )?;
+        Ok(())
+    })?;
+    keycache::invalidate_all();
+    Ok(id.to_string())
+}
+
+/// The runbook's `get_key_status()`, as one row.
+#[pg_extern(stable)]
+fn ekm_key_status() -> TableIterator<
+    'static,
+    (
+        name!(current_key_id, Option<String>),
+        name!(active_keys_count, i64),
+        name!(decrypt_keys_count, i64),
+        name!(keys_with_material, i64),
+        name!(keys_needing_rotation, i64),
+        name!(current_key_age_days, Option<i64>),
+        name!(current_key_expires_at, Option<TimestampWithTimeZone>),
+        name!(current_key_encryptions, Option<i64>),
+        name!(next_rotation_due, Option<TimestampWithTimeZone>),
+        name!(rotation_alert_at, Option<TimestampWithTimeZone>),
+        name!(master_key_source, String),
+    ),
+> {
+    let (_, owner) = catalog::key_table().or_raise();
+    let rows = as_owner(owner, || {
+        Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(String, String, TimestampWithTimeZone, i64, bool)>> {
+            let mut v = Vec::new();
+            for r in c.select(
+                "SELECT k.key_id, k.rotation_status, k.created_at, k.encryptions, m.wrapped IS NOT NULL \
+                 FROM ekm.key k LEFT JOIN ekm.key_material m USING (key_id) ORDER BY k.key_id",
+                None,
+                &[],
+            )? {
+                v.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<TimestampWithTimeZone>(3)?.expect("not null"),
+                    r.get::<i64>(4)?.unwrap_or(0),
+                    r.get::<bool>(5)?.unwrap_or(false),
+                ));
+            }
+            Ok(v)
+        })
+    })
+    .map_err(|e| EkmError::Internal(e.to_string()))
+    .or_raise();
+    let policy = gucs::policy();
+    let now = now();
+    let (mut active, mut decrypt, mut material, mut due) = (0i64, 0i64, 0i64, 0i64);
+    let mut current = None;
+    for (id, state, created, stored, has_material) in &rows {
+        let state: KeyState = state.parse().or_raise();
+        if state == KeyState::Active {
+            active += 1;
+            let pending = KeyId::parse(id)
+                .map(|k| shmem::pending(&k.to_ref()))
+                .unwrap_or(0) as i64;
+            let a = policy.evaluate(ts_to_chrono(*created), now, stored + pending);
+            if a.needs_rotation {
+                due += 1;
+            }
+            current = Some((id.clone(), a, stored + pending));
+        }
+        if state.can_decrypt() {
+            decrypt += 1;
+        }
+        if *has_material {
+            material += 1;
+        }
+    }
+    let warn = chrono::Duration::days(policy.warning_days as i64);
+    TableIterator::once((
+        current.as_ref().map(|c| c.0.clone()),
+        active,
+        decrypt,
+        material,
+        due,
+        current.as_ref().map(|c| c.1.age_days),
+        current.as_ref().map(|c| chrono_to_ts(c.1.expires_at)),
+        current.as_ref().map(|c| c.2),
+        current.as_ref().map(|c| chrono_to_ts(c.1.due_at)),
+        current.as_ref().map(|c| chrono_to_ts(c.1.due_at - warn)),
+        masterkey::describe(&gucs::master_key_source()),
+    ))
+}
+
+#[pg_schema]
+mod ekm {
+    use super::*;
+    use pgrx::{PgTrigger, PgTriggerError, WhoAllocated};
+
+    /// Key policy figures for one key, for the `ekm.keys` view.
+    #[pg_extern(stable, parallel_safe)]
+    fn _ekm_key_policy(
+        key_id: &str,
+        created_at: TimestampWithTimeZone,
+        stored_encryptions: i64,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(expires_at, TimestampWithTimeZone),
+            name!(age_days, i64),
+            name!(expires_in_days, i64),
+            name!(rotation_due_at, TimestampWithTimeZone),
+            name!(needs_rotation, bool),
+            name!(encryptions, i64),
+        ),
+    > {
+        let pending = KeyId::parse(key_id)
+            .map(|k| shmem::pending(&k.to_ref()))
+            .unwrap_or(0) as i64;
+        let enc = stored_encryptions + pending;
+        let a = gucs::policy().evaluate(ts_to_chrono(created_at), now(), enc);
+        TableIterator::once((
+            chrono_to_ts(a.expires_at),
+            a.age_days,
+            a.expires_in_days,
+            chrono_to_ts(a.due_at),
+            a.needs_rotation,
+            enc,
+        ))
+    }
+
+    /// Creates the first key when the extension is created.
+    #[pg_extern(volatile)]
+    fn _ekm_bootstrap_key() -> String {
+        create_key(KeyState::Active).or_raise().to_string()
+    }
+
+    /// Statement trigger on `ekm.key`: every backend reloads its keys after commit.
+    #[pg_trigger]
+    fn _ekm_key_changed<'a>(
+        trigger: &'a PgTrigger<'a>,
+    ) -> std::result::Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, PgTriggerError> {
+        keycache::invalidate_table(trigger.relid()?);
+        Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByRust>>)
+    }
+
+    /// Row trigger on `ekm.key`: only lifecycle transitions the core allows,
+    /// ids and creation times never change, and every transition is audited.
+    #[pg_trigger]
+    fn _ekm_key_transition<'a>(
+        trigger: &'a PgTrigger<'a>,
+    ) -> std::result::Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, PgTriggerError> {
+        let (Some(old), Some(new)) = (trigger.old(), trigger.new()) else {
+            return Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByRust>>);
+        };
+        let get = |t: &PgHeapTuple<'_, _>, c: &str| -> String {
+            t.get_by_name::<String>(c)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        };
+        let key_id = get(&old, "key_id");
+        if get(&new, "key_id") != key_id
+            || old
+                .get_by_name::<TimestampWithTimeZone>("created_at")
+                .ok()
+                .flatten()
+                != new
+                    .get_by_name::<TimestampWithTimeZone>("created_at")
+                    .ok()
+                    .flatten()
+        {
+            crate::error::raise_with(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("the id and creation time of key {key_id} cannot change"),
+                Some("keys are managed with ekm_* functions, not by editing ekm.key".into()),
+            );
+        }
+        let from: KeyState = get(&old, "rotation_status").parse().or_raise();
+        let to: KeyState = get(&new, "rotation_status").parse().or_raise();
+        if from != to {
+            from.check_transition(to, &key_id).or_raise();
+            catalog::audit(
+                &format!("key_{to}"),
+                Some(&key_id),
+                &format!(r#"{{"from": "{from}", "to": "{to}"}}"#),
+            )
+            .or_raise();
+        }
+        Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByRust>>)
+    }
+}

@@ -1,0 +1,107 @@
+//! ekm's settings. Master key sources are superuser-only (hidden from
+//! `SHOW ALL` for everyone else) and change only with a reload.
+
+use ekm_core::Policy;
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static KEY_LIFETIME_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
+static ROTATION_DUE_AGE_DAYS: GucSetting<i32> = GucSetting::<i32>::new(76);
+static ROTATION_WARNING_DAYS: GucSetting<i32> = GucSetting::<i32>::new(14);
+static ROTATION_DUE_ENCRYPTIONS: GucSetting<f64> = GucSetting::<f64>::new(2_147_483_648.0);
+
+pub fn init() {
+    let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
+    GucRegistry::define_string_guc(
+        c"ekm.master_key_command",
+        c"Command whose standard output is the 256-bit master key (64 hex digits or base64).",
+        c"Run by the server, like ssl_passphrase_command. Takes precedence over ekm.master_key_file.",
+        &MASTER_KEY_COMMAND,
+        GucContext::Sighup,
+        secret,
+    );
+    GucRegistry::define_string_guc(
+        c"ekm.master_key_file",
+        c"File holding the 256-bit master key (64 hex digits or base64).",
+        c"With neither this nor ekm.master_key_command set, a development key file is created in the data directory.",
+        &MASTER_KEY_FILE,
+        GucContext::Sighup,
+        secret,
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.key_lifetime_days",
+        c"Days a data key lives before it expires.",
+        c"",
+        &KEY_LIFETIME_DAYS,
+        1,
+        36500,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_due_age_days",
+        c"Age in days at which the active key is due for rotation.",
+        c"",
+        &ROTATION_DUE_AGE_DAYS,
+        0,
+        36500,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_warning_days",
+        c"Rotation is due when fewer than this many days remain before the key expires.",
+        c"",
+        &ROTATION_WARNING_DAYS,
+        0,
+        36500,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"ekm.rotation_due_encryptions",
+        c"Encryptions under one key after which it is due for rotation.",
+        c"AES-GCM with random 96-bit nonces allows at most 2^32 encryptions per key (NIST SP 800-38D).",
+        &ROTATION_DUE_ENCRYPTIONS,
+        1.0,
+        ekm_core::lifecycle::NONCE_BOUND,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"ekm".as_ptr()) };
+}
+
+/// Where the master key comes from.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum MasterKeySource {
+    Command(String),
+    File(String),
+    DevDefault,
+}
+
+fn non_empty(s: &GucSetting<Option<CString>>) -> Option<String> {
+    s.get()
+        .map(|c| c.to_string_lossy().trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+pub fn master_key_source() -> MasterKeySource {
+    if let Some(c) = non_empty(&MASTER_KEY_COMMAND) {
+        MasterKeySource::Command(c)
+    } else if let Some(f) = non_empty(&MASTER_KEY_FILE) {
+        MasterKeySource::File(f)
+    } else {
+        MasterKeySource::DevDefault
+    }
+}
+
+pub fn policy() -> Policy {
+    Policy {
+        lifetime_days: KEY_LIFETIME_DAYS.get(),
+        due_age_days: ROTATION_DUE_AGE_DAYS.get(),
+        warning_days: ROTATION_WARNING_DAYS.get(),
+        due_encryptions: ROTATION_DUE_ENCRYPTIONS.get(),
+    }
+}

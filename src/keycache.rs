@@ -1,0 +1,235 @@
+//! The per-backend cache of unwrapped data keys. After a key's first use a
+//! decrypt does no catalog or table lookup: a linear scan of a handful of
+//! entries by the 7-byte key reference. The cache is dropped when another
+//! session changes `ekm.key`: a statement trigger there sends a relcache
+//! invalidation for the table, which PostgreSQL delivers to every backend
+//! (and replays on hot standbys) after commit, before their next statement.
+
+use crate::catalog;
+use crate::masterkey;
+use crate::shmem;
+use ekm_core::crypto::DataKey;
+use ekm_core::format::NONCE_LEN;
+use ekm_core::keyid::KEY_REF_LEN;
+use ekm_core::{EkmError, KeyId, KeyState, MasterKey, Result};
+use pgrx::pg_sys;
+use rand::rngs::{StdRng, SysRng};
+use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+struct Entry {
+    id: KeyId,
+    key_ref: [u8; KEY_REF_LEN],
+    state: KeyState,
+    /// Unwrapped key for decrypt-capable keys; the error for keys that failed to unwrap.
+    key: Option<std::result::Result<DataKey, EkmError>>,
+    counter: Option<&'static AtomicU64>,
+}
+
+#[derive(Default)]
+struct Cache {
+    entries: Vec<Entry>,
+    active: Option<usize>,
+    owner: pg_sys::Oid,
+}
+
+thread_local! {
+    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+    static RNG: RefCell<Option<(i32, StdRng)>> = const { RefCell::new(None) };
+}
+
+/// Set by the invalidation callback; starts set so the first use loads.
+static STALE: AtomicBool = AtomicBool::new(true);
+static KEY_RELID: AtomicU32 = AtomicU32::new(0);
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let r = relid.to_u32();
+    if r == 0 || r == KEY_RELID.load(Ordering::Relaxed) {
+        STALE.store(true, Ordering::Relaxed);
+    }
+}
+
+pub fn init() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0))
+    };
+}
+
+/// Tells every backend (and standby) to reload its keys once this transaction commits.
+pub fn invalidate_all() {
+    let relid = KEY_RELID.load(Ordering::Relaxed);
+    STALE.store(true, Ordering::Relaxed);
+    if relid != 0 {
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(pg_sys::Oid::from(relid)) };
+    }
+}
+
+/// Marks this backend's cache stale (e.g. from the key table's trigger).
+pub fn invalidate_table(relid: pg_sys::Oid) {
+    KEY_RELID.store(relid.to_u32(), Ordering::Relaxed);
+    invalidate_all();
+}
+
+impl Cache {
+    fn reload(&mut self) -> Result<()> {
+        // Cleared first: an invalidation that arrives while we read marks it again.
+        STALE.store(false, Ordering::Relaxed);
+        let r = (|| {
+            let (relid, owner) = catalog::key_table()?;
+            KEY_RELID.store(relid.to_u32(), Ordering::Relaxed);
+            self.owner = owner;
+            let rows = catalog::load_keys(owner)?;
+            let mut old = std::mem::take(&mut self.entries);
+            let mut master: Option<Result<MasterKey>> = None;
+            let mut entries = Vec::with_capacity(rows.len());
+            let mut active = None;
+            for row in rows {
+                let reuse = old
+                    .iter()
+                    .position(|e| e.id == row.id)
+                    .map(|i| old.swap_remove(i));
+                let key = if !row.state.can_decrypt() {
+                    None // dropping the old entry zeroizes its key schedule
+                } else if let Some(Entry {
+                    key: Some(Ok(k)), ..
+                }) = reuse
+                {
+                    Some(Ok(k))
+                } else {
+                    let m = master.get_or_insert_with(masterkey::load);
+                    Some(match (m, &row.wrapped) {
+                        (Err(e), _) => Err(e.clone()),
+                        (Ok(_), None) => Err(EkmError::KeyNotUsable {
+                            key_id: row.id.to_string(),
+                            state: KeyState::Destroyed,
+                            action: "decrypt",
+                        }),
+                        (Ok(m), Some(w)) => m.unwrap(&row.id, w, &row.kcv),
+                    })
+                };
+                if row.state == KeyState::Active {
+                    active = Some(entries.len());
+                }
+                let key_ref = row.id.to_ref();
+                entries.push(Entry {
+                    id: row.id,
+                    key_ref,
+                    state: row.state,
+                    key,
+                    counter: None,
+                });
+            }
+            self.entries = entries;
+            self.active = active;
+            Ok(())
+        })();
+        if r.is_err() {
+            STALE.store(true, Ordering::Relaxed);
+            self.entries.clear();
+            self.active = None;
+        }
+        r
+    }
+
+    fn fresh(&mut self) -> Result<()> {
+        if STALE.load(Ordering::Relaxed) {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    fn find(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<usize> {
+        self.fresh()?;
+        if let Some(i) = self.entries.iter().position(|e| &e.key_ref == key_ref) {
+            return Ok(i);
+        }
+        // A key created since our last load (its invalidation not yet seen).
+        self.reload()?;
+        self.entries
+            .iter()
+            .position(|e| &e.key_ref == key_ref)
+            .ok_or_else(|| {
+                EkmError::UnknownKey(
+                    KeyId::from_ref(key_ref)
+                        .map(|k| k.to_string())
+                        .unwrap_or_else(|_| "?".into()),
+                )
+            })
+    }
+}
+
+fn usable<'e>(e: &'e Entry, action: &'static str) -> Result<&'e DataKey> {
+    match &e.key {
+        Some(Ok(k)) => Ok(k),
+        Some(Err(err)) => Err(err.clone()),
+        None => Err(EkmError::KeyNotUsable {
+            key_id: e.id.to_string(),
+            state: e.state,
+            action,
+        }),
+    }
+}
+
+/// Runs `f` with the key `key_ref` names, if it may decrypt.
+pub fn with_decrypt_key<R>(
+    key_ref: &[u8; KEY_REF_LEN],
+    f: impl FnOnce(&DataKey) -> Result<R>,
+) -> Result<R> {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let i = c.find(key_ref)?;
+        f(usable(&c.entries[i], "decrypt")?)
+    })
+}
+
+/// A fresh nonce from a CSPRNG seeded from the OS in this process (reseeded
+/// if the process is a fork of the one that seeded it).
+fn nonce() -> Result<[u8; NONCE_LEN]> {
+    let pid = unsafe { pg_sys::MyProcPid };
+    RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.as_ref().is_none_or(|(p, _)| *p != pid) {
+            let rng = StdRng::try_from_rng(&mut SysRng)
+                .map_err(|e| EkmError::Internal(format!("OS random source failed: {e}")))?;
+            *r = Some((pid, rng));
+        }
+        let mut n = [0u8; NONCE_LEN];
+        r.as_mut().expect("seeded above").1.fill_bytes(&mut n);
+        Ok(n)
+    })
+}
+
+/// Runs `f` with the active key and a fresh nonce, counting the encryption.
+pub fn with_encrypt_key<R>(f: impl FnOnce(&DataKey, &[u8; NONCE_LEN]) -> Result<R>) -> Result<R> {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.fresh()?;
+        if c.active.is_none() {
+            // e.g. a key was activated but this backend loaded before the commit
+            c.reload()?;
+        }
+        let i = c.active.ok_or(EkmError::NoActiveKey)?;
+        let e = &mut c.entries[i];
+        let k = usable(e, "encrypt")?;
+        let n = nonce()?;
+        let r = f(k, &n)?;
+        if e.counter.is_none() {
+            e.counter = shmem::counter(&e.key_ref);
+        }
+        if let Some(ctr) = e.counter {
+            ctr.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(r)
+    })
+}
+
+/// The active key's id and the owner of ekm's tables.
+pub fn active_key_and_owner() -> Result<(Option<KeyId>, pg_sys::Oid)> {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.fresh()?;
+        Ok((c.active.map(|i| c.entries[i].id), c.owner))
+    })
+}
