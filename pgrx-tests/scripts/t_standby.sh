@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# A streaming replica (hot standby): values decrypt there; key status and
+# metadata are plain queries there; a key activated on the primary reaches
+# a standby session that already cached the old key (the relcache
+# invalidation is replayed from WAL); nothing on the decrypt path writes.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/lib.sh"
+source "$here/tap.sh"
+p=/tmp/ekm-primary; pport=55435
+s=/tmp/ekm-standby; sport=55436
+cleanup() {
+  [ -n "${COPROC_PID:-}" ] && kill "$COPROC_PID" 2>/dev/null
+  cluster_stop "$s" immediate >/dev/null 2>&1; cluster_stop "$p" immediate >/dev/null 2>&1
+}
+trap cleanup EXIT
+cluster_start "$p" "$pport" || exit 1
+qp() { cpsql "$p" "$pport" -d postgres -At -q -c "$1" 2>&1; }
+qs() { cpsql "$s" "$sport" -d postgres -At -q -c "$1" 2>&1; }
+
+qp "CREATE EXTENSION ekm" >/dev/null
+qp "CREATE TABLE people (id int PRIMARY KEY, email text)" >/dev/null
+qp "INSERT INTO people SELECT g, ekm_encrypt('user' || g || '@example.com', 'people.email') FROM generate_series(1, 1000) g" >/dev/null
+
+# The base backup carries the data directory (and with it the development
+# key file; a production master key comes from ekm.master_key_command).
+rm -rf "$s"; mkdir -p "$s"; [ "$(id -u)" -eq 0 ] && chown "$EKM_PG_USER" "$s"
+as_pg "$PGBIN/pg_basebackup" -h "$p" -p "$pport" -U postgres -D "$s/data" -R -X stream >/dev/null 2>&1 \
+  || { not_ok "pg_basebackup"; tap_done; exit 1; }
+as_pg sed -i -e "s/^port = .*/port = $sport/" -e "s|^unix_socket_directories = .*|unix_socket_directories = '$s'|" "$s/data/postgresql.conf"
+cluster_restart_only "$s" || { not_ok "standby start"; tap_done; exit 1; }
+check "standby is in recovery" "$(qs "SELECT pg_is_in_recovery()")" t
+wait_replay() {
+  local lsn; lsn=$(qp "SELECT pg_current_wal_lsn()")
+  for _ in $(seq 1 100); do
+    [ "$(qs "SELECT pg_last_wal_replay_lsn() >= '$lsn'::pg_lsn")" = t ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+wait_replay
+check "values decrypt on the standby" "$(qs "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') = 'user' || id || '@example.com'")" 1000
+check "key status works on the standby" "$(qs "SELECT active_keys_count FROM ekm_key_status()")" 1
+check "key metadata works on the standby" "$(qs "SELECT count(*) FROM ekm.keys WHERE is_active")" 1
+
+# A long-lived standby session caches the keys now.
+coproc PSQL { cpsql "$s" "$sport" -d postgres -At -q 2>&1; }
+ask() { echo "$1" >&"${PSQL[1]}"; local line; IFS= read -r -t 20 line <&"${PSQL[0]}"; echo "$line"; }
+old=$(ask "SELECT ekm_key_id(ekm_encrypt('x'));")
+check "standby session: encrypts (read-only) with the active key" "$old" "$(qs "SELECT key_id FROM ekm.keys WHERE is_active")"
+
+# Activate a new key on the primary and write a value under it.
+new=$(qp "SELECT ekm_activate_key(ekm_create_key())")
+qp "UPDATE people SET email = ekm_encrypt('changed@example.com', 'people.email') WHERE id = 1" >/dev/null
+wait_replay
+check "standby session sees the new active key at its next statement" "$(ask "SELECT ekm_key_id(ekm_encrypt('x'));")" "$new"
+check "standby session decrypts the value written under the new key" "$(ask "SELECT ekm_decrypt(email, 'people.email') FROM people WHERE id = 1;")" "changed@example.com"
+check "standby session still decrypts values on the old (rotating) key" "$(ask "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') LIKE 'user%';")" 999
+check "standby reports the rotating key" "$(ask "SELECT string_agg(rotation_status, ',' ORDER BY rotation_status) FROM ekm.keys;")" "active,rotating"
+check "standby wrote no WAL (still in recovery, nothing failed)" "$(ask "SELECT pg_is_in_recovery();")" t
+tap_done
