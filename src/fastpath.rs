@@ -7,9 +7,12 @@
 use crate::error::raise;
 use crate::keycache;
 use ekm_core::format;
+use ekm_core::keyid::KEY_REF_LEN;
 use ekm_core::EkmError;
 use pgrx::pg_sys;
-use pgrx::varlena::{set_varsize_4b, vardata_any, varsize_any_exhdr};
+use pgrx::varlena::{
+    set_varsize_4b, varatt_is_1b, varatt_is_1b_e, varatt_is_4b_u, vardata_any, varsize_any_exhdr,
+};
 
 const VARHDRSZ: usize = pg_sys::VARHDRSZ;
 
@@ -19,8 +22,14 @@ unsafe fn text_arg<'a>(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<&'a
         if pgrx::fcinfo::pg_arg_is_null(fcinfo, n) {
             return None;
         }
-        let d = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n);
-        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        let p: *mut pg_sys::varlena = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n).cast_mut_ptr();
+        // Inline values (short or 4-byte header, uncompressed) are used as
+        // they are; only compressed or out-of-line ones go through detoasting.
+        let v = if varatt_is_4b_u(p) || (varatt_is_1b(p) && !varatt_is_1b_e(p)) {
+            p
+        } else {
+            pg_sys::pg_detoast_datum_packed(p)
+        };
         Some(std::slice::from_raw_parts(
             vardata_any(v) as *const u8,
             varsize_any_exhdr(v),
@@ -95,14 +104,13 @@ pub unsafe extern "C-unwind" fn ekm_decrypt_v1(fcinfo: pg_sys::FunctionCallInfo)
             return pgrx::fcinfo::pg_return_null(fcinfo);
         };
         let ctx = context_arg(fcinfo);
-        // Ciphertext is ASCII by construction; anything else is not ours.
-        let Ok(ct) = std::str::from_utf8(ct) else {
-            raise(EkmError::NotCiphertext);
-        };
-        let r = format::key_of(ct).and_then(|key| {
-            let n = format::decoded_len(ct)?;
+        let r = format::body_bytes(ct).and_then(|body| {
+            let n = format::decoded_len_of_body(body.len())?;
             let (v, buf) = new_text(n);
-            let range = keycache::with_decrypt_key(&key.to_ref(), |k| k.open_in(ct, ctx, buf))?;
+            format::b64_decode(body, buf)?;
+            let mut key_ref = [0u8; KEY_REF_LEN];
+            key_ref.copy_from_slice(&buf[..KEY_REF_LEN]);
+            let range = keycache::with_decrypt_key(&key_ref, |k| k.open_decoded(buf, ctx))?;
             let len = range.len();
             buf.copy_within(range, 0);
             set_varsize_4b(v, (VARHDRSZ + len) as i32);

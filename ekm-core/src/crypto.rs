@@ -64,13 +64,41 @@ impl<const N: usize> Drop for Scratch<N> {
     }
 }
 
-fn aad_of(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Scratch<128> {
-    let mut s = Scratch::new(VERSION_TAG.len() + KEY_REF_LEN + context.len());
-    let b = s.as_mut();
-    b[..4].copy_from_slice(VERSION_TAG);
-    b[4..4 + KEY_REF_LEN].copy_from_slice(key_ref);
-    b[4 + KEY_REF_LEN..].copy_from_slice(context);
-    s
+/// The associated data `"ekm1" | key_ref | context`. Not secret: built on
+/// the stack for contexts up to 117 bytes, without zeroizing.
+struct Aad {
+    stack: [u8; 128],
+    len: usize,
+    heap: Vec<u8>,
+}
+
+impl Aad {
+    fn new(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Self {
+        let len = VERSION_TAG.len() + KEY_REF_LEN + context.len();
+        let mut a = Aad {
+            stack: [0u8; 128],
+            len,
+            heap: Vec::new(),
+        };
+        let b: &mut [u8] = if len <= 128 {
+            &mut a.stack[..len]
+        } else {
+            a.heap.resize(len, 0);
+            &mut a.heap[..]
+        };
+        b[..4].copy_from_slice(VERSION_TAG);
+        b[4..4 + KEY_REF_LEN].copy_from_slice(key_ref);
+        b[4 + KEY_REF_LEN..].copy_from_slice(context);
+        a
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        if self.len <= 128 {
+            &self.stack[..self.len]
+        } else {
+            &self.heap
+        }
+    }
 }
 
 impl DataKey {
@@ -101,10 +129,10 @@ impl DataKey {
         bin[KEY_REF_LEN..HEADER_LEN].copy_from_slice(nonce);
         let (body, tag_out) = bin[HEADER_LEN..].split_at_mut(plaintext.len());
         body.copy_from_slice(plaintext);
-        let mut aad = aad_of(&self.key_ref, context);
+        let aad = Aad::new(&self.key_ref, context);
         let tag = self
             .cipher
-            .encrypt_inout_detached(&Nonce::from(*nonce), aad.as_mut(), body.into())
+            .encrypt_inout_detached(&Nonce::from(*nonce), aad.as_slice(), body.into())
             .map_err(|_| EkmError::Internal("value too long to encrypt".into()))?;
         tag_out.copy_from_slice(&tag);
         let n = format::encode_into(bin, out);
@@ -128,22 +156,29 @@ impl DataKey {
     /// `format::decoded_len(text)` bytes) and returns where the plaintext is.
     pub fn open_in(&self, text: &str, context: &[u8], buf: &mut [u8]) -> Result<Range<usize>> {
         let n = format::decode_into(text, buf)?;
+        self.open_decoded(&mut buf[..n], context)
+    }
+
+    /// Decrypts an already decoded body (`key_ref | nonce | ciphertext | tag`)
+    /// in place and returns where the plaintext is.
+    pub fn open_decoded(&self, bin: &mut [u8], context: &[u8]) -> Result<Range<usize>> {
+        let n = bin.len();
         if n < OVERHEAD {
             return Err(EkmError::Malformed("too short"));
         }
-        if buf[..KEY_REF_LEN] != self.key_ref {
+        if bin[..KEY_REF_LEN] != self.key_ref {
             return Err(EkmError::Internal(
                 "ciphertext opened with a key it does not name".into(),
             ));
         }
         let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&buf[KEY_REF_LEN..HEADER_LEN]);
-        let (head, tag) = buf[..n].split_at_mut(n - TAG_LEN);
+        nonce.copy_from_slice(&bin[KEY_REF_LEN..HEADER_LEN]);
+        let (head, tag) = bin.split_at_mut(n - TAG_LEN);
         let tag = Tag::try_from(&tag[..]).map_err(|_| EkmError::Malformed("tag"))?;
         let body = &mut head[HEADER_LEN..];
-        let mut aad = aad_of(&self.key_ref, context);
+        let aad = Aad::new(&self.key_ref, context);
         self.cipher
-            .decrypt_inout_detached(&Nonce::from(nonce), aad.as_mut(), body.into(), &tag)
+            .decrypt_inout_detached(&Nonce::from(nonce), aad.as_slice(), body.into(), &tag)
             .map_err(|_| EkmError::AuthenticationFailed(self.id.to_string()))?;
         Ok(HEADER_LEN..n - TAG_LEN)
     }
