@@ -29,7 +29,9 @@ CREATE TABLE ekm.key (
     rotated_at      timestamptz,  -- stopped encrypting (became rotating)
     retired_at      timestamptz,
     destroyed_at    timestamptz,
-    encryptions     bigint NOT NULL DEFAULT 0 CHECK (encryptions >= 0)
+    encryptions     bigint NOT NULL DEFAULT 0 CHECK (encryptions >= 0),
+    -- the key CREATE EXTENSION made; while unused, a restored dump's keys replace it
+    bootstrap       boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE ekm.key IS 'ekm data keys: metadata only. Managed with ekm_* functions; see the ekm.keys view.';
 
@@ -45,8 +47,10 @@ CREATE TABLE ekm.key_material (
 );
 COMMENT ON TABLE ekm.key_material IS 'ekm wrapped data keys. Never readable by application roles.';
 
+-- No unique constraint on id: pg_restore brings back a dump's audit rows
+-- next to the rows this database already wrote (e.g. its first key's).
 CREATE TABLE ekm.audit_log (
-    id           bigserial PRIMARY KEY,
+    id           bigserial,
     at           timestamptz NOT NULL DEFAULT clock_timestamp(),
     session_role name NOT NULL DEFAULT session_user,
     acting_role  name NOT NULL DEFAULT current_user,
@@ -55,6 +59,7 @@ CREATE TABLE ekm.audit_log (
     detail       jsonb NOT NULL DEFAULT '{}'
 );
 COMMENT ON TABLE ekm.audit_log IS 'Every ekm key event: who, when, what.';
+CREATE INDEX audit_log_at ON ekm.audit_log (at, id);
 
 -- pg_dump keeps ekm's state (wrapped keys are useless without the master key).
 SELECT pg_catalog.pg_extension_config_dump('ekm.key', '');

@@ -63,6 +63,10 @@ pub fn reencrypt(ct: &str, ctx: &[u8]) -> EkmResult<String> {
 }
 
 fn create_key(state: KeyState) -> EkmResult<KeyId> {
+    create_key_as(state, false)
+}
+
+fn create_key_as(state: KeyState, bootstrap: bool) -> EkmResult<KeyId> {
     let (_, owner) = catalog::key_table()?;
     let master = masterkey::load()?;
     let kcv = master.check_value().to_vec();
@@ -79,10 +83,10 @@ fn create_key(state: KeyState) -> EkmResult<KeyId> {
             ekm_core::crypto::os_random(&mut s)?;
             let id = KeyId::new(Utc::now(), u16::from_be_bytes(s))?;
             let inserted: Option<String> = catalog::one_mut(
-                "INSERT INTO ekm.key (key_id, rotation_status, created_at, activated_at) \
-                 VALUES ($1, $2, now(), CASE WHEN $2 = 'active' THEN now() END) \
+                "INSERT INTO ekm.key (key_id, rotation_status, created_at, activated_at, bootstrap) \
+                 VALUES ($1, $2, now(), CASE WHEN $2 = 'active' THEN now() END, $3) \
                  ON CONFLICT (key_id) DO NOTHING RETURNING key_id",
-                vec![id.to_string().into(), state.as_str().into()],
+                vec![id.to_string().into(), state.as_str().into(), bootstrap.into()],
             )?;
             if inserted.is_none() {
                 continue; // same second and suffix as an existing key
@@ -308,7 +312,56 @@ mod ekm {
     /// Creates the first key when the extension is created.
     #[pg_extern(volatile)]
     fn _ekm_bootstrap_key() -> String {
-        create_key(KeyState::Active).or_raise().to_string()
+        create_key_as(KeyState::Active, true).or_raise().to_string()
+    }
+
+    thread_local! {
+        static RESTORE_DEMOTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// BEFORE INSERT of an active key (only pg_restore inserts one): the
+    /// dump's keys take over from the unused key CREATE EXTENSION made,
+    /// which is retired, never deleted. Anything else is refused.
+    #[pg_trigger]
+    fn _ekm_key_restore<'a>(
+        trigger: &'a PgTrigger<'a>,
+    ) -> std::result::Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, PgTriggerError> {
+        let new = trigger.new().expect("row trigger on INSERT");
+        let incoming = new
+            .get_by_name::<String>("key_id")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let current = Spi::get_three::<String, i64, bool>(
+            "SELECT key_id, encryptions, bootstrap FROM ekm.key WHERE rotation_status = 'active'",
+        );
+        if let Ok((Some(k), Some(stored), Some(bootstrap))) = current {
+            let pending = KeyId::parse(&k)
+                .map(|id| shmem::pending(&id.to_ref()))
+                .unwrap_or(1);
+            if !(bootstrap && stored == 0 && pending == 0) {
+                crate::error::raise_with(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("key {k} is already active in this database; cannot add active key {incoming}"),
+                    Some("restore a dump's ekm keys only into a database where ekm has made nothing but its unused first key; make keys with ekm_create_key()".into()),
+                );
+            }
+            RESTORE_DEMOTION.with(|d| d.set(true));
+            let r = catalog::exec(
+                "UPDATE ekm.key SET rotation_status = 'retired', rotated_at = now(), retired_at = now() WHERE key_id = $1",
+                vec![k.clone().into()],
+            )
+            .and_then(|_| {
+                catalog::audit(
+                    "key_replaced_by_restore",
+                    Some(&k),
+                    &format!(r#"{{"restored_active_key": "{incoming}"}}"#),
+                )
+            });
+            RESTORE_DEMOTION.with(|d| d.set(false));
+            r.or_raise();
+        }
+        Ok(Some(new))
     }
 
     /// Statement trigger on `ekm.key`: every backend reloads its keys after commit.
@@ -355,7 +408,12 @@ mod ekm {
         let from: KeyState = get(&old, "rotation_status").parse().or_raise();
         let to: KeyState = get(&new, "rotation_status").parse().or_raise();
         if from != to {
-            from.check_transition(to, &key_id).or_raise();
+            let restoring = RESTORE_DEMOTION.with(|d| d.get())
+                && from == KeyState::Active
+                && to == KeyState::Retired;
+            if !restoring {
+                from.check_transition(to, &key_id).or_raise();
+            }
             catalog::audit(
                 &format!("key_{to}"),
                 Some(&key_id),
