@@ -36,11 +36,11 @@ UPDATE people SET email = ekm_encrypt(email, 'public.people.email'),
                   mobno = ekm_encrypt(mobno, 'public.people.mobno');
 SELECT id, name, left(email, 40) || '...' AS email_stored, ekm_key_id(email) AS key FROM people ORDER BY id;
 
-\echo == the application reads through ekm_decrypt (NULL stays NULL, '' stays '')
+\echo == the application reads through ekm_decrypt (NULL stays NULL, the empty string stays empty)
 SELECT id, name, ekm_decrypt(email, 'public.people.email') AS email,
        ekm_decrypt(mobno, 'public.people.mobno') AS mobno FROM people ORDER BY id;
 
-\echo == key status (the runbook's get_key_status), one SELECT
+\echo == key status, the runbook get_key_status as one SELECT
 SELECT * FROM ekm_key_status();
 
 \echo == a value moved to another column does not decrypt
