@@ -25,11 +25,44 @@ pub fn os_random(buf: &mut [u8]) -> Result<()> {
         .map_err(|e| EkmError::Internal(format!("OS random source failed: {e}")))
 }
 
+/// ring's expanded AES-256-GCM key (round keys and GHASH table), boxed so
+/// its bytes can be wiped when it is dropped: ring itself does not zeroize.
+struct KeySchedule(Box<std::mem::MaybeUninit<ring::aead::LessSafeKey>>);
+
+impl KeySchedule {
+    fn new(bytes: &[u8; KEY_LEN]) -> Self {
+        let k = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, bytes).expect("32-byte key");
+        KeySchedule(Box::new(std::mem::MaybeUninit::new(
+            ring::aead::LessSafeKey::new(k),
+        )))
+    }
+
+    fn get(&self) -> &ring::aead::LessSafeKey {
+        // SAFETY: initialized in `new`, dropped only in `drop`.
+        unsafe { self.0.assume_init_ref() }
+    }
+}
+
+impl Drop for KeySchedule {
+    fn drop(&mut self) {
+        // SAFETY: initialized in `new`; after this the bytes are only wiped
+        // and the box (of MaybeUninit) frees them without another drop.
+        unsafe {
+            self.0.assume_init_drop();
+            let bytes = std::slice::from_raw_parts_mut(
+                self.0.as_mut_ptr() as *mut u8,
+                std::mem::size_of::<ring::aead::LessSafeKey>(),
+            );
+            zeroize::Zeroize::zeroize(bytes);
+        }
+    }
+}
+
 /// An unwrapped data key, ready to use: the AES key schedule is computed once.
 pub struct DataKey {
     id: KeyId,
     key_ref: [u8; KEY_REF_LEN],
-    cipher: Aes256Gcm,
+    cipher: KeySchedule,
 }
 
 /// Small buffers stay on the stack (no allocation on the per-row path);
@@ -65,9 +98,9 @@ impl<const N: usize> Drop for Scratch<N> {
 }
 
 /// The associated data `"ekm1" | key_ref | context`. Not secret: built on
-/// the stack for contexts up to 117 bytes, without zeroizing.
+/// the stack for contexts up to 53 bytes, without zeroizing.
 struct Aad {
-    stack: [u8; 128],
+    stack: [u8; 64],
     len: usize,
     heap: Vec<u8>,
 }
@@ -76,11 +109,11 @@ impl Aad {
     fn new(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Self {
         let len = VERSION_TAG.len() + KEY_REF_LEN + context.len();
         let mut a = Aad {
-            stack: [0u8; 128],
+            stack: [0u8; 64],
             len,
             heap: Vec::new(),
         };
-        let b: &mut [u8] = if len <= 128 {
+        let b: &mut [u8] = if len <= 64 {
             &mut a.stack[..len]
         } else {
             a.heap.resize(len, 0);
@@ -93,7 +126,7 @@ impl Aad {
     }
 
     fn as_slice(&self) -> &[u8] {
-        if self.len <= 128 {
+        if self.len <= 64 {
             &self.stack[..self.len]
         } else {
             &self.heap
@@ -106,7 +139,7 @@ impl DataKey {
         DataKey {
             id,
             key_ref: id.to_ref(),
-            cipher: Aes256Gcm::new(bytes.into()),
+            cipher: KeySchedule::new(bytes),
         }
     }
 
@@ -132,9 +165,14 @@ impl DataKey {
         let aad = Aad::new(&self.key_ref, context);
         let tag = self
             .cipher
-            .encrypt_inout_detached(&Nonce::from(*nonce), aad.as_slice(), body.into())
+            .get()
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(*nonce),
+                ring::aead::Aad::from(aad.as_slice()),
+                body,
+            )
             .map_err(|_| EkmError::Internal("value too long to encrypt".into()))?;
-        tag_out.copy_from_slice(&tag);
+        tag_out.copy_from_slice(tag.as_ref());
         let n = format::encode_into(bin, out);
         debug_assert_eq!(n, out.len());
         Ok(())
@@ -173,12 +211,14 @@ impl DataKey {
         }
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&bin[KEY_REF_LEN..HEADER_LEN]);
-        let (head, tag) = bin.split_at_mut(n - TAG_LEN);
-        let tag = Tag::try_from(&tag[..]).map_err(|_| EkmError::Malformed("tag"))?;
-        let body = &mut head[HEADER_LEN..];
         let aad = Aad::new(&self.key_ref, context);
         self.cipher
-            .decrypt_inout_detached(&Nonce::from(nonce), aad.as_slice(), body.into(), &tag)
+            .get()
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(aad.as_slice()),
+                &mut bin[HEADER_LEN..],
+            )
             .map_err(|_| EkmError::AuthenticationFailed(self.id.to_string()))?;
         Ok(HEADER_LEN..n - TAG_LEN)
     }

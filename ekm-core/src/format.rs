@@ -61,12 +61,11 @@ pub fn b64_decode(src: &[u8], out: &mut [u8]) -> Result<usize> {
         .chunks_exact(8)
         .zip(out[..full8 * 6].chunks_exact_mut(6))
     {
-        let mut n = 0u64;
-        for &c in s {
-            let v = B64_DEC[c as usize];
-            acc |= v as u32;
-            n = (n << 6) | v as u64;
-        }
+        let v = |i: usize| B64_DEC[s[i] as usize] as u64;
+        let (a, b, c, d, e, f, g, h) = (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7));
+        acc |= (a | b | c | d | e | f | g | h) as u32;
+        let n =
+            (a << 42) | (b << 36) | (c << 30) | (d << 24) | (e << 18) | (f << 12) | (g << 6) | h;
         o.copy_from_slice(&n.to_be_bytes()[2..]);
     }
     for (s, o) in src[full8 * 8..full * 4]

@@ -188,3 +188,34 @@ proptest! {
         prop_assert_eq!(&k.open(&ct, &ctx).unwrap()[..], &pt[..]);
     }
 }
+
+/// The data-value cipher (ring) and the reference AES-256-GCM (aes-gcm)
+/// agree byte for byte, so the choice of implementation is invisible in
+/// stored ciphertexts.
+#[test]
+fn data_cipher_matches_reference_aes_gcm() {
+    use aes_gcm::aead::{AeadInOut, KeyInit};
+    let key = [0x42u8; 32];
+    let id = key_id(0x0102);
+    let dk = ekm_core::DataKey::new(id, &key);
+    let reference = aes_gcm::Aes256Gcm::new(&key.into());
+    for (pt, ctx) in [
+        (&b""[..], &b""[..]),
+        (b"alice@example.com", b"public.people.email"),
+        (&[7u8; 300][..], b"x"),
+    ] {
+        let nonce = [9u8; 12];
+        let ct = dk.seal(&nonce, pt, ctx).unwrap();
+        let mut bin = vec![0u8; format::decoded_len(&ct).unwrap()];
+        format::decode_into(&ct, &mut bin).unwrap();
+        let mut aad = b"ekm1".to_vec();
+        aad.extend_from_slice(&id.to_ref());
+        aad.extend_from_slice(ctx);
+        let mut body = pt.to_vec();
+        let tag = reference
+            .encrypt_inout_detached(&nonce.into(), &aad, (&mut body[..]).into())
+            .unwrap();
+        assert_eq!(&bin[19..19 + pt.len()], &body[..]);
+        assert_eq!(&bin[19 + pt.len()..], &tag[..]);
+    }
+}
