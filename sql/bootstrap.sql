@@ -66,3 +66,57 @@ SELECT pg_catalog.pg_extension_config_dump('ekm.key', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.key_material', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.audit_log_id_seq', '');
+
+-- Rotation (docs/design.md section 5). Jobs and cursors are the truth: a
+-- worker that dies, a cancel or a server restart leaves them consistent with
+-- what its committed batches did.
+CREATE TABLE ekm.registered_column (
+    tbl           regclass NOT NULL,
+    col           name NOT NULL,
+    context       text NOT NULL DEFAULT '',
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    registered_by name NOT NULL DEFAULT current_user,
+    PRIMARY KEY (tbl, col)
+);
+COMMENT ON TABLE ekm.registered_column IS 'Columns ekm_rotate() keeps on the active key, with the context their values are bound to.';
+
+CREATE TABLE ekm.rotation_job (
+    job_id       bigserial PRIMARY KEY,
+    from_key     text NOT NULL,
+    to_key       text NOT NULL,
+    state        text NOT NULL DEFAULT 'running'
+                 CHECK (state IN ('running', 'cancelled', 'failed', 'done')),
+    batch_size   int NOT NULL CHECK (batch_size > 0),
+    requested_by name NOT NULL,
+    switched_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- the switching transaction: a transaction whose xid or snapshot xmin is
+    -- not newer may still hold from_key as the active key
+    switch_xid   xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    finished_at  timestamptz,
+    rows_done    bigint NOT NULL DEFAULT 0,
+    error        text
+);
+-- At most one unfinished job per database.
+CREATE UNIQUE INDEX rotation_job_one_unfinished ON ekm.rotation_job ((true))
+    WHERE state IN ('running', 'cancelled');
+
+CREATE TABLE ekm.rotation_cursor (
+    job_id          bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
+    tbl             regclass NOT NULL,
+    col             name NOT NULL,
+    context         text NOT NULL,
+    state           text NOT NULL DEFAULT 'scanning' CHECK (state IN ('scanning', 'sweeping', 'done')),
+    next_block      bigint NOT NULL DEFAULT 0,
+    blocks_total    bigint NOT NULL,
+    blocks_per_batch int NOT NULL,
+    rows_total      bigint NOT NULL,   -- estimate at start; corrected when done
+    rows_done       bigint NOT NULL DEFAULT 0,
+    passes          int NOT NULL DEFAULT 1,
+    skipped_locked  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, tbl, col)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('ekm.registered_column', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job_job_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_cursor', '');

@@ -48,6 +48,40 @@ CROSS JOIN LATERAL ekm._ekm_key_policy(k.key_id, k.created_at, k.encryptions) p
 ORDER BY k.created_at, k.key_id;
 COMMENT ON VIEW ekm.keys IS 'ekm keys: state, dates, policy (needs_rotation) and encryption counts.';
 
+-- Rotation: registered columns, progress.
+CREATE FUNCTION @extschema@.ekm_register_column(tbl regclass, col name, context text DEFAULT NULL)
+    RETURNS text LANGUAGE sql VOLATILE
+    AS $$ SELECT ekm._ekm_register_column(tbl::oid, col::text, context) $$;
+COMMENT ON FUNCTION @extschema@.ekm_register_column(regclass, name, text) IS
+    'Registers an encrypted column for rotation, with the context its values are bound to.';
+CREATE FUNCTION @extschema@.ekm_unregister_column(tbl regclass, col name)
+    RETURNS text LANGUAGE sql VOLATILE
+    AS $$ SELECT ekm._ekm_unregister_column(tbl::oid, col::text) $$;
+
+CREATE VIEW ekm.registered_columns AS
+SELECT r.tbl AS table_name, r.col AS column_name, r.context, r.registered_at, r.registered_by,
+       k.key_id, k.key_state, k.values
+FROM ekm.registered_column r
+CROSS JOIN LATERAL ekm._ekm_column_key_counts(r.tbl::oid, r.col::text) k;
+COMMENT ON VIEW ekm.registered_columns IS 'Registered columns with the number of values on each key (scans the tables).';
+
+CREATE VIEW ekm.rotation_progress AS
+SELECT j.job_id, c.tbl AS table_name, c.col AS column_name, j.from_key, j.to_key,
+       c.rows_done, greatest(c.rows_total, c.rows_done) AS rows_total,
+       CASE WHEN c.state = 'done' THEN 100.0
+            ELSE round(least(99.9, 100.0 * c.next_block / greatest(c.blocks_total, 1))::numeric, 1) END AS percent,
+       r.rows_per_second,
+       CASE WHEN j.state = 'running' AND c.state <> 'done' AND r.rows_per_second > 0
+            THEN make_interval(secs => greatest(c.rows_total - c.rows_done, 0) / r.rows_per_second) END AS eta,
+       c.state AS column_state, c.passes, j.state AS job_state, j.error,
+       j.switched_at AS started_at, j.finished_at
+FROM ekm.rotation_job j
+JOIN ekm.rotation_cursor c USING (job_id)
+CROSS JOIN LATERAL (SELECT round(j.rows_done / greatest(extract(epoch FROM coalesce(j.finished_at, now()) - j.switched_at), 0.001))::bigint
+                           AS rows_per_second) r
+ORDER BY j.job_id DESC, c.tbl::text, c.col;
+COMMENT ON VIEW ekm.rotation_progress IS 'Rotation jobs per column: rows done/total, percent, rows/s, ETA, state, error.';
+
 -- Privileges: nothing to PUBLIC. ekm_user encrypts and decrypts;
 -- ekm_admin manages keys and reads metadata and the audit log.
 DO $$
@@ -75,8 +109,16 @@ GRANT EXECUTE ON FUNCTION
     @extschema@.ekm_create_key(), @extschema@.ekm_activate_key(text), @extschema@.ekm_key_status(),
     ekm._ekm_key_policy(text, timestamptz, bigint)
     TO ekm_admin;
+GRANT EXECUTE ON FUNCTION
+    @extschema@.ekm_register_column(regclass, name, text), @extschema@.ekm_unregister_column(regclass, name),
+    ekm._ekm_register_column(oid, text, text), ekm._ekm_unregister_column(oid, text),
+    ekm._ekm_column_key_counts(oid, text), ekm._ekm_value_class(text), ekm._ekm_on_rotating_key(text),
+    @extschema@.ekm_rotate(integer, boolean, boolean), @extschema@.ekm_rotation_wait(bigint, double precision),
+    @extschema@.ekm_rotation_cancel(bigint), @extschema@.ekm_rotation_resume(bigint)
+    TO ekm_admin;
 GRANT USAGE ON SCHEMA ekm TO ekm_admin;
-GRANT SELECT ON ekm.keys, ekm.audit_log TO ekm_admin;
+GRANT SELECT ON ekm.keys, ekm.audit_log, ekm.registered_column, ekm.registered_columns,
+    ekm.rotation_job, ekm.rotation_cursor, ekm.rotation_progress TO ekm_admin;
 
 -- The first key.
 SELECT ekm._ekm_bootstrap_key();

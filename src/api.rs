@@ -62,7 +62,7 @@ pub fn reencrypt(ct: &str, ctx: &[u8]) -> EkmResult<String> {
     keycache::with_encrypt_key(|k, nonce| k.seal(nonce, &plain, ctx))
 }
 
-fn create_key(state: KeyState) -> EkmResult<KeyId> {
+pub fn create_key(state: KeyState) -> EkmResult<KeyId> {
     create_key_as(state, false)
 }
 
@@ -149,7 +149,7 @@ fn ekm_activate_key(key_id: &str) -> String {
     activate(key_id).or_raise()
 }
 
-fn activate(key_id: &str) -> EkmResult<String> {
+pub fn activate(key_id: &str) -> EkmResult<String> {
     let id = KeyId::parse(key_id)?;
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || -> EkmResult<()> {

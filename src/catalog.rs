@@ -167,3 +167,20 @@ pub fn one_mut<T: FromDatum + IntoDatum>(
     })
     .map_err(spi_err)
 }
+
+/// One value from a read-only query with bound parameters; `None` when it
+/// returns no row (or NULL).
+pub fn one<T: FromDatum + IntoDatum>(
+    sql: &str,
+    args: Vec<pgrx::datum::DatumWithOid<'_>>,
+) -> Result<Option<T>> {
+    Spi::connect(|c| {
+        let t = c.select(sql, Some(1), &args)?;
+        if t.is_empty() {
+            Ok(None)
+        } else {
+            t.first().get::<T>(1)
+        }
+    })
+    .map_err(spi_err)
+}

@@ -11,6 +11,9 @@ static KEY_LIFETIME_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
 static ROTATION_DUE_AGE_DAYS: GucSetting<i32> = GucSetting::<i32>::new(76);
 static ROTATION_WARNING_DAYS: GucSetting<i32> = GucSetting::<i32>::new(14);
 static ROTATION_DUE_ENCRYPTIONS: GucSetting<f64> = GucSetting::<f64>::new(2_147_483_648.0);
+static ROTATION_BATCH_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+static ROTATION_RETRY_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static ROTATION_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
 
 pub fn init() {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
@@ -70,6 +73,36 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_batch_pause",
+        c"Pause between rotation batches, in milliseconds (slows a rotation on a busy server).",
+        c"",
+        &ROTATION_BATCH_PAUSE_MS,
+        0,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_retry_pause",
+        c"Pause before a rotation retries rows or batches it had to skip, in milliseconds.",
+        c"",
+        &ROTATION_RETRY_PAUSE_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_lock_timeout",
+        c"lock_timeout of rotation batches, in milliseconds: a batch never waits longer for an application's lock.",
+        c"",
+        &ROTATION_LOCK_TIMEOUT_MS,
+        1,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"ekm".as_ptr()) };
 }
 
@@ -104,4 +137,16 @@ pub fn policy() -> Policy {
         warning_days: ROTATION_WARNING_DAYS.get(),
         due_encryptions: ROTATION_DUE_ENCRYPTIONS.get(),
     }
+}
+
+pub fn rotation_batch_pause() -> std::time::Duration {
+    std::time::Duration::from_millis(ROTATION_BATCH_PAUSE_MS.get().max(0) as u64)
+}
+
+pub fn rotation_retry_pause() -> std::time::Duration {
+    std::time::Duration::from_millis(ROTATION_RETRY_PAUSE_MS.get().max(10) as u64)
+}
+
+pub fn rotation_lock_timeout_ms() -> i32 {
+    ROTATION_LOCK_TIMEOUT_MS.get()
 }

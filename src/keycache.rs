@@ -233,3 +233,15 @@ pub fn active_key_and_owner() -> Result<(Option<KeyId>, pg_sys::Oid)> {
         Ok((c.active.map(|i| c.entries[i].id), c.owner))
     })
 }
+
+/// The state of the key `key_ref` names, if this database has it.
+pub fn state_of(key_ref: &[u8; KEY_REF_LEN]) -> Result<Option<KeyState>> {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        match c.find(key_ref) {
+            Ok(i) => Ok(Some(c.entries[i].state)),
+            Err(EkmError::UnknownKey(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+}

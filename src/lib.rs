@@ -14,7 +14,9 @@ mod fastpath;
 mod gucs;
 mod keycache;
 mod masterkey;
+mod rotation;
 mod shmem;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -38,6 +40,7 @@ pub extern "C-unwind" fn _PG_init() {
     error::init();
     keycache::init();
     masterkey::startup();
+    worker::register_launcher();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -57,5 +57,6 @@ check "standby session sees the new active key at its next statement" "$(ask "SE
 check "standby session decrypts the value written under the new key" "$(ask "SELECT ekm_decrypt(email, 'people.email') FROM people WHERE id = 1;")" "changed@example.com"
 check "standby session still decrypts values on the old (rotating) key" "$(ask "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') LIKE 'user%';")" 999
 check "standby reports the rotating key" "$(ask "SELECT string_agg(rotation_status, ',' ORDER BY rotation_status) FROM ekm.keys;")" "active,rotating"
+check_match "ekm_rotate is refused on a standby, with the reason" "$(cpsql "$s" "$sport" -d postgres -At -q -v VERBOSITY=verbose -c "SELECT * FROM ekm_rotate(force => true)" 2>&1 | grep -E '^ERROR' | head -n 1)" '^ERROR:  25006: cannot rotate keys on a standby'
 check "standby wrote no WAL (still in recovery, nothing failed)" "$(ask "SELECT pg_is_in_recovery();")" t
 tap_done

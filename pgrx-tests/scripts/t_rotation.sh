@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Online rotation against a real cluster: refusals, dry run, concurrent
+# writers checked against a plaintext shadow, cancel/resume, a SIGKILLed
+# worker, an immediate shutdown with automatic resume at restart, and two
+# databases rotating independently. ROWS (default 100000) sets the size.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/lib.sh"
+source "$here/tap.sh"
+dir=/tmp/ekm-rotation; port=55438
+ROWS=${ROWS:-100000}
+writer_pids=()
+cleanup() {
+  for p in "${writer_pids[@]}"; do kill "$p" 2>/dev/null; done
+  cluster_stop "$dir" immediate >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" || exit 1
+q() { local db=$1; shift; cpsql "$dir" "$port" -d "$db" -At -q -c "$1" 2>&1; }
+qerr() { cpsql "$dir" "$port" -d "$1" -At -q -v VERBOSITY=verbose -c "$2" 2>&1 | grep -E '^ERROR' | head -n 1 | sed -E 's/key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}/key_X/g'; }
+wait_job() { # db job timeout_s -> final state
+  cpsql "$dir" "$port" -d "$1" -At -q -c "SELECT state FROM ekm_rotation_wait($2, $3)" 2>/dev/null
+}
+
+setup_db() {
+  q postgres "CREATE DATABASE $1" >/dev/null
+  q "$1" "CREATE EXTENSION ekm" >/dev/null
+  # shadow holds the plaintext the application last wrote, in the same transaction
+  q "$1" "CREATE TABLE people (id int PRIMARY KEY, email text, mobno text, email_shadow text, mobno_shadow text)" >/dev/null
+  q "$1" "INSERT INTO people SELECT g, ekm_encrypt(e, 'public.people.email'), ekm_encrypt(m), e, m
+          FROM generate_series(1, $ROWS) g, LATERAL (SELECT 'user' || g || '@example.com' AS e, '+91' || lpad(g::text, 10, '0') AS m) v" >/dev/null
+  q "$1" "VACUUM ANALYZE people" >/dev/null
+}
+consistent() { # every row decrypts to its shadow
+  q "$1" "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'public.people.email') IS NOT DISTINCT FROM email_shadow
+          AND ekm_decrypt(mobno) IS NOT DISTINCT FROM mobno_shadow"
+}
+total() { q "$1" "SELECT count(*) FROM people"; }
+on_active() { q "$1" "SELECT count(*) FROM people WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active)
+                      AND ekm_key_id(mobno) = (SELECT key_id FROM ekm.keys WHERE is_active)"; }
+
+setup_db app
+
+# 1. Refusals and the dry run.
+check_match "refused with no registered column" "$(qerr app "SELECT * FROM ekm_rotate(force => true)")" '^ERROR:  55000: no column is registered for rotation'
+q app "SELECT ekm_register_column('people', 'email', 'public.people.email')" >/dev/null
+q app "SELECT ekm_register_column('people', 'mobno')" >/dev/null
+check_match "a column with another context is refused" "$(qerr app "SELECT ekm_register_column('people', 'email', 'other')")" '^ERROR:  42710: column "email" of people is already registered with another context'
+check_match "a non-text column is refused" "$(qerr app "SELECT ekm_register_column('people', 'id')")" '^ERROR:  42804: column "id" of people is integer'
+check_match "refused when the key is not due, with its age and due date" "$(qerr app "SELECT * FROM ekm_rotate()")" '^ERROR:  55000: active key key_X is 0 days old and not due for rotation until [0-9]{4}-'
+q app "UPDATE people SET email = 'plain@example.com', email_shadow = NULL WHERE id = 1" >/dev/null
+before=$(q app "SELECT md5(string_agg(email || mobno, ',' ORDER BY id)) || (SELECT count(*) FROM ekm.keys) FROM people")
+check "dry run counts values to move, plaintext, unusable keys" "$(q app "SELECT string_agg(column_name || ':' || values_to_move || ':' || values_not_encrypted || ':' || values_on_unusable_keys || ':' || (note IS NOT NULL), ',' ORDER BY column_name) FROM ekm_rotate(dry_run => true)")" "email:$((ROWS - 1)):1:0:true,mobno:$ROWS:0:0:false"
+check "dry run changes nothing" "$(q app "SELECT md5(string_agg(email || mobno, ',' ORDER BY id)) || (SELECT count(*) FROM ekm.keys) FROM people")" "$before"
+q app "UPDATE people SET email = ekm_encrypt('user1@example.com', 'public.people.email'), email_shadow = 'user1@example.com' WHERE id = 1" >/dev/null
+
+# 2. Rotation under concurrent writers (updates, inserts, deletes), each
+#    writing the plaintext shadow in the same transaction.
+writer() { # seed
+  local i=0 sql
+  while [ -f "$dir/writers.on" ] && [ $i -lt 100000 ]; do
+    sql=""
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      id=$(( (RANDOM * 32768 + RANDOM) % ROWS + 1 ))
+      sql+="UPDATE people SET email = ekm_encrypt('w$1-$i@example.com', 'public.people.email'), email_shadow = 'w$1-$i@example.com', mobno = ekm_encrypt('m$1-$i'), mobno_shadow = 'm$1-$i' WHERE id = $id;"
+      i=$((i + 1))
+    done
+    sql+="INSERT INTO people VALUES ($ROWS + $1 * 1000000 + $i, ekm_encrypt('n$1-$i', 'public.people.email'), ekm_encrypt('nm$1-$i'), 'n$1-$i', 'nm$1-$i');"
+    sql+="DELETE FROM people WHERE id = $(( (RANDOM * 32768 + RANDOM) % ROWS + 1 ));"
+    printf 'BEGIN;%sCOMMIT;\n' "$sql"
+  done | cpsql "$dir" "$port" -d app -q >/dev/null 2>"$dir/writer$1.err"
+}
+touch "$dir/writers.on"
+for w in 1 2 3; do writer $w & writer_pids+=($!); done
+sleep 1
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 500, force => true) LIMIT 1")
+check_match "ekm_rotate returns a job id at once" "$job" '^[0-9]+$'
+check_match "a second rotation is refused while one runs" "$(qerr app "SELECT * FROM ekm_rotate(force => true)")" "^ERROR:  55006: rotation job $job is already running"
+check_match "progress is visible from another session" "$(q app "SELECT count(*) FROM ekm.rotation_progress WHERE job_id = $job")" '^2$'
+state=$(wait_job app "$job" 300)
+rm -f "$dir/writers.on"; for p in "${writer_pids[@]}"; do wait "$p"; done; writer_pids=()
+check "rotation under concurrent writers finishes" "$state" done
+check "writers saw no errors" "$(cat "$dir"/writer*.err | grep -c ERROR)" 0
+check "no write lost: every row decrypts to what the application last wrote" "$(consistent app)" "$(total app)"
+check "every value is on the new key" "$(on_active app)" "$(total app)"
+check "the old key is retired" "$(q app "SELECT rotation_status FROM ekm.keys k JOIN ekm.rotation_job j ON j.from_key = k.key_id WHERE j.job_id = $job")" retired
+check "counts are right (rows_done = values moved)" "$(q app "SELECT (SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job) = (SELECT sum(rows_done) FROM ekm.rotation_cursor WHERE job_id = $job)")" t
+check_match "job start and finish are audited" "$(q app "SELECT string_agg(event, ',' ORDER BY id) FROM ekm.audit_log WHERE event LIKE 'rotation%'")" 'rotation_started,rotation_done$'
+
+# 3. NOTIFY on completion, cancel and resume.
+listen_out=$dir/listen.out
+( printf 'LISTEN ekm_rotation;\n'; for _ in $(seq 1 120); do sleep 0.5; printf 'SELECT 1;\n'; done ) | cpsql "$dir" "$port" -d app > "$listen_out" 2>&1 &
+listener=$!
+sleep 0.5
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 100, force => true) LIMIT 1")
+sleep 0.3
+check_match "cancel" "$(q app "SELECT ekm_rotation_cancel($job)")" "running -> cancelled"
+sleep 1
+check "a cancelled job stays cancelled" "$(q app "SELECT state FROM ekm.rotation_job WHERE job_id = $job")" cancelled
+check "after cancel every value decrypts" "$(consistent app)" "$(total app)"
+check_match "a new rotation is refused while one is cancelled" "$(qerr app "SELECT * FROM ekm_rotate()")" "^ERROR:  55006: rotation job $job was cancelled"
+check_match "resume" "$(q app "SELECT ekm_rotation_resume($job)")" "cancelled -> running"
+check "the resumed job finishes" "$(wait_job app "$job" 120)" done
+check "after resume every value is on the new key" "$(on_active app)" "$(total app)"
+sleep 1; kill "$listener" 2>/dev/null; wait "$listener" 2>/dev/null
+check_match "NOTIFY ekm_rotation carries the job id and outcome" "$(cat "$listen_out")" "\"job_id\": \"$job\", \"outcome\": \"done\""
+
+# 4. The worker is SIGKILLed mid-rotation (the postmaster restarts every
+#    backend); the launcher resumes the job by itself.
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 200, force => true) LIMIT 1")
+for _ in $(seq 1 50); do
+  wpid=$(q app "SELECT pid FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")
+  [ -n "$wpid" ] && [ "$(q app "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break
+  sleep 0.1
+done
+check_match "worker found mid-rotation" "$wpid" '^[0-9]+$'
+kill -KILL "$wpid" 2>/dev/null
+sleep 3
+for _ in $(seq 1 50); do q app "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2; done
+check "after SIGKILL every value decrypts" "$(consistent app)" "$(total app)"
+check "after SIGKILL the job resumes by itself and finishes" "$(wait_job app "$job" 120)" done
+check "every value is on the new key" "$(on_active app)" "$(total app)"
+check "counts stay right after the kill" "$(q app "SELECT (SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job) = (SELECT sum(rows_done) FROM ekm.rotation_cursor WHERE job_id = $job)")" t
+
+# 5. Immediate shutdown mid-rotation, then restart: resumes by itself.
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 200, force => true) LIMIT 1")
+for _ in $(seq 1 50); do
+  [ "$(q app "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break
+  sleep 0.1
+done
+cluster_stop "$dir" immediate
+check "stopped mid-rotation" "$(test -f "$dir/data/postmaster.pid" && echo running || echo stopped)" stopped
+cluster_restart_only "$dir"
+check "after immediate shutdown every value decrypts" "$(consistent app)" "$(total app)"
+check "after restart the job resumes by itself and finishes" "$(wait_job app "$job" 120)" done
+check "every value is on the new key" "$(on_active app)" "$(total app)"
+
+# 6. Two databases rotate independently.
+ROWS=20000 setup_db other
+q other "SELECT ekm_register_column('people', 'email', 'public.people.email')" >/dev/null
+q other "SELECT ekm_register_column('people', 'mobno')" >/dev/null
+ja=$(q app "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+jb=$(q other "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+check "database app finishes" "$(wait_job app "$ja" 120)" done
+check "database other finishes" "$(wait_job other "$jb" 120)" done
+check "other: every value decrypts and is on its new key" "$(consistent other):$(on_active other)" "$(total other):$(total other)"
+ka=$(q app "SELECT key_id FROM ekm.keys WHERE is_active"); kb=$(q other "SELECT key_id FROM ekm.keys WHERE is_active")
+check "the databases have their own keys" "$([ -n "$ka" ] && [ "$ka" != "$kb" ] && echo distinct)" distinct
+check_match "no rotation worker left running" "$(q app "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")" '^0$'
+tap_done

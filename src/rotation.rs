@@ -1,0 +1,561 @@
+//! Rotation's SQL surface: registered columns, ekm_rotate (switch + job),
+//! wait / cancel / resume. The batches run in `worker.rs`.
+
+use crate::api::{activate, create_key, ts_to_chrono};
+use crate::catalog::{self, as_owner};
+use crate::error::{raise_with, OrRaise};
+use crate::{gucs, keycache, worker};
+use ekm_core::{format, EkmError, KeyState};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+type EkmResult<T> = ekm_core::Result<T>;
+
+/// Rows per second per column that the dry run's estimate assumes (measured
+/// with bench/, 2 cores; see README).
+const ESTIMATE_ROWS_PER_SECOND: f64 = 50_000.0;
+
+fn internal(e: impl std::fmt::Display) -> EkmError {
+    EkmError::Internal(e.to_string())
+}
+
+/// The class of a stored value: null, plaintext, malformed, unknown, or the
+/// state of the key it names.
+pub fn value_class(v: Option<&str>) -> EkmResult<&'static str> {
+    let Some(v) = v else { return Ok("null") };
+    if !format::looks_encrypted(v) {
+        return Ok("plaintext");
+    }
+    let Ok(k) = format::key_of(v) else {
+        return Ok("malformed");
+    };
+    Ok(match keycache::state_of(&k.to_ref())? {
+        None => "unknown",
+        Some(s) => s.as_str(),
+    })
+}
+
+/// The statement text with `@T@` (table) and `@C@` (column) quoted by PostgreSQL.
+fn dynamic(template: &str, tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT replace(replace($1, '@T@', $2::regclass::text), '@C@', quote_ident($3))",
+        &[template.into(), tbl.into(), col.into()],
+    )
+    .map_err(internal)?
+    .ok_or_else(|| internal("cannot build statement"))
+}
+
+#[pg_schema]
+mod ekm {
+    use super::*;
+
+    /// Whether a stored value is on a `rotating` key (what rotation moves).
+    #[pg_extern(stable, strict, parallel_safe)]
+    fn _ekm_on_rotating_key(value: &str) -> bool {
+        match format::key_of(value) {
+            Ok(k) => keycache::state_of(&k.to_ref()).or_raise() == Some(KeyState::Rotating),
+            Err(_) => false,
+        }
+    }
+
+    /// What a stored value is: null, plaintext, malformed, unknown, or its key's state.
+    #[pg_extern(stable, parallel_safe)]
+    fn _ekm_value_class(value: Option<&str>) -> &'static str {
+        value_class(value).or_raise()
+    }
+
+    #[pg_extern(volatile)]
+    fn _ekm_register_column(tbl: pg_sys::Oid, col: &str, context: Option<&str>) -> String {
+        register(tbl, col, context.unwrap_or("")).or_raise()
+    }
+
+    #[pg_extern(volatile)]
+    fn _ekm_unregister_column(tbl: pg_sys::Oid, col: &str) -> String {
+        unregister(tbl, col).or_raise()
+    }
+
+    /// Values per key class in a registered column (a full scan, as the owner).
+    #[pg_extern(volatile)]
+    fn _ekm_column_key_counts(
+        tbl: pg_sys::Oid,
+        col: &str,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(key_id, Option<String>),
+            name!(key_state, String),
+            name!(values, i64),
+        ),
+    > {
+        let (_, owner) = catalog::key_table().or_raise();
+        let rows = as_owner(owner, || -> EkmResult<Vec<(Option<String>, String, i64)>> {
+            let sql = dynamic(
+                "SELECT CASE WHEN ekm._ekm_value_class(@C@) IN ('null', 'plaintext', 'malformed') THEN NULL ELSE @S@.ekm_key_id(@C@) END, \
+                        ekm._ekm_value_class(@C@), count(*) FROM @T@ GROUP BY 1, 2 ORDER BY 1, 2",
+                tbl,
+                col,
+            )?
+            .replace("@S@", &ext_schema()?);
+            Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(Option<String>, String, i64)>> {
+                let mut v = Vec::new();
+                for r in c.select(&sql, None, &[])? {
+                    v.push((r.get::<String>(1)?, r.get::<String>(2)?.unwrap_or_default(), r.get::<i64>(3)?.unwrap_or(0)));
+                }
+                Ok(v)
+            })
+            .map_err(internal)
+        })
+        .or_raise();
+        TableIterator::new(rows)
+    }
+}
+
+fn ext_schema() -> EkmResult<String> {
+    Spi::get_one::<String>(
+        "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
+    )
+    .map_err(internal)?
+    .ok_or_else(|| internal("ekm is not installed"))
+}
+
+fn register(tbl: pg_sys::Oid, col: &str, context: &str) -> EkmResult<String> {
+    // As the caller: the column must exist, hold text, and be theirs to update.
+    let info = Spi::get_three_with_args::<String, bool, bool>(
+        "SELECT format_type(a.atttypid, a.atttypmod), a.atttypid IN ('text'::regtype, 'varchar'::regtype), \
+                has_column_privilege($1, a.attname, 'UPDATE') \
+         FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+        &[tbl.into(), col.into()],
+    )
+    .unwrap_or((None, None, None)); // no row: no such column
+    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
+        .map_err(internal)?
+        .unwrap_or_default();
+    match info {
+        (None, _, _) => raise_with(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{col}\" of {name} does not exist"),
+            None,
+        ),
+        (Some(t), Some(false), _) => raise_with(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("column \"{col}\" of {name} is {t}; ekm ciphertexts are stored in text or varchar columns"),
+            None,
+        ),
+        (_, _, Some(false)) => raise_with(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to register column \"{col}\" of {name}"),
+            Some("registering a column needs the UPDATE privilege on it".into()),
+        ),
+        _ => {}
+    }
+    let (_, owner) = catalog::key_table()?;
+    as_owner(owner, || {
+        let existing = catalog::one::<String>(
+            "SELECT context FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2",
+            vec![tbl.into(), col.into()],
+        )?;
+        match existing {
+            Some(c) if c == context => return Ok(format!("{name}.{col} is already registered")),
+            Some(_) => raise_with(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("column \"{col}\" of {name} is already registered with another context"),
+                Some("its values are bound to the registered context; unregister it first if the values were re-encrypted with the new one".into()),
+            ),
+            None => {}
+        }
+        catalog::exec(
+            "INSERT INTO ekm.registered_column (tbl, col, context, registered_by) VALUES ($1::regclass, $2, $3, $4)",
+            vec![tbl.into(), col.into(), context.into(), catalog::acting_role_name().into()],
+        )?;
+        catalog::audit(
+            "column_registered",
+            None,
+            &worker::serde_like_json(&[("table", &name), ("column", col), ("context", context)]),
+        )?;
+        Ok(format!("registered {name}.{col}"))
+    })
+}
+
+fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
+    let (_, owner) = catalog::key_table()?;
+    as_owner(owner, || {
+        if let Some(j) = catalog::one::<i64>(
+            "SELECT job_id FROM ekm.rotation_job WHERE state IN ('running', 'cancelled')",
+            vec![],
+        )? {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                format!("rotation job {j} is unfinished"),
+                Some(format!(
+                    "wait for it (SELECT ekm_rotation_wait({j})) before unregistering columns"
+                )),
+            );
+        }
+        let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
+            .map_err(internal)?
+            .unwrap_or_default();
+        let n = catalog::one_mut::<i64>(
+            "WITH d AS (DELETE FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2 RETURNING 1) SELECT count(*) FROM d",
+            vec![tbl.into(), col.into()],
+        )?
+        .unwrap_or(0);
+        if n == 0 {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("column \"{col}\" of {name} is not registered"),
+                Some("SELECT * FROM ekm.registered_column lists the registered columns".into()),
+            );
+        }
+        catalog::audit(
+            "column_unregistered",
+            None,
+            &worker::serde_like_json(&[("table", &name), ("column", col)]),
+        )?;
+        Ok(format!("unregistered {name}.{col}"))
+    })
+}
+
+type RotateRow = (
+    Option<i64>,
+    String,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+    Option<String>,
+);
+
+/// Starts a rotation (or, with `dry_run`, reports what one would do).
+#[pg_extern(volatile)]
+fn ekm_rotate(
+    batch_size: default!(i32, 1000),
+    dry_run: default!(bool, false),
+    force: default!(bool, false),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, Option<i64>),
+        name!(table_name, String),
+        name!(column_name, String),
+        name!(values_to_move, Option<i64>),
+        name!(values_not_encrypted, Option<i64>),
+        name!(values_on_unusable_keys, Option<i64>),
+        name!(estimated_seconds, Option<f64>),
+        name!(note, Option<String>),
+    ),
+> {
+    TableIterator::new(rotate(batch_size, dry_run, force).or_raise())
+}
+
+fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRow>> {
+    if batch_size < 1 {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "batch_size must be at least 1".into(),
+            None,
+        );
+    }
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "cannot rotate keys on a standby".into(),
+            Some("run ekm_rotate() on the primary; the standby follows".into()),
+        );
+    }
+    let (_, owner) = catalog::key_table()?;
+    let schema = ext_schema()?;
+    let (job, rows) = as_owner(owner, || -> EkmResult<(Option<i64>, Vec<RotateRow>)> {
+        Spi::run("SELECT pg_advisory_xact_lock(6646637, 0)").map_err(internal)?;
+        let cols = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String, String, String)>> {
+            let mut v = Vec::new();
+            for r in c.select("SELECT tbl::oid, tbl::text, col::text, context FROM ekm.registered_column ORDER BY 2, 3", None, &[])? {
+                v.push((
+                    r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                    r.get::<String>(4)?.unwrap_or_default(),
+                ));
+            }
+            Ok(v)
+        })
+        .map_err(internal)?;
+        if cols.is_empty() {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "no column is registered for rotation".into(),
+                Some("register the encrypted columns first: SELECT ekm_register_column('people', 'email', 'public.people.email')".into()),
+            );
+        }
+        if dry_run {
+            let mut out = Vec::new();
+            for (oid, tname, col, _) in &cols {
+                let sql = dynamic(
+                    "SELECT count(*) FILTER (WHERE c IN ('active', 'rotating')), count(*) FILTER (WHERE c = 'plaintext'), \
+                            count(*) FILTER (WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed')) \
+                     FROM (SELECT ekm._ekm_value_class(@C@) AS c FROM @T@) s",
+                    *oid,
+                    col,
+                )?;
+                let (m, p, u) = Spi::get_three::<i64, i64, i64>(&sql).map_err(internal)?;
+                let (m, p, u) = (m.unwrap_or(0), p.unwrap_or(0), u.unwrap_or(0));
+                let mut notes = Vec::new();
+                if p > 0 {
+                    notes.push(format!(
+                        "{p} values are not ekm ciphertexts and will be left as they are"
+                    ));
+                }
+                if u > 0 {
+                    notes.push(format!("{u} values are on keys that cannot decrypt (unknown, retired or destroyed): they cannot be moved"));
+                }
+                out.push((
+                    None,
+                    tname.clone(),
+                    col.clone(),
+                    Some(m),
+                    Some(p),
+                    Some(u),
+                    Some(m as f64 / ESTIMATE_ROWS_PER_SECOND),
+                    (!notes.is_empty()).then(|| notes.join("; ")),
+                ));
+            }
+            return Ok((None, out));
+        }
+        let unfinished_job = catalog::one::<i64>(
+            "SELECT job_id FROM ekm.rotation_job WHERE state IN ('running', 'cancelled')",
+            vec![],
+        )?;
+        let unfinished_state = catalog::one::<String>(
+            "SELECT state FROM ekm.rotation_job WHERE state IN ('running', 'cancelled')",
+            vec![],
+        )?;
+        if let (Some(j), Some(state)) = (unfinished_job, unfinished_state) {
+            if state == "running" {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                    format!("rotation job {j} is already running"),
+                    Some(format!("follow it with SELECT * FROM ekm.rotation_progress, or SELECT ekm_rotation_wait({j})")),
+                );
+            }
+            if !force {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                    format!("rotation job {j} was cancelled before it finished"),
+                    Some(format!("finish it with SELECT ekm_rotation_resume({j}), or start a new rotation with force => true")),
+                );
+            }
+            catalog::exec(
+                "UPDATE ekm.rotation_job SET state = 'failed', error = 'superseded by a new rotation', finished_at = now() WHERE job_id = $1",
+                vec![j.into()],
+            )?;
+        }
+        let (active, created, stored) = Spi::get_three::<String, TimestampWithTimeZone, i64>(
+            "SELECT key_id, created_at, encryptions FROM ekm.key WHERE rotation_status = 'active'",
+        )
+        .map_err(internal)?;
+        let active = active.ok_or(EkmError::NoActiveKey)?;
+        let created = ts_to_chrono(created.expect("not null"));
+        let pending = ekm_core::KeyId::parse(&active)
+            .map(|k| crate::shmem::pending(&k.to_ref()))
+            .unwrap_or(0) as i64;
+        let age =
+            gucs::policy().evaluate(created, chrono::Utc::now(), stored.unwrap_or(0) + pending);
+        if !force && !age.needs_rotation {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "active key {active} is {} days old and not due for rotation until {}",
+                    age.age_days,
+                    age.due_at.format("%Y-%m-%d %H:%M UTC")
+                ),
+                Some("rotate anyway with SELECT ekm_rotate(force => true)".into()),
+            );
+        }
+        let new_key = create_key(KeyState::Created)?;
+        activate(&new_key.to_string())?;
+        let job = catalog::one_mut::<i64>(
+            "INSERT INTO ekm.rotation_job (from_key, to_key, batch_size, requested_by) VALUES ($1, $2, $3, $4) RETURNING job_id",
+            vec![active.clone().into(), new_key.to_string().into(), batch_size.into(), catalog::acting_role_name().into()],
+        )?
+        .expect("returning");
+        catalog::exec(
+            "INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
+             SELECT $1, r.tbl, r.col, r.context, \
+                    pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
+                    greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int), \
+                    greatest(c.reltuples, 0)::bigint \
+             FROM ekm.registered_column r JOIN pg_class c ON c.oid = r.tbl",
+            vec![job.into(), batch_size.into()],
+        )?;
+        catalog::audit(
+            "rotation_started",
+            Some(&new_key.to_string()),
+            &worker::serde_like_json(&[
+                ("job_id", &job.to_string()),
+                ("from_key", &active),
+                ("to_key", &new_key.to_string()),
+                ("batch_size", &batch_size.to_string()),
+                ("forced", &force.to_string()),
+            ]),
+        )?;
+        let out = cols
+            .iter()
+            .map(|(_, t, c, _)| {
+                (
+                    Some(job),
+                    t.clone(),
+                    c.clone(),
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some(format!("new writes use {new_key}")),
+                )
+            })
+            .collect();
+        Ok((Some(job), out))
+    })?;
+    let _ = schema;
+    if let Some(j) = job {
+        if let Err(e) = worker::launch(j) {
+            pgrx::warning!(
+                "ekm: could not start the rotation worker now ({e}); the job stays running: SELECT ekm_rotation_resume({j}) starts it"
+            );
+        }
+    }
+    Ok(rows)
+}
+
+/// Waits for a rotation job to end, with NOTICE progress lines.
+#[pg_extern(volatile)]
+fn ekm_rotation_wait(
+    job: i64,
+    timeout_seconds: default!(Option<f64>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, i64),
+        name!(state, String),
+        name!(rows_done, i64),
+        name!(error, Option<String>),
+    ),
+> {
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "ekm_rotation_wait needs READ COMMITTED isolation".into(),
+            Some("its snapshot would never see the job progress; call it outside a REPEATABLE READ transaction".into()),
+        );
+    }
+    let start = std::time::Instant::now();
+    let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
+    let mut last_rows = -1i64;
+    loop {
+        let r = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, i64)>> {
+            let t = c.update(
+                "SELECT j.state, j.rows_done, j.error, coalesce((SELECT (100 * sum(CASE WHEN c.state = 'done' THEN greatest(c.blocks_total, 1) ELSE least(c.next_block, c.blocks_total) END) / greatest(sum(greatest(c.blocks_total, 1)), 1)) FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id), 0)::bigint \
+                 FROM ekm.rotation_job j WHERE j.job_id = $1",
+                None,
+                &[job.into()],
+            )?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0), r.get::<String>(3)?, r.get::<i64>(4)?.unwrap_or(0))))
+        })
+        .map_err(internal)
+        .or_raise();
+        let Some((state, rows, error, pct)) = r else {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("rotation job {job} does not exist"),
+                None,
+            );
+        };
+        if state != "running" {
+            pgrx::notice!("ekm: rotation job {job} {state}: {rows} values re-encrypted");
+            return TableIterator::once((job, state, rows, error));
+        }
+        if rows != last_rows && last_notice.elapsed() >= std::time::Duration::from_secs(1) {
+            pgrx::notice!("ekm: rotation job {job}: {rows} values re-encrypted, {pct}% of the table blocks scanned");
+            last_notice = std::time::Instant::now();
+            last_rows = rows;
+        }
+        if let Some(t) = timeout_seconds {
+            if start.elapsed().as_secs_f64() >= t {
+                return TableIterator::once((job, state, rows, error));
+            }
+        }
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                200,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}
+
+/// Stops a running job after its current batch; every value stays decryptable.
+#[pg_extern(volatile)]
+fn ekm_rotation_cancel(job: i64) -> String {
+    set_job_state(job, "running", "cancelled", "rotation_cancelled").or_raise()
+}
+
+/// Continues a cancelled, failed or stalled job where its cursors stand.
+#[pg_extern(volatile)]
+fn ekm_rotation_resume(job: i64) -> String {
+    let r = set_job_state(job, "resumable", "running", "rotation_resumed").or_raise();
+    if let Err(e) = worker::launch(job) {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("could not start the rotation worker: {e}"),
+            Some(
+                "raise max_worker_processes, or retry when a background worker slot is free".into(),
+            ),
+        );
+    }
+    r
+}
+
+fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<String> {
+    let (_, owner) = catalog::key_table()?;
+    as_owner(owner, || {
+        let cur = catalog::one_mut::<String>(
+            "SELECT state FROM ekm.rotation_job WHERE job_id = $1 FOR UPDATE",
+            vec![job.into()],
+        )?;
+        let Some(cur) = cur else {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("rotation job {job} does not exist"),
+                None,
+            );
+        };
+        let ok = match from {
+            "resumable" => cur != "done",
+            f => cur == f,
+        };
+        if !ok {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("rotation job {job} is {cur}"),
+                None,
+            );
+        }
+        catalog::exec(
+            "UPDATE ekm.rotation_job SET state = $2, error = NULL, finished_at = CASE WHEN $2 = 'running' THEN NULL ELSE now() END WHERE job_id = $1",
+            vec![job.into(), to.into()],
+        )?;
+        catalog::audit(
+            event,
+            None,
+            &worker::serde_like_json(&[("job_id", &job.to_string()), ("from", &cur)]),
+        )?;
+        Ok(format!("rotation job {job}: {cur} -> {to}"))
+    })
+}

@@ -1,0 +1,485 @@
+//! Background workers: the per-database rotation worker (one batch per
+//! transaction, docs/design.md section 5) and the launcher that resumes
+//! unfinished jobs after a server restart.
+
+use crate::catalog;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// Advisory lock class that a worker holds for its job (one worker per job).
+const JOB_LOCK_CLASS: i32 = 0x656b6d; // "ekm"
+
+/// Starts a rotation worker for `job_id` (0: whatever job is running) in this database.
+pub fn launch(job_id: i64) -> Result<(), String> {
+    launch_in(unsafe { pg_sys::MyDatabaseId }, job_id)
+}
+
+fn launch_in(db: pg_sys::Oid, job_id: i64) -> Result<(), String> {
+    BackgroundWorkerBuilder::new(&format!(
+        "ekm rotation job {job_id} (database {})",
+        db.to_u32()
+    ))
+    .set_type("ekm rotation")
+    .set_library("ekm")
+    .set_function("ekm_rotation_worker_main")
+    .set_argument(Some(pg_sys::Datum::from(job_id)))
+    .set_extra(&db.to_u32().to_string())
+    .enable_spi_access()
+    .load_dynamic()
+    .map(|_| ())
+    .map_err(|e| format!("{e:?}"))
+}
+
+/// Registers the launcher (from _PG_init, while preloading).
+pub fn register_launcher() {
+    BackgroundWorkerBuilder::new("ekm launcher")
+        .set_type("ekm launcher")
+        .set_library("ekm")
+        .set_function("ekm_launcher_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// The launcher: at start (and after every crash-restart cycle) it starts a
+/// worker in each database that resumes whatever rotation is running there,
+/// then idles.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some("postgres"), None);
+    let dbs: Vec<pg_sys::Oid> = BackgroundWorker::transaction(|| {
+        Spi::connect(|c| {
+            let mut v = Vec::new();
+            if let Ok(t) = c.select(
+                "SELECT oid FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate",
+                None,
+                &[],
+            ) {
+                for r in t {
+                    if let Ok(Some(o)) = r.get::<pg_sys::Oid>(1) {
+                        v.push(o);
+                    }
+                }
+            }
+            v
+        })
+    });
+    for db in dbs {
+        if let Err(e) = launch_in(db, 0) {
+            pgrx::warning!(
+                "ekm launcher: cannot start a worker for database {}: {e}",
+                db.to_u32()
+            );
+        }
+    }
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(60))) {}
+}
+
+enum Step {
+    /// Made progress; go on at once (after the throttle pause).
+    Again,
+    /// Nothing to do right now (rows locked, old transactions); retry later.
+    Later,
+    /// Job finished, cancelled, failed or gone.
+    Stop,
+}
+
+fn spi_err(e: pgrx::spi::Error) -> String {
+    e.to_string()
+}
+
+/// One transaction: `f` commits, or on ERROR the transaction is aborted and
+/// the SQLSTATE and message returned.
+fn transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, (String, String)> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let f = std::panic::AssertUnwindSafe(f);
+    let r = PgTryBuilder::new(move || f().map_err(|m| ("XX000".to_string(), m)))
+        .catch_others(|e| match e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                Err((format!("{:?}", r.sql_error_code()), r.message().to_string()))
+            }
+            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                Err(("XX000".into(), ereport.message().to_string()))
+            }
+        })
+        .execute();
+    unsafe {
+        match &r {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    r
+}
+
+/// The rotation worker. `arg` is the job id (0: the running job, if any).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
+    let mut job_id = arg.value() as i64;
+
+    // Find the job (it becomes visible when the caller's transaction commits)
+    // and take its lock, so that one worker at most runs it.
+    let mut found = false;
+    for _ in 0..100 {
+        let r = transaction(|| {
+            let installed =
+                Spi::get_one::<bool>("SELECT to_regclass('ekm.rotation_job') IS NOT NULL")
+                    .map_err(spi_err)?
+                    .unwrap_or(false);
+            if !installed {
+                return Ok(Some(false));
+            }
+            let id = if job_id == 0 {
+                catalog::one::<i64>(
+                    "SELECT job_id FROM ekm.rotation_job WHERE state = 'running'",
+                    vec![],
+                )
+            } else {
+                catalog::one::<i64>(
+                    "SELECT job_id FROM ekm.rotation_job WHERE job_id = $1 AND state = 'running'",
+                    vec![job_id.into()],
+                )
+            }
+            .map_err(|e| e.to_string())?;
+            Ok(id.map(|id| {
+                job_id = id;
+                true
+            }))
+        });
+        match r {
+            Ok(Some(true)) => {
+                found = true;
+                break;
+            }
+            Ok(Some(false)) => return, // ekm not installed in this database
+            Ok(None) if arg.value() == 0 => return, // nothing to resume here
+            _ => {}
+        }
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
+            return;
+        }
+    }
+    if !found {
+        return;
+    }
+    let locked = transaction(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT pg_try_advisory_lock($1, $2::int)",
+            &[JOB_LOCK_CLASS.into(), (job_id as i32).into()],
+        )
+        .map_err(spi_err)
+        .map(|b| b.unwrap_or(false))
+    })
+    .unwrap_or(false);
+    if !locked {
+        return; // another worker runs this job
+    }
+    pgrx::log!("ekm: rotation job {job_id}: worker started");
+
+    loop {
+        let r = transaction(|| step(job_id));
+        let pause = match r {
+            Ok(Step::Again) => crate::gucs::rotation_batch_pause(),
+            Ok(Step::Later) => crate::gucs::rotation_retry_pause(),
+            Ok(Step::Stop) => break,
+            Err((code, msg))
+                if code.contains("LOCK_NOT_AVAILABLE")
+                    || code.contains("DEADLOCK")
+                    || code.contains("SERIALIZATION") =>
+            {
+                pgrx::log!("ekm: rotation job {job_id}: batch skipped ({msg}); retrying");
+                crate::gucs::rotation_retry_pause()
+            }
+            Err((_, msg)) => {
+                pgrx::warning!("ekm: rotation job {job_id} failed: {msg}");
+                let _ = transaction(|| {
+                    catalog::exec(
+                        "UPDATE ekm.rotation_job SET state = 'failed', error = $2, finished_at = now() WHERE job_id = $1 AND state = 'running'",
+                        vec![job_id.into(), msg.clone().into()],
+                    )
+                    .map_err(|e| e.to_string())?;
+                    catalog::audit(
+                        "rotation_failed",
+                        None,
+                        &serde_like_json(&[("job_id", &job_id.to_string()), ("error", &msg)]),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    notify(job_id, "failed")
+                });
+                break;
+            }
+        };
+        if !BackgroundWorker::wait_latch(Some(pause)) {
+            pgrx::log!("ekm: rotation job {job_id}: worker stopping; the job resumes with ekm_rotation_resume({job_id}) or at server start");
+            break;
+        }
+    }
+}
+
+/// A flat JSON object of string values (escaped).
+pub fn serde_like_json(fields: &[(&str, &str)]) -> String {
+    let esc = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("\"{}\": \"{}\"", esc(k), esc(v)))
+        .collect();
+    format!("{{{}}}", body.join(", "))
+}
+
+fn notify(job_id: i64, outcome: &str) -> Result<(), String> {
+    Spi::run_with_args(
+        "SELECT pg_notify('ekm_rotation', $1)",
+        &[serde_like_json(&[("job_id", &job_id.to_string()), ("outcome", outcome)]).into()],
+    )
+    .map_err(spi_err)
+}
+
+struct Cursor {
+    tbl: pg_sys::Oid,
+    col: String,
+    context: String,
+    state: String,
+    next_block: i64,
+    blocks_per_batch: i32,
+}
+
+fn one_i64(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<i64, String> {
+    Spi::connect_mut(|c| {
+        let t = c.update(sql, Some(1), &args)?;
+        if t.is_empty() {
+            Ok(0)
+        } else {
+            Ok(t.first().get::<i64>(1)?.unwrap_or(0))
+        }
+    })
+    .map_err(spi_err)
+}
+
+/// The statement text for `tbl.col`, identifiers quoted by PostgreSQL.
+fn stmt(template: &str, tbl: pg_sys::Oid, col: &str) -> Result<String, String> {
+    let schema = Spi::get_one::<String>(
+        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
+    )
+    .map_err(spi_err)?
+    .unwrap_or_else(|| "public".into());
+    Spi::get_one_with_args::<String>(
+        "SELECT replace(replace(replace($1, '@T@', $2::regclass::text), '@C@', quote_ident($3)), '@S@', $4)",
+        &[template.into(), tbl.into(), col.into(), schema.into()],
+    )
+    .map_err(spi_err)?
+    .ok_or_else(|| "cannot build statement".to_string())
+}
+
+const COUNT_LEFT: &str = "SELECT count(*) FROM @T@ WHERE ekm._ekm_on_rotating_key(@C@)";
+const BATCH: &str = "WITH c AS (SELECT ctid FROM @T@ WHERE ctid >= $1::tid AND ctid < $2::tid \
+     AND ekm._ekm_on_rotating_key(@C@) FOR UPDATE SKIP LOCKED), \
+     u AS (UPDATE @T@ t SET @C@ = @S@.ekm_reencrypt(t.@C@, $3) FROM c \
+           WHERE t.ctid = c.ctid AND ekm._ekm_on_rotating_key(t.@C@) RETURNING 1) \
+     SELECT count(*) FROM u";
+
+fn step(job_id: i64) -> Result<Step, String> {
+    let lock_timeout = format!("{}ms", crate::gucs::rotation_lock_timeout_ms());
+    Spi::run_with_args(
+        "SELECT set_config('lock_timeout', $1, true)",
+        &[lock_timeout.into()],
+    )
+    .map_err(spi_err)?;
+    let state = catalog::one::<String>(
+        "SELECT state FROM ekm.rotation_job WHERE job_id = $1",
+        vec![job_id.into()],
+    )
+    .map_err(|e| e.to_string())?;
+    if state.as_deref() != Some("running") {
+        return Ok(Step::Stop);
+    }
+
+    let cursor = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Option<Cursor>> {
+        let t = c.update(
+            "SELECT tbl::oid, col::text, context, state, next_block, blocks_per_batch FROM ekm.rotation_cursor \
+             WHERE job_id = $1 AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1 FOR UPDATE",
+            None,
+            &[job_id.into()],
+        )?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let r = t.first();
+        Ok(Some(Cursor {
+            tbl: r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+            col: r.get::<String>(2)?.unwrap_or_default(),
+            context: r.get::<String>(3)?.unwrap_or_default(),
+            state: r.get::<String>(4)?.unwrap_or_default(),
+            next_block: r.get::<i64>(5)?.unwrap_or(0),
+            blocks_per_batch: r.get::<i32>(6)?.unwrap_or(1),
+        }))
+    })
+    .map_err(spi_err)?;
+
+    if let Some(c) = cursor {
+        if c.state == "scanning" {
+            let nblocks = one_i64(
+                "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint",
+                vec![c.tbl.into()],
+            )?;
+            if c.next_block >= nblocks {
+                catalog::exec(
+                    "UPDATE ekm.rotation_cursor SET state = 'sweeping' WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
+                    vec![job_id.into(), c.tbl.into(), c.col.clone().into()],
+                )
+                .map_err(|e| e.to_string())?;
+                return Ok(Step::Again);
+            }
+            let hi = c.next_block + c.blocks_per_batch as i64;
+            let sql = stmt(BATCH, c.tbl, &c.col)?;
+            let n = one_i64(
+                &sql,
+                vec![
+                    format!("({},0)", c.next_block).into(),
+                    format!("({hi},0)").into(),
+                    c.context.clone().into(),
+                ],
+            )?;
+            catalog::exec(
+                "UPDATE ekm.rotation_cursor SET next_block = $4, rows_done = rows_done + $5 \
+                 WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
+                vec![
+                    job_id.into(),
+                    c.tbl.into(),
+                    c.col.clone().into(),
+                    hi.into(),
+                    n.into(),
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+            catalog::exec(
+                "UPDATE ekm.rotation_job SET rows_done = rows_done + $2 WHERE job_id = $1",
+                vec![job_id.into(), n.into()],
+            )
+            .map_err(|e| e.to_string())?;
+            return Ok(Step::Again);
+        }
+        // sweeping: check what is left in this column
+        let left = one_i64(&stmt(COUNT_LEFT, c.tbl, &c.col)?, vec![])?;
+        if left == 0 {
+            catalog::exec(
+                "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
+                vec![job_id.into(), c.tbl.into(), c.col.clone().into()],
+            )
+            .map_err(|e| e.to_string())?;
+            return Ok(Step::Again);
+        }
+        catalog::exec(
+            "UPDATE ekm.rotation_cursor SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = $4 \
+             WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
+            vec![job_id.into(), c.tbl.into(), c.col.clone().into(), left.into()],
+        )
+        .map_err(|e| e.to_string())?;
+        return Ok(Step::Later);
+    }
+
+    // Every cursor is done. Columns registered since the job started get one.
+    let added = one_i64(
+        "WITH a AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
+           SELECT $1, r.tbl, r.col, r.context, 1, 1, 0 FROM ekm.registered_column r \
+           WHERE NOT EXISTS (SELECT 1 FROM ekm.rotation_cursor c WHERE c.job_id = $1 AND c.tbl = r.tbl AND c.col = r.col) \
+           RETURNING 1) SELECT count(*) FROM a",
+        vec![job_id.into()],
+    )?;
+    if added > 0 {
+        return Ok(Step::Again);
+    }
+    // No transaction that began before the switch committed may still run:
+    // it could still hold the old key as active. Such a transaction has an
+    // xid or a snapshot xmin not newer than the switching transaction's xid.
+    let old = one_i64(
+        "SELECT count(*) FROM pg_stat_activity a, ekm.rotation_job j \
+         WHERE j.job_id = $1 AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND a.pid <> pg_backend_pid() \
+           AND (age(a.backend_xid) >= age(xid(j.switch_xid)) OR age(a.backend_xmin) >= age(xid(j.switch_xid)))",
+        vec![job_id.into()],
+    )?;
+    if old > 0 {
+        return Ok(Step::Later);
+    }
+    // Checked, not assumed: nothing left on a rotating key in any registered column.
+    let cols = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String)>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT tbl::oid, col::text FROM ekm.registered_column ORDER BY 1, 2",
+            None,
+            &[],
+        )? {
+            v.push((
+                r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+            ));
+        }
+        Ok(v)
+    })
+    .map_err(spi_err)?;
+    for (tbl, col) in &cols {
+        if one_i64(&stmt(COUNT_LEFT, *tbl, col)?, vec![])? > 0 {
+            catalog::exec(
+                "UPDATE ekm.rotation_cursor SET state = 'scanning', next_block = 0, passes = passes + 1 \
+                 WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
+                vec![job_id.into(), (*tbl).into(), col.clone().into()],
+            )
+            .map_err(|e| e.to_string())?;
+            return Ok(Step::Again);
+        }
+    }
+    let retired = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<String>> {
+        let mut v = Vec::new();
+        for r in c.update(
+            "UPDATE ekm.key SET rotation_status = 'retired', retired_at = now() WHERE rotation_status = 'rotating' RETURNING key_id",
+            None,
+            &[],
+        )? {
+            v.push(r.get::<String>(1)?.unwrap_or_default());
+        }
+        Ok(v)
+    })
+    .map_err(spi_err)?;
+    let rows = one_i64(
+        "UPDATE ekm.rotation_job SET state = 'done', finished_at = now() WHERE job_id = $1 RETURNING rows_done",
+        vec![job_id.into()],
+    )?;
+    catalog::audit(
+        "rotation_done",
+        None,
+        &serde_like_json(&[
+            ("job_id", &job_id.to_string()),
+            ("rows", &rows.to_string()),
+            ("retired", &retired.join(",")),
+        ]),
+    )
+    .map_err(|e| e.to_string())?;
+    notify(job_id, "done")?;
+    pgrx::log!(
+        "ekm: rotation job {job_id} done: {rows} values re-encrypted, retired {}",
+        retired.join(", ")
+    );
+    Ok(Step::Stop)
+}
