@@ -54,12 +54,37 @@ INSERT INTO people VALUES (6, 'Farah Khan', ekm_encrypt('farah.khan@example.com'
 SELECT ekm_key_id(email) AS key, count(*) FROM people WHERE email IS NOT NULL GROUP BY 1 ORDER BY 1;
 SELECT id, ekm_decrypt(email, 'public.people.email') AS email FROM people ORDER BY id;
 
-\echo == move the old values to the new key (rotation proper, batched in a background worker, is the next issue)
-UPDATE people SET email = ekm_reencrypt(email, 'public.people.email'), mobno = ekm_reencrypt(mobno, 'public.people.mobno');
-SELECT ekm_key_id(email) AS key, count(*) FROM people WHERE email IS NOT NULL GROUP BY 1 ORDER BY 1;
+\echo == register the encrypted columns, with their contexts, for rotation
+SELECT ekm_register_column('people', 'email', 'public.people.email');
+SELECT ekm_register_column('people', 'mobno', 'public.people.mobno');
+\echo == 200,000 more customers, so the rotation has something to do
+INSERT INTO people SELECT g, 'Customer ' || g,
+       ekm_encrypt('cust' || g || '@example.com', 'public.people.email'),
+       ekm_encrypt('+91' || lpad(g::text, 10, '0'), 'public.people.mobno')
+FROM generate_series(100, 200099) g;
+ANALYZE people;
+\echo == dry run: what a rotation would move (changes nothing)
+SELECT * FROM ekm_rotate(dry_run => true);
+SQL
+echo "== an application session keeps writing during the rotation"
+( for i in $(seq 1 200); do
+    echo "UPDATE people SET email = ekm_encrypt('live$i@example.com', 'public.people.email') WHERE id = $((100 + i * 997 % 200000));"
+    sleep 0.02
+  done ) | cpsql "$dir" "$port" -d postgres -q >/dev/null &
+writer=$!
+cpsql "$dir" "$port" -d postgres -e <<'SQL'
+\echo == rotate: returns at once with a job id; the new key is active immediately
+SELECT job_id FROM ekm_rotate(batch_size => 2000, force => true) LIMIT 1 \gset
+SELECT * FROM ekm.rotation_progress;
+\echo == follow it (NOTICE lines are the live progress)
+SELECT * FROM ekm_rotation_wait(:job_id);
+SELECT table_name, column_name, rows_done, percent, rows_per_second, column_state, job_state FROM ekm.rotation_progress;
+\echo == verify: every value on the new key, the old key retired, data intact
+SELECT * FROM ekm.registered_columns;
 SELECT key_id, rotation_status, encryptions FROM ekm.keys;
-
+SELECT id, ekm_decrypt(email, 'public.people.email') AS email, ekm_decrypt(mobno, 'public.people.mobno') AS mobno FROM people ORDER BY id LIMIT 6;
 \echo == the audit log
 SELECT at::timestamp(0), acting_role, event, key_id, detail - 'master_key_source' AS detail FROM ekm.audit_log ORDER BY id;
 SQL
+wait "$writer"
 echo "== stopping the cluster"
