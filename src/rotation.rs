@@ -447,6 +447,18 @@ fn ekm_rotation_wait(
             Some("its snapshot would never see the job progress; call it outside a REPEATABLE READ transaction".into()),
         );
     }
+    let mine = catalog::one::<bool>(
+        "SELECT xmin = xid(pg_current_xact_id_if_assigned()) FROM ekm.rotation_job WHERE job_id = $1",
+        vec![job.into()],
+    )
+    .or_raise();
+    if mine == Some(true) {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("rotation job {job} was started in this transaction"),
+            Some("its worker starts when this transaction commits: commit, then call ekm_rotation_wait".into()),
+        );
+    }
     let start = std::time::Instant::now();
     let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
     let mut last_rows = -1i64;

@@ -53,6 +53,10 @@ before=$(q app "SELECT md5(string_agg(email || mobno, ',' ORDER BY id)) || (SELE
 check "dry run counts values to move, plaintext, unusable keys" "$(q app "SELECT string_agg(column_name || ':' || values_to_move || ':' || values_not_encrypted || ':' || values_on_unusable_keys || ':' || (note IS NOT NULL), ',' ORDER BY column_name) FROM ekm_rotate(dry_run => true)")" "email:$((ROWS - 1)):1:0:true,mobno:$ROWS:0:0:false"
 check "dry run changes nothing" "$(q app "SELECT md5(string_agg(email || mobno, ',' ORDER BY id)) || (SELECT count(*) FROM ekm.keys) FROM people")" "$before"
 q app "UPDATE people SET email = ekm_encrypt('user1@example.com', 'public.people.email'), email_shadow = 'user1@example.com' WHERE id = 1" >/dev/null
+check_match "waiting inside the transaction that started the job is refused (it would never end)" \
+  "$(cpsql "$dir" "$port" -d app -At -q -v VERBOSITY=verbose -c "BEGIN" -c "SELECT ekm_rotation_wait((SELECT job_id FROM ekm_rotate(force => true) LIMIT 1))" 2>&1 | grep -E '^ERROR' | head -n 1)" \
+  '^ERROR:  55000: rotation job [0-9]+ was started in this transaction'
+check "and nothing of it remains" "$(q app "SELECT count(*) FROM ekm.rotation_job")" 0
 
 # 2. Rotation under concurrent writers (updates, inserts, deletes), each
 #    writing the plaintext shadow in the same transaction.

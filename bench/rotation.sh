@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Rotation benchmark: one run, one throwaway cluster. Loads N rows with two
+# encrypted columns (email ~25 chars, mobile 13) and times, with batches of
+# 1,000 rows committed one by one:
+#   (a) ekm_rotate() to completion (background worker);
+#   (b) the floor: UPDATE t SET email = email, mobno = mobno, no crypto;
+#   (c) a do-it-yourself pgcrypto rotation (decrypt_iv/encrypt_iv AES-256-CBC, new random IV);
+#   (d) pgp_sym_encrypt(pgp_sym_decrypt(...)) (on the first --pgp-rows rows: it is ~100x slower).
+# Prints rows/s, ratio to the floor, table size before/after and WAL bytes.
+#
+#   bash bench/rotation.sh [--rows N | --million] [--pgp-rows N] [--no-build]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS=200000; PGP_ROWS=10000; BUILD=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rows) ROWS=$2; shift 2 ;;
+    --million) ROWS=1000000; shift ;;
+    --pgp-rows) PGP_ROWS=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    *) echo "usage: $0 [--rows N | --million] [--pgp-rows N] [--no-build]" >&2; exit 2 ;;
+  esac
+done
+export PATH="$HOME/.cargo/bin:$PATH"
+if [ $BUILD -eq 1 ]; then
+  bash scripts/setup.sh
+  cargo pgrx install --release --pg-config /usr/bin/pg_config
+fi
+source scripts/lib.sh
+dir=/tmp/ekm-rbench; port=55451
+trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
+cluster_start "$dir" "$port" "shared_buffers = '1GB'" "max_wal_size = '4GB'" "jit = off" "ekm.rotation_batch_pause = 0"
+q() { cpsql "$dir" "$port" -d postgres "$@"; }
+echo "loading $ROWS rows into four identical tables..."
+q -q <<SQL
+CREATE EXTENSION ekm;
+CREATE EXTENSION pgcrypto;
+CREATE TABLE k AS SELECT decode(repeat('5a', 32), 'hex') AS old_key, decode(repeat('a5', 32), 'hex') AS new_key;
+CREATE TABLE t_ekm (id int PRIMARY KEY, email text, mobno text);
+INSERT INTO t_ekm SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com'), ekm_encrypt('+91' || lpad(g::text, 10, '0'))
+FROM generate_series(1, $ROWS) g;
+CREATE TABLE t_floor AS SELECT * FROM t_ekm;
+ALTER TABLE t_floor ADD PRIMARY KEY (id);
+CREATE TABLE t_cbc (id int PRIMARY KEY, email bytea, mobno bytea);
+INSERT INTO t_cbc SELECT g,
+  (SELECT x.iv || encrypt_iv(convert_to('cust' || lpad(g::text, 9, '0') || '@example.com', 'UTF8'), k.old_key, x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, g) x),
+  (SELECT x.iv || encrypt_iv(convert_to('+91' || lpad(g::text, 10, '0'), 'UTF8'), k.old_key, x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, g) x)
+FROM generate_series(1, $ROWS) g, k;
+CREATE TABLE t_pgp (id int PRIMARY KEY, email bytea, mobno bytea);
+INSERT INTO t_pgp SELECT g, pgp_sym_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com', 'old'), pgp_sym_encrypt('+91' || lpad(g::text, 10, '0'), 'old')
+FROM generate_series(1, $PGP_ROWS) g;
+VACUUM ANALYZE;
+SELECT ekm_register_column('t_ekm', 'email');
+SELECT ekm_register_column('t_ekm', 'mobno');
+CREATE TABLE results (method text, rows int, seconds float8, wal bigint, size_before bigint, size_after bigint);
+
+-- The same batching for (b)-(d): 1,000 ids per transaction.
+CREATE PROCEDURE batched(tbl regclass, expr_email text, expr_mobno text, n int) LANGUAGE plpgsql AS \$\$
+DECLARE lo int := 1;
+BEGIN
+    WHILE lo <= n LOOP
+        EXECUTE format('UPDATE %s SET email = %s, mobno = %s WHERE id >= \$1 AND id < \$2', tbl, expr_email, expr_mobno)
+            USING lo, lo + 1000;
+        COMMIT;
+        lo := lo + 1000;
+    END LOOP;
+END \$\$;
+SQL
+measure() { # method table rows command...
+  local method=$1 tbl=$2 rows=$3; shift 3
+  local size wal0 t0 t1
+  size=$(q -At -c "SELECT pg_total_relation_size('$tbl')")
+  q -q -c "CHECKPOINT"
+  wal0=$(q -At -c "SELECT pg_current_wal_lsn()")
+  t0=$(date +%s.%N)
+  "$@"
+  t1=$(date +%s.%N)
+  q -q -c "INSERT INTO results SELECT '$method', $rows, $t1 - $t0, pg_current_wal_lsn() - '$wal0'::pg_lsn, $size, pg_total_relation_size('$tbl')"
+}
+rotate_ekm() {
+  local job
+  job=$(q -At -q -c "SELECT job_id FROM ekm_rotate(batch_size => 1000, force => true) LIMIT 1")
+  q -At -q -c "SELECT state FROM ekm_rotation_wait($job)" >/dev/null 2>&1
+}
+echo "measuring..."
+measure "(b) floor: UPDATE email = email, no crypto" t_floor "$ROWS" q -q -c "CALL batched('t_floor', 'email', 'mobno', $ROWS)"
+measure "(a) ekm_rotate (background worker)" t_ekm "$ROWS" rotate_ekm
+measure "(c) pgcrypto decrypt_iv/encrypt_iv aes-cbc" t_cbc "$ROWS" q -q -c "CALL batched('t_cbc',
+  \$\$(SELECT x.iv || encrypt_iv(decrypt_iv(substring(email FROM 17), (SELECT old_key FROM k), substring(email FOR 16), 'aes-cbc'), (SELECT new_key FROM k), x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, id) x)\$\$,
+  \$\$(SELECT x.iv || encrypt_iv(decrypt_iv(substring(mobno FROM 17), (SELECT old_key FROM k), substring(mobno FOR 16), 'aes-cbc'), (SELECT new_key FROM k), x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, id) x)\$\$, $ROWS)"
+measure "(d) pgp_sym_encrypt(pgp_sym_decrypt())" t_pgp "$PGP_ROWS" q -q -c "CALL batched('t_pgp',
+  \$\$pgp_sym_encrypt(pgp_sym_decrypt(email, 'old'), 'new')\$\$, \$\$pgp_sym_encrypt(pgp_sym_decrypt(mobno, 'old'), 'new')\$\$, $PGP_ROWS)"
+check=$(q -At -c "SELECT count(*) FROM t_ekm WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_key_id(mobno) = (SELECT key_id FROM ekm.keys WHERE is_active)")
+echo
+echo "rotation benchmark: $ROWS rows x 2 columns, batches of 1,000 rows (pgp: $PGP_ROWS rows); ekm moved $check rows to the new key"
+q -P footer=off <<'SQL'
+WITH f AS (SELECT rows / seconds AS rps FROM results WHERE method LIKE '(b)%')
+SELECT method, rows, round(seconds::numeric, 2) AS seconds, round((rows / seconds)::numeric) AS "rows/s",
+       round((f.rps / (rows / seconds))::numeric, 2) AS "x floor (time per row)",
+       pg_size_pretty(size_before) AS size_before, pg_size_pretty(size_after) AS size_after,
+       pg_size_pretty(wal) AS wal, pg_size_pretty(wal / rows) AS "wal/row"
+FROM results, f ORDER BY method;
+SQL
