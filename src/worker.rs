@@ -258,8 +258,6 @@ fn notify(job_id: i64, outcome: &str) -> Result<(), String> {
 
 struct Cursor {
     tbl: pg_sys::Oid,
-    col: String,
-    context: String,
     state: String,
     next_block: i64,
     blocks_per_batch: i32,
@@ -275,6 +273,14 @@ fn one_i64(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<i64, S
         }
     })
     .map_err(spi_err)
+}
+
+fn ext_schema() -> Result<String, String> {
+    Ok(Spi::get_one::<String>(
+        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
+    )
+    .map_err(spi_err)?
+    .unwrap_or_else(|| "public".into()))
 }
 
 /// The statement text for `tbl.col`, identifiers quoted by PostgreSQL.
@@ -293,12 +299,6 @@ fn stmt(template: &str, tbl: pg_sys::Oid, col: &str) -> Result<String, String> {
 }
 
 const COUNT_LEFT: &str = "SELECT count(*) FROM @T@ WHERE ekm._ekm_on_rotating_key(@C@)";
-const BATCH: &str = "WITH c AS (SELECT ctid FROM @T@ WHERE ctid >= $1::tid AND ctid < $2::tid \
-     AND ekm._ekm_on_rotating_key(@C@) FOR UPDATE SKIP LOCKED), \
-     u AS (UPDATE @T@ t SET @C@ = @S@.ekm_reencrypt(t.@C@, $3) FROM c \
-           WHERE t.ctid = c.ctid AND ekm._ekm_on_rotating_key(t.@C@) RETURNING 1) \
-     SELECT count(*) FROM u";
-
 fn step(job_id: i64) -> Result<Step, String> {
     let lock_timeout = format!("{}ms", crate::gucs::rotation_lock_timeout_ms());
     Spi::run_with_args(
@@ -328,8 +328,6 @@ fn step(job_id: i64) -> Result<Step, String> {
         let r = t.first();
         Ok(Some(Cursor {
             tbl: r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
-            col: r.get::<String>(2)?.unwrap_or_default(),
-            context: r.get::<String>(3)?.unwrap_or_default(),
             state: r.get::<String>(4)?.unwrap_or_default(),
             next_block: r.get::<i64>(5)?.unwrap_or(0),
             blocks_per_batch: r.get::<i32>(6)?.unwrap_or(1),
@@ -338,65 +336,164 @@ fn step(job_id: i64) -> Result<Step, String> {
     .map_err(spi_err)?;
 
     if let Some(c) = cursor {
+        // Every column of this table at the same position moves in the same
+        // statement: one new row version per row, not one per column.
+        let group = Spi::connect_mut(|cl| -> pgrx::spi::SpiResult<Vec<(String, String)>> {
+            let mut v = Vec::new();
+            for r in cl.update(
+                "SELECT col::text, context FROM ekm.rotation_cursor \
+                 WHERE job_id = $1 AND tbl = $2::regclass AND state = $3 AND next_block = $4 ORDER BY col FOR UPDATE",
+                None,
+                &[job_id.into(), c.tbl.into(), c.state.clone().into(), c.next_block.into()],
+            )? {
+                v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default()));
+            }
+            Ok(v)
+        })
+        .map_err(spi_err)?;
+        let table = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[c.tbl.into()])
+            .map_err(spi_err)?
+            .unwrap_or_default();
+        let mut cols = Vec::new();
+        for (col, _) in &group {
+            cols.push(
+                Spi::get_one_with_args::<String>("SELECT quote_ident($1)", &[col.clone().into()])
+                    .map_err(spi_err)?
+                    .unwrap_or_default(),
+            );
+        }
+        // Identifiers below are quoted by PostgreSQL (regclass output, quote_ident); values are bound.
+        let on = |prefix: &str, q: &str| format!("ekm._ekm_on_rotating_key({prefix}{q})");
+        let any = |prefix: &str| {
+            cols.iter()
+                .map(|q| on(prefix, q))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        };
+        let counts = (0..cols.len())
+            .map(|i| format!("count(*) FILTER (WHERE f{i})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let set_cursor = |n: i64, col: &str, sql: &str, extra: Option<i64>| -> Result<(), String> {
+            let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![
+                job_id.into(),
+                c.tbl.into(),
+                col.to_string().into(),
+                n.into(),
+            ];
+            if let Some(e) = extra {
+                args.push(e.into());
+            }
+            catalog::exec(sql, args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let read_counts =
+            |sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>| -> Result<Vec<i64>, String> {
+                Spi::connect_mut(|cl| {
+                    let t = cl.update(sql, Some(1), &args)?;
+                    let r = t.first();
+                    (1..=cols.len())
+                        .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
+                        .collect::<pgrx::spi::SpiResult<Vec<i64>>>()
+                })
+                .map_err(spi_err)
+            };
+
         if c.state == "scanning" {
             let nblocks = one_i64(
                 "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint",
                 vec![c.tbl.into()],
             )?;
             if c.next_block >= nblocks {
-                catalog::exec(
-                    "UPDATE ekm.rotation_cursor SET state = 'sweeping' WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
-                    vec![job_id.into(), c.tbl.into(), c.col.clone().into()],
-                )
-                .map_err(|e| e.to_string())?;
+                for (col, _) in &group {
+                    set_cursor(0, col, "UPDATE ekm.rotation_cursor SET state = 'sweeping' WHERE job_id = $1 AND tbl = $2::regclass AND col = $3 AND $4 = 0", None)?;
+                }
                 return Ok(Step::Again);
             }
             let hi = c.next_block + c.blocks_per_batch as i64;
-            let sql = stmt(BATCH, c.tbl, &c.col)?;
-            let n = one_i64(
-                &sql,
-                vec![
-                    format!("({},0)", c.next_block).into(),
-                    format!("({hi},0)").into(),
-                    c.context.clone().into(),
-                ],
-            )?;
-            catalog::exec(
-                "UPDATE ekm.rotation_cursor SET next_block = $4, rows_done = rows_done + $5 \
-                 WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
-                vec![
-                    job_id.into(),
-                    c.tbl.into(),
-                    c.col.clone().into(),
-                    hi.into(),
-                    n.into(),
-                ],
-            )
-            .map_err(|e| e.to_string())?;
+            let schema = ext_schema()?;
+            let flags = cols
+                .iter()
+                .enumerate()
+                .map(|(i, q)| format!("{} AS f{i}", on("", q)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sets = cols
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    format!(
+                        "{q} = CASE WHEN {} THEN {schema}.ekm_reencrypt(t.{q}, ${}) ELSE t.{q} END",
+                        on("t.", q),
+                        i + 3
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let fcols = (0..cols.len())
+                .map(|i| format!("c.f{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "WITH c AS (SELECT ctid, {flags} FROM {table} WHERE ctid >= $1::tid AND ctid < $2::tid AND ({}) FOR UPDATE SKIP LOCKED), \
+                 u AS (UPDATE {table} t SET {sets} FROM c WHERE t.ctid = c.ctid AND ({}) RETURNING {fcols}) \
+                 SELECT {counts} FROM u",
+                any(""),
+                any("t."),
+            );
+            let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![
+                format!("({},0)", c.next_block).into(),
+                format!("({hi},0)").into(),
+            ];
+            for (_, ctx) in &group {
+                args.push(ctx.clone().into());
+            }
+            let ns = read_counts(&sql, args)?;
+            let mut total = 0i64;
+            for ((col, _), n) in group.iter().zip(&ns) {
+                set_cursor(
+                    hi,
+                    col,
+                    "UPDATE ekm.rotation_cursor SET next_block = $4, rows_done = rows_done + $5 WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
+                    Some(*n),
+                )?;
+                total += n;
+            }
             catalog::exec(
                 "UPDATE ekm.rotation_job SET rows_done = rows_done + $2 WHERE job_id = $1",
-                vec![job_id.into(), n.into()],
+                vec![job_id.into(), total.into()],
             )
             .map_err(|e| e.to_string())?;
             return Ok(Step::Again);
         }
-        // sweeping: check what is left in this column
-        let left = one_i64(&stmt(COUNT_LEFT, c.tbl, &c.col)?, vec![])?;
-        if left == 0 {
-            catalog::exec(
-                "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
-                vec![job_id.into(), c.tbl.into(), c.col.clone().into()],
-            )
-            .map_err(|e| e.to_string())?;
-            return Ok(Step::Again);
+        // sweeping: what is left in these columns, in one scan
+        let left = read_counts(
+            &format!(
+                "SELECT {} FROM {table}",
+                cols.iter()
+                    .map(|q| format!("count(*) FILTER (WHERE {})", on("", q)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            vec![],
+        )?;
+        let mut again = true;
+        for ((col, _), n) in group.iter().zip(&left) {
+            if *n == 0 {
+                set_cursor(0, col, "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done WHERE job_id = $1 AND tbl = $2::regclass AND col = $3 AND $4 = 0", None)?;
+            } else {
+                again = false;
+                set_cursor(
+                    *n,
+                    col,
+                    "UPDATE ekm.rotation_cursor SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = $4 \
+                     WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
+                    None,
+                )?;
+            }
         }
-        catalog::exec(
-            "UPDATE ekm.rotation_cursor SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = $4 \
-             WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
-            vec![job_id.into(), c.tbl.into(), c.col.clone().into(), left.into()],
-        )
-        .map_err(|e| e.to_string())?;
-        return Ok(Step::Later);
+        return Ok(if again { Step::Again } else { Step::Later });
     }
 
     // Every cursor is done. Columns registered since the job started get one.
