@@ -36,7 +36,7 @@ pub fn value_class(v: Option<&str>) -> EkmResult<&'static str> {
 }
 
 /// The statement text with `@T@` (table) and `@C@` (column) quoted by PostgreSQL.
-fn dynamic(template: &str, tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
+pub(crate) fn dynamic(template: &str, tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
     Spi::get_one_with_args::<String>(
         "SELECT replace(replace($1, '@T@', $2::regclass::text), '@C@', quote_ident($3))",
         &[template.into(), tbl.into(), col.into()],
@@ -110,7 +110,7 @@ mod ekm {
     }
 }
 
-fn ext_schema() -> EkmResult<String> {
+pub(crate) fn ext_schema() -> EkmResult<String> {
     Spi::get_one::<String>(
         "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
     )

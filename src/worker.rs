@@ -276,26 +276,12 @@ fn one_i64(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<i64, S
 }
 
 fn ext_schema() -> Result<String, String> {
-    Ok(Spi::get_one::<String>(
-        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
-    )
-    .map_err(spi_err)?
-    .unwrap_or_else(|| "public".into()))
+    crate::rotation::ext_schema().map_err(|e| e.to_string())
 }
 
 /// The statement text for `tbl.col`, identifiers quoted by PostgreSQL.
 fn stmt(template: &str, tbl: pg_sys::Oid, col: &str) -> Result<String, String> {
-    let schema = Spi::get_one::<String>(
-        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
-    )
-    .map_err(spi_err)?
-    .unwrap_or_else(|| "public".into());
-    Spi::get_one_with_args::<String>(
-        "SELECT replace(replace(replace($1, '@T@', $2::regclass::text), '@C@', quote_ident($3)), '@S@', $4)",
-        &[template.into(), tbl.into(), col.into(), schema.into()],
-    )
-    .map_err(spi_err)?
-    .ok_or_else(|| "cannot build statement".to_string())
+    crate::rotation::dynamic(template, tbl, col).map_err(|e| e.to_string())
 }
 
 const COUNT_LEFT: &str = "SELECT count(*) FROM @T@ WHERE ekm._ekm_on_rotating_key(@C@)";
