@@ -96,13 +96,9 @@ fn create_key_as(state: KeyState, bootstrap: bool) -> EkmResult<KeyId> {
                 "INSERT INTO ekm.key_material (key_id, wrapped, master_kcv) VALUES ($1, $2, $3)",
                 vec![id.to_string().into(), wrapped.into(), kcv.clone().into()],
             )?;
-            let detail = format!(
-                r#"{{"state": "{}", "master_key_source": "{}"}}"#,
-                state,
-                masterkey::describe(&gucs::master_key_source())
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-            );
+            let source = masterkey::describe(&gucs::master_key_source());
+            let detail =
+                catalog::json_object(&[("state", state.as_str()), ("master_key_source", &source)]);
             catalog::audit("key_created", Some(&id.to_string()), &detail)?;
             return Ok(id);
         }
@@ -355,7 +351,7 @@ mod ekm {
                 catalog::audit(
                     "key_replaced_by_restore",
                     Some(&k),
-                    &format!(r#"{{"restored_active_key": "{incoming}"}}"#),
+                    &catalog::json_object(&[("restored_active_key", &incoming)]),
                 )
             });
             RESTORE_DEMOTION.with(|d| d.set(false));
@@ -417,7 +413,7 @@ mod ekm {
             catalog::audit(
                 &format!("key_{to}"),
                 Some(&key_id),
-                &format!(r#"{{"from": "{from}", "to": "{to}"}}"#),
+                &catalog::json_object(&[("from", from.as_str()), ("to", to.as_str())]),
             )
             .or_raise();
         }

@@ -152,35 +152,43 @@ pub fn exec(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<u64> 
     Spi::connect_mut(|c| c.update(sql, None, &args).map(|t| t.len() as u64)).map_err(spi_err)
 }
 
+/// The first column of the first row of `t`; `None` when there is no row (or NULL).
+fn first_value<T: FromDatum + IntoDatum>(
+    t: pgrx::spi::SpiTupleTable<'_>,
+) -> pgrx::spi::SpiResult<Option<T>> {
+    if t.is_empty() {
+        Ok(None)
+    } else {
+        t.first().get::<T>(1)
+    }
+}
+
 /// One value from a statement with bound parameters that may write.
 pub fn one_mut<T: FromDatum + IntoDatum>(
     sql: &str,
     args: Vec<pgrx::datum::DatumWithOid<'_>>,
 ) -> Result<Option<T>> {
-    Spi::connect_mut(|c| {
-        let t = c.update(sql, Some(1), &args)?;
-        if t.is_empty() {
-            Ok(None)
-        } else {
-            t.first().get::<T>(1)
-        }
-    })
-    .map_err(spi_err)
+    Spi::connect_mut(|c| first_value(c.update(sql, Some(1), &args)?)).map_err(spi_err)
 }
 
-/// One value from a read-only query with bound parameters; `None` when it
-/// returns no row (or NULL).
+/// One value from a read-only query with bound parameters.
 pub fn one<T: FromDatum + IntoDatum>(
     sql: &str,
     args: Vec<pgrx::datum::DatumWithOid<'_>>,
 ) -> Result<Option<T>> {
-    Spi::connect(|c| {
-        let t = c.select(sql, Some(1), &args)?;
-        if t.is_empty() {
-            Ok(None)
-        } else {
-            t.first().get::<T>(1)
-        }
-    })
-    .map_err(spi_err)
+    Spi::connect(|c| first_value(c.select(sql, Some(1), &args)?)).map_err(spi_err)
+}
+
+/// A flat JSON object of string values (escaped), for audit details.
+pub fn json_object(fields: &[(&str, &str)]) -> String {
+    let esc = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("\"{}\": \"{}\"", esc(k), esc(v)))
+        .collect();
+    format!("{{{}}}", body.join(", "))
 }

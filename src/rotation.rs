@@ -170,7 +170,7 @@ fn register(tbl: pg_sys::Oid, col: &str, context: &str) -> EkmResult<String> {
         catalog::audit(
             "column_registered",
             None,
-            &worker::serde_like_json(&[("table", &name), ("column", col), ("context", context)]),
+            &catalog::json_object(&[("table", &name), ("column", col), ("context", context)]),
         )?;
         Ok(format!("registered {name}.{col}"))
     })
@@ -209,7 +209,7 @@ fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
         catalog::audit(
             "column_unregistered",
             None,
-            &worker::serde_like_json(&[("table", &name), ("column", col)]),
+            &catalog::json_object(&[("table", &name), ("column", col)]),
         )?;
         Ok(format!("unregistered {name}.{col}"))
     })
@@ -390,7 +390,7 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
         catalog::audit(
             "rotation_started",
             Some(&new_key.to_string()),
-            &worker::serde_like_json(&[
+            &catalog::json_object(&[
                 ("job_id", &job.to_string()),
                 ("from_key", &active),
                 ("to_key", &new_key.to_string()),
@@ -566,7 +566,7 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
         catalog::audit(
             event,
             None,
-            &worker::serde_like_json(&[("job_id", &job.to_string()), ("from", &cur)]),
+            &catalog::json_object(&[("job_id", &job.to_string()), ("from", &cur)]),
         )?;
         Ok(format!("rotation job {job}: {cur} -> {to}"))
     })

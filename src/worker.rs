@@ -219,7 +219,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                     catalog::audit(
                         "rotation_failed",
                         None,
-                        &serde_like_json(&[("job_id", &job_id.to_string()), ("error", &msg)]),
+                        &catalog::json_object(&[("job_id", &job_id.to_string()), ("error", &msg)]),
                     )
                     .map_err(|e| e.to_string())?;
                     notify(job_id, "failed")
@@ -234,24 +234,10 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     }
 }
 
-/// A flat JSON object of string values (escaped).
-pub fn serde_like_json(fields: &[(&str, &str)]) -> String {
-    let esc = |s: &str| {
-        s.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    };
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(k, v)| format!("\"{}\": \"{}\"", esc(k), esc(v)))
-        .collect();
-    format!("{{{}}}", body.join(", "))
-}
-
 fn notify(job_id: i64, outcome: &str) -> Result<(), String> {
     Spi::run_with_args(
         "SELECT pg_notify('ekm_rotation', $1)",
-        &[serde_like_json(&[("job_id", &job_id.to_string()), ("outcome", outcome)]).into()],
+        &[catalog::json_object(&[("job_id", &job_id.to_string()), ("outcome", outcome)]).into()],
     )
     .map_err(spi_err)
 }
@@ -552,7 +538,7 @@ fn step(job_id: i64) -> Result<Step, String> {
     catalog::audit(
         "rotation_done",
         None,
-        &serde_like_json(&[
+        &catalog::json_object(&[
             ("job_id", &job_id.to_string()),
             ("rows", &rows.to_string()),
             ("retired", &retired.join(",")),
