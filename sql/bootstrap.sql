@@ -82,7 +82,11 @@ COMMENT ON TABLE ekm.registered_column IS 'Columns ekm_rotate() keeps on the act
 
 CREATE TABLE ekm.rotation_job (
     job_id       bigserial PRIMARY KEY,
-    from_key     text NOT NULL,
+    -- rotate: values on rotating keys move to the active key (ekm_rotate);
+    -- rollback: the same, after the previous key became active again (ekm_rollback);
+    -- encrypt: plaintext values of one column are encrypted (ekm_encrypt_column)
+    kind         text NOT NULL DEFAULT 'rotate' CHECK (kind IN ('rotate', 'rollback', 'encrypt')),
+    from_key     text,          -- NULL for encrypt (plaintext)
     to_key       text NOT NULL,
     state        text NOT NULL DEFAULT 'running'
                  CHECK (state IN ('running', 'cancelled', 'failed', 'done')),

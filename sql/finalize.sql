@@ -66,7 +66,7 @@ CROSS JOIN LATERAL ekm._ekm_column_key_counts(r.tbl::oid, r.col::text) k;
 COMMENT ON VIEW ekm.registered_columns IS 'Registered columns with the number of values on each key (scans the tables).';
 
 CREATE VIEW ekm.rotation_progress AS
-SELECT j.job_id, c.tbl AS table_name, c.col AS column_name, j.from_key, j.to_key,
+SELECT j.job_id, j.kind, c.tbl AS table_name, c.col AS column_name, j.from_key, j.to_key,
        c.rows_done, greatest(c.rows_total, c.rows_done) AS rows_total,
        CASE WHEN c.state = 'done' THEN 100.0
             ELSE round(least(99.9, 100.0 * c.next_block / greatest(c.blocks_total, 1))::numeric, 1) END AS percent,
@@ -81,6 +81,17 @@ CROSS JOIN LATERAL (SELECT round(j.rows_done / greatest(extract(epoch FROM coale
                            AS rows_per_second) r
 ORDER BY j.job_id DESC, c.tbl::text, c.col;
 COMMENT ON VIEW ekm.rotation_progress IS 'Rotation jobs per column: rows done/total, percent, rows/s, ETA, state, error.';
+
+-- Plaintext migration (the runbook's migrate_secure_encryption).
+CREATE FUNCTION @extschema@.ekm_encrypt_column(tbl regclass, col name, batch_size integer DEFAULT 1000,
+                                               dry_run boolean DEFAULT false, context text DEFAULT NULL)
+    RETURNS TABLE (job_id bigint, table_name text, column_name text, plaintext_values bigint,
+                   encrypted_values bigint, foreign_values bigint, null_values bigint,
+                   estimated_seconds double precision, note text)
+    LANGUAGE sql VOLATILE
+    AS $$ SELECT * FROM ekm._ekm_encrypt_column(tbl::oid, col::text, batch_size, dry_run, context) $$;
+COMMENT ON FUNCTION @extschema@.ekm_encrypt_column(regclass, name, integer, boolean, text) IS
+    'Encrypts a plaintext column in place, in batches (background worker), and registers it; dry_run counts plaintext, encrypted and foreign values.';
 
 -- Privileges: nothing to PUBLIC. ekm_user encrypts and decrypts;
 -- ekm_admin manages keys and reads metadata and the audit log.
@@ -114,7 +125,11 @@ GRANT EXECUTE ON FUNCTION
     ekm._ekm_register_column(oid, text, text), ekm._ekm_unregister_column(oid, text),
     ekm._ekm_column_key_counts(oid, text), ekm._ekm_value_class(text), ekm._ekm_on_rotating_key(text),
     @extschema@.ekm_rotate(integer, boolean, boolean), @extschema@.ekm_rotation_wait(bigint, double precision),
-    @extschema@.ekm_rotation_cancel(bigint), @extschema@.ekm_rotation_resume(bigint)
+    @extschema@.ekm_rotation_cancel(bigint), @extschema@.ekm_rotation_resume(bigint),
+    @extschema@.ekm_rollback(integer), @extschema@.ekm_cleanup_old_keys(integer, boolean),
+    @extschema@.ekm_health(), @extschema@.ekm_health_status(), @extschema@.ekm_keys_needing_rotation(),
+    @extschema@.ekm_encrypt_column(regclass, name, integer, boolean, text),
+    ekm._ekm_encrypt_column(oid, text, integer, boolean, text)
     TO ekm_admin;
 GRANT USAGE ON SCHEMA ekm TO ekm_admin;
 GRANT SELECT ON ekm.keys, ekm.audit_log, ekm.registered_column, ekm.registered_columns,

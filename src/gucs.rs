@@ -14,6 +14,10 @@ static ROTATION_DUE_ENCRYPTIONS: GucSetting<f64> = GucSetting::<f64>::new(2_147_
 static ROTATION_BATCH_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static ROTATION_RETRY_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static ROTATION_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+static AUTO_ROTATE: GucSetting<bool> = GucSetting::<bool>::new(false);
+static AUTO_ROTATE_DATABASES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+static AUTO_ROTATE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 pub fn init() {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
@@ -103,6 +107,32 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_bool_guc(
+        c"ekm.auto_rotate",
+        c"Whether the ekm launcher starts a rotation by itself when the active key is due.",
+        c"Only in the databases listed in ekm.auto_rotate_databases.",
+        &AUTO_ROTATE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"ekm.auto_rotate_databases",
+        c"Comma-separated databases in which ekm.auto_rotate may start rotations.",
+        c"",
+        &AUTO_ROTATE_DATABASES,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.auto_rotate_naptime",
+        c"Seconds between the launcher's checks for due keys.",
+        c"",
+        &AUTO_ROTATE_NAPTIME_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"ekm".as_ptr()) };
 }
 
@@ -149,4 +179,24 @@ pub fn rotation_retry_pause() -> std::time::Duration {
 
 pub fn rotation_lock_timeout_ms() -> i32 {
     ROTATION_LOCK_TIMEOUT_MS.get()
+}
+
+pub fn auto_rotate() -> bool {
+    AUTO_ROTATE.get()
+}
+
+/// The databases listed in `ekm.auto_rotate_databases` (names, trimmed).
+pub fn auto_rotate_databases() -> Vec<String> {
+    non_empty(&AUTO_ROTATE_DATABASES)
+        .map(|s| {
+            s.split(',')
+                .map(|d| d.trim().to_string())
+                .filter(|d| !d.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn auto_rotate_naptime() -> std::time::Duration {
+    std::time::Duration::from_secs(AUTO_ROTATE_NAPTIME_S.get().max(1) as u64)
 }

@@ -14,6 +14,7 @@ mod fastpath;
 mod gucs;
 mod keycache;
 mod masterkey;
+mod ops;
 mod rotation;
 mod shmem;
 mod worker;

@@ -24,7 +24,11 @@ fn internal(e: impl std::fmt::Display) -> EkmError {
 pub fn value_class(v: Option<&str>) -> EkmResult<&'static str> {
     let Some(v) = v else { return Ok("null") };
     if !format::looks_encrypted(v) {
-        return Ok("plaintext");
+        return Ok(if format::looks_foreign(v) {
+            "foreign"
+        } else {
+            "plaintext"
+        });
     }
     let Ok(k) = format::key_of(v) else {
         return Ok("malformed");
@@ -58,7 +62,14 @@ mod ekm {
         }
     }
 
-    /// What a stored value is: null, plaintext, malformed, unknown, or its key's state.
+    /// Whether a stored value is plaintext that ekm_encrypt_column encrypts
+    /// (not NULL, not an ekm ciphertext, not another scheme's ciphertext).
+    #[pg_extern(immutable, strict, parallel_safe)]
+    fn _ekm_is_plaintext(value: &str) -> bool {
+        !format::looks_encrypted(value) && !format::looks_foreign(value)
+    }
+
+    /// What a stored value is: null, plaintext, foreign, malformed, unknown, or its key's state.
     #[pg_extern(stable, parallel_safe)]
     fn _ekm_value_class(value: Option<&str>) -> &'static str {
         value_class(value).or_raise()
@@ -90,7 +101,7 @@ mod ekm {
         let (_, owner) = catalog::key_table().or_raise();
         let rows = as_owner(owner, || -> EkmResult<Vec<(Option<String>, String, i64)>> {
             let sql = dynamic(
-                "SELECT CASE WHEN ekm._ekm_value_class(@C@) IN ('null', 'plaintext', 'malformed') THEN NULL ELSE @S@.ekm_key_id(@C@) END, \
+                "SELECT CASE WHEN ekm._ekm_value_class(@C@) IN ('null', 'plaintext', 'foreign', 'malformed') THEN NULL ELSE @S@.ekm_key_id(@C@) END, \
                         ekm._ekm_value_class(@C@), count(*) FROM @T@ GROUP BY 1, 2 ORDER BY 1, 2",
                 tbl,
                 col,
@@ -118,7 +129,7 @@ pub(crate) fn ext_schema() -> EkmResult<String> {
     .ok_or_else(|| internal("ekm is not installed"))
 }
 
-fn register(tbl: pg_sys::Oid, col: &str, context: &str) -> EkmResult<String> {
+pub(crate) fn register(tbl: pg_sys::Oid, col: &str, context: &str) -> EkmResult<String> {
     // As the caller: the column must exist, hold text, and be theirs to update.
     let info = Spi::get_three_with_args::<String, bool, bool>(
         "SELECT format_type(a.atttypid, a.atttypmod), a.atttypid IN ('text'::regtype, 'varchar'::regtype), \
@@ -248,25 +259,128 @@ fn ekm_rotate(
     TableIterator::new(rotate(batch_size, dry_run, force).or_raise())
 }
 
-fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRow>> {
+pub(crate) fn check_batch_size(batch_size: i32) {
     if batch_size < 1 {
         raise_with(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "batch_size must be at least 1".into(),
+            format!("batch_size must be at least 1, not {batch_size}"),
             None,
         );
     }
+}
+
+pub(crate) fn refuse_on_standby(what: &str, call: &str) {
     if unsafe { pg_sys::RecoveryInProgress() } {
         raise_with(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            "cannot rotate keys on a standby".into(),
-            Some("run ekm_rotate() on the primary; the standby follows".into()),
+            format!("cannot {what} on a standby"),
+            Some(format!("run {call} on the primary; the standby follows")),
         );
     }
+}
+
+/// Serializes ekm_rotate, ekm_rollback, ekm_encrypt_column, ekm_cleanup_old_keys
+/// and automatic rotation within a database (until the transaction ends).
+pub(crate) fn lock_key_changes() -> EkmResult<()> {
+    Spi::run("SELECT pg_advisory_xact_lock(6646637, 0)").map_err(internal)
+}
+
+/// Refuses while a job runs. A cancelled job is refused too unless `force`,
+/// in which case it is marked failed, superseded by `by`. As the owner.
+pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
+    let Some((j, state)) = first_job("WHERE state IN ('running', 'cancelled')")? else {
+        return Ok(());
+    };
+    if state == "running" {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!("rotation job {j} is already running"),
+            Some(format!("follow it with SELECT * FROM ekm.rotation_progress or SELECT ekm_rotation_wait({j}); stop it with SELECT ekm_rotation_cancel({j})")),
+        );
+    }
+    if !force {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!("rotation job {j} was cancelled before it finished"),
+            Some(format!(
+                "finish it with SELECT ekm_rotation_resume({j}), or start {by} with force => true"
+            )),
+        );
+    }
+    catalog::exec(
+        "UPDATE ekm.rotation_job SET state = 'failed', error = $2, finished_at = now() WHERE job_id = $1",
+        vec![j.into(), format!("superseded by {by}").into()],
+    )?;
+    Ok(())
+}
+
+/// The active key and where it stands against the policy. As the owner.
+pub(crate) fn active_key_age() -> EkmResult<(String, ekm_core::lifecycle::KeyAge)> {
+    let (active, created, stored) = Spi::get_three::<String, TimestampWithTimeZone, i64>(
+        "SELECT key_id, created_at, encryptions FROM ekm.key WHERE rotation_status = 'active' \
+         UNION ALL SELECT NULL, NULL, NULL LIMIT 1",
+    )
+    .map_err(internal)?;
+    let active = active.ok_or(EkmError::NoActiveKey)?;
+    let created = ts_to_chrono(created.expect("not null"));
+    let pending = ekm_core::KeyId::parse(&active)
+        .map(|k| crate::shmem::pending(&k.to_ref()))
+        .unwrap_or(0) as i64;
+    let age = gucs::policy().evaluate(created, chrono::Utc::now(), stored.unwrap_or(0) + pending);
+    Ok((active, age))
+}
+
+/// Records a job and its cursors (every registered column, or just `only`)
+/// and audits `<kind>_started`. As the owner; the caller launches the worker.
+pub(crate) fn start_job(
+    kind: &str,
+    from_key: Option<&str>,
+    to_key: &str,
+    batch_size: i32,
+    requested_by: &str,
+    only: Option<(pg_sys::Oid, &str)>,
+    detail: &[(&str, &str)],
+) -> EkmResult<i64> {
+    let job = catalog::one_mut::<i64>(
+        "INSERT INTO ekm.rotation_job (kind, from_key, to_key, batch_size, requested_by) VALUES ($1, $2, $3, $4, $5) RETURNING job_id",
+        vec![kind.into(), from_key.into(), to_key.into(), batch_size.into(), requested_by.into()],
+    )?
+    .expect("returning");
+    let (tbl, col) = only.map_or((None, None), |(t, c)| (Some(t), Some(c.to_string())));
+    catalog::exec(
+        "INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
+         SELECT $1, r.tbl, r.col, r.context, \
+                pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
+                greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int), \
+                greatest(c.reltuples, 0)::bigint \
+         FROM ekm.registered_column r JOIN pg_class c ON c.oid = r.tbl \
+         WHERE ($3::oid IS NULL OR (r.tbl = $3::oid AND r.col = $4))",
+        vec![job.into(), batch_size.into(), tbl.into(), col.into()],
+    )?;
+    let job_s = job.to_string();
+    let bs = batch_size.to_string();
+    let mut fields: Vec<(&str, &str)> = vec![
+        ("job_id", &job_s),
+        ("from_key", from_key.unwrap_or("plaintext")),
+        ("to_key", to_key),
+        ("batch_size", &bs),
+        ("requested_by", requested_by),
+    ];
+    fields.extend_from_slice(detail);
+    let event = match kind {
+        "encrypt" => "column_encryption_started".to_string(),
+        k => format!("{k}_started").replace("rotate_", "rotation_"),
+    };
+    catalog::audit(&event, Some(to_key), &catalog::json_object(&fields))?;
+    Ok(job)
+}
+
+fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRow>> {
+    check_batch_size(batch_size);
+    refuse_on_standby("rotate keys", "ekm_rotate()");
     let (_, owner) = catalog::key_table()?;
-    let schema = ext_schema()?;
     let (job, rows) = as_owner(owner, || -> EkmResult<(Option<i64>, Vec<RotateRow>)> {
-        Spi::run("SELECT pg_advisory_xact_lock(6646637, 0)").map_err(internal)?;
+        lock_key_changes()?;
         let cols = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String, String, String)>> {
             let mut v = Vec::new();
             for r in c.select("SELECT tbl::oid, tbl::text, col::text, context FROM ekm.registered_column ORDER BY 2, 3", None, &[])? {
@@ -291,7 +405,7 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
             let mut out = Vec::new();
             for (oid, tname, col, _) in &cols {
                 let sql = dynamic(
-                    "SELECT count(*) FILTER (WHERE c IN ('active', 'rotating')), count(*) FILTER (WHERE c = 'plaintext'), \
+                    "SELECT count(*) FILTER (WHERE c IN ('active', 'rotating')), count(*) FILTER (WHERE c IN ('plaintext', 'foreign')), \
                             count(*) FILTER (WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed')) \
                      FROM (SELECT ekm._ekm_value_class(@C@) AS c FROM @T@) s",
                     *oid,
@@ -321,45 +435,8 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
             }
             return Ok((None, out));
         }
-        let unfinished_job = catalog::one::<i64>(
-            "SELECT job_id FROM ekm.rotation_job WHERE state IN ('running', 'cancelled')",
-            vec![],
-        )?;
-        let unfinished_state = catalog::one::<String>(
-            "SELECT state FROM ekm.rotation_job WHERE state IN ('running', 'cancelled')",
-            vec![],
-        )?;
-        if let (Some(j), Some(state)) = (unfinished_job, unfinished_state) {
-            if state == "running" {
-                raise_with(
-                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
-                    format!("rotation job {j} is already running"),
-                    Some(format!("follow it with SELECT * FROM ekm.rotation_progress, or SELECT ekm_rotation_wait({j})")),
-                );
-            }
-            if !force {
-                raise_with(
-                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
-                    format!("rotation job {j} was cancelled before it finished"),
-                    Some(format!("finish it with SELECT ekm_rotation_resume({j}), or start a new rotation with force => true")),
-                );
-            }
-            catalog::exec(
-                "UPDATE ekm.rotation_job SET state = 'failed', error = 'superseded by a new rotation', finished_at = now() WHERE job_id = $1",
-                vec![j.into()],
-            )?;
-        }
-        let (active, created, stored) = Spi::get_three::<String, TimestampWithTimeZone, i64>(
-            "SELECT key_id, created_at, encryptions FROM ekm.key WHERE rotation_status = 'active'",
-        )
-        .map_err(internal)?;
-        let active = active.ok_or(EkmError::NoActiveKey)?;
-        let created = ts_to_chrono(created.expect("not null"));
-        let pending = ekm_core::KeyId::parse(&active)
-            .map(|k| crate::shmem::pending(&k.to_ref()))
-            .unwrap_or(0) as i64;
-        let age =
-            gucs::policy().evaluate(created, chrono::Utc::now(), stored.unwrap_or(0) + pending);
+        supersede_unfinished(force, "a new rotation")?;
+        let (active, age) = active_key_age()?;
         if !force && !age.needs_rotation {
             raise_with(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -373,30 +450,14 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
         }
         let new_key = create_key(KeyState::Created)?;
         activate(&new_key.to_string())?;
-        let job = catalog::one_mut::<i64>(
-            "INSERT INTO ekm.rotation_job (from_key, to_key, batch_size, requested_by) VALUES ($1, $2, $3, $4) RETURNING job_id",
-            vec![active.clone().into(), new_key.to_string().into(), batch_size.into(), catalog::acting_role_name().into()],
-        )?
-        .expect("returning");
-        catalog::exec(
-            "INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
-             SELECT $1, r.tbl, r.col, r.context, \
-                    pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
-                    greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int), \
-                    greatest(c.reltuples, 0)::bigint \
-             FROM ekm.registered_column r JOIN pg_class c ON c.oid = r.tbl",
-            vec![job.into(), batch_size.into()],
-        )?;
-        catalog::audit(
-            "rotation_started",
-            Some(&new_key.to_string()),
-            &catalog::json_object(&[
-                ("job_id", &job.to_string()),
-                ("from_key", &active),
-                ("to_key", &new_key.to_string()),
-                ("batch_size", &batch_size.to_string()),
-                ("forced", &force.to_string()),
-            ]),
+        let job = start_job(
+            "rotate",
+            Some(&active),
+            &new_key.to_string(),
+            batch_size,
+            &catalog::acting_role_name(),
+            None,
+            &[("forced", &force.to_string())],
         )?;
         let out = cols
             .iter()
@@ -415,7 +476,6 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
             .collect();
         Ok((Some(job), out))
     })?;
-    let _ = schema;
     if let Some(j) = job {
         if let Err(e) = worker::launch(j) {
             pgrx::warning!(
@@ -463,9 +523,9 @@ fn ekm_rotation_wait(
     let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
     let mut last_rows = -1i64;
     loop {
-        let r = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, i64)>> {
+        let r = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, String, i64)>> {
             let t = c.update(
-                "SELECT j.state, j.rows_done, j.error, coalesce((SELECT (100 * sum(CASE WHEN c.state = 'done' THEN greatest(c.blocks_total, 1) ELSE least(c.next_block, c.blocks_total) END) / greatest(sum(greatest(c.blocks_total, 1)), 1)) FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id), 0)::bigint \
+                "SELECT j.state, j.rows_done, j.error, j.kind, coalesce((SELECT (100 * sum(CASE WHEN c.state = 'done' THEN greatest(c.blocks_total, 1) ELSE least(c.next_block, c.blocks_total) END) / greatest(sum(greatest(c.blocks_total, 1)), 1)) FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id), 0)::bigint \
                  FROM ekm.rotation_job j WHERE j.job_id = $1",
                 None,
                 &[job.into()],
@@ -474,23 +534,35 @@ fn ekm_rotation_wait(
                 return Ok(None);
             }
             let r = t.first();
-            Ok(Some((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0), r.get::<String>(3)?, r.get::<i64>(4)?.unwrap_or(0))))
+            Ok(Some((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0), r.get::<String>(3)?, r.get::<String>(4)?.unwrap_or_default(), r.get::<i64>(5)?.unwrap_or(0))))
         })
         .map_err(internal)
         .or_raise();
-        let Some((state, rows, error, pct)) = r else {
+        let Some((state, rows, error, kind, pct)) = r else {
             raise_with(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 format!("rotation job {job} does not exist"),
                 None,
             );
         };
+        let verb = if kind == "encrypt" {
+            "encrypted"
+        } else {
+            "re-encrypted"
+        };
+        let what = match kind.as_str() {
+            "encrypt" => "column encryption",
+            "rollback" => "rollback",
+            _ => "rotation",
+        };
         if state != "running" {
-            pgrx::notice!("ekm: rotation job {job} {state}: {rows} values re-encrypted");
+            pgrx::notice!("ekm: {what} job {job} {state}: {rows} values {verb}");
             return TableIterator::once((job, state, rows, error));
         }
         if rows != last_rows && last_notice.elapsed() >= std::time::Duration::from_secs(1) {
-            pgrx::notice!("ekm: rotation job {job}: {rows} values re-encrypted, {pct}% of the table blocks scanned");
+            pgrx::notice!(
+                "ekm: {what} job {job}: {rows} values {verb}, {pct}% of the table blocks scanned"
+            );
             last_notice = std::time::Instant::now();
             last_rows = rows;
         }
@@ -570,4 +642,64 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
         )?;
         Ok(format!("rotation job {job}: {cur} -> {to}"))
     })
+}
+
+/// Automatic rotation (the launcher's check in one database): starts a
+/// rotation when the active key is due, exactly as `ekm_rotate()` would, and
+/// returns its job. `None`, with the reason, when nothing is to be done.
+pub(crate) fn auto_rotate() -> EkmResult<Result<i64, String>> {
+    let (_, owner) = catalog::key_table()?;
+    as_owner(owner, || {
+        lock_key_changes()?;
+        if let Some((j, state)) = first_job("WHERE state IN ('running', 'cancelled')")? {
+            return Ok(Err(format!("job {j} is {state}")));
+        }
+        if last_kind_is_rollback()? {
+            return Ok(Err(
+                "the last key change was a rollback; automatic rotation waits for the next manual ekm_rotate()".into(),
+            ));
+        }
+        let registered =
+            catalog::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0);
+        let (active, age) = active_key_age()?;
+        if !age.needs_rotation {
+            return Ok(Err(format!("active key {active} is not due")));
+        }
+        if registered == 0 {
+            return Ok(Err(format!(
+                "active key {active} is due, but no column is registered for rotation"
+            )));
+        }
+        let new_key = create_key(KeyState::Created)?;
+        activate(&new_key.to_string())?;
+        let job = start_job(
+            "rotate",
+            Some(&active),
+            &new_key.to_string(),
+            1000,
+            "ekm auto-rotation",
+            None,
+            &[
+                ("automatic", "true"),
+                ("age_days", &age.age_days.to_string()),
+            ],
+        )?;
+        Ok(Ok(job))
+    })
+}
+
+fn first_job(filter: &str) -> EkmResult<Option<(i64, String)>> {
+    let (j, s) = Spi::get_two::<i64, String>(&format!(
+        "(SELECT job_id, state FROM ekm.rotation_job {filter} LIMIT 1) UNION ALL SELECT NULL, NULL LIMIT 1"
+    ))
+    .map_err(internal)?;
+    Ok(j.zip(s))
+}
+
+fn last_kind_is_rollback() -> EkmResult<bool> {
+    Ok(catalog::one::<bool>(
+        "SELECT kind = 'rollback' FROM ekm.rotation_job WHERE kind <> 'encrypt' ORDER BY job_id DESC LIMIT 1",
+        vec![],
+    )?
+    .unwrap_or(false))
 }

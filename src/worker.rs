@@ -78,7 +78,73 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
             );
         }
     }
-    while BackgroundWorker::wait_latch(Some(Duration::from_secs(60))) {}
+    // Automatic rotation: every ekm.auto_rotate_naptime, a short-lived worker
+    // per listed database checks whether the active key is due.
+    let mut next_check = std::time::Instant::now() + crate::gucs::auto_rotate_naptime();
+    let mut warned_for = String::new();
+    loop {
+        let wait = next_check
+            .saturating_duration_since(std::time::Instant::now())
+            .min(Duration::from_secs(1));
+        if !BackgroundWorker::wait_latch(Some(wait)) {
+            break;
+        }
+        reload_config_if_asked();
+        if std::time::Instant::now() < next_check {
+            continue;
+        }
+        next_check = std::time::Instant::now() + crate::gucs::auto_rotate_naptime();
+        if !crate::gucs::auto_rotate() {
+            continue;
+        }
+        let names = crate::gucs::auto_rotate_databases();
+        let found: Vec<(pg_sys::Oid, String)> = BackgroundWorker::transaction(|| {
+            Spi::connect(|c| {
+                let mut v = Vec::new();
+                if let Ok(t) = c.select(
+                    "SELECT oid, datname::text FROM pg_catalog.pg_database WHERE datname = ANY($1) AND datallowconn",
+                    None,
+                    &[names.clone().into()],
+                ) {
+                    for r in t {
+                        if let (Ok(Some(o)), Ok(Some(n))) = (r.get::<pg_sys::Oid>(1), r.get::<String>(2)) {
+                            v.push((o, n));
+                        }
+                    }
+                }
+                v
+            })
+        });
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !found.iter().any(|(_, f)| f == *n))
+            .collect();
+        let key = format!("{names:?}");
+        if names.is_empty() && warned_for != key {
+            pgrx::warning!("ekm launcher: ekm.auto_rotate is on but ekm.auto_rotate_databases lists no database");
+            warned_for = key;
+        } else if !missing.is_empty() && warned_for != key {
+            pgrx::warning!(
+                "ekm launcher: ekm.auto_rotate_databases names databases that do not exist or do not allow connections: {}",
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            );
+            warned_for = key;
+        }
+        for (db, name) in found {
+            if let Err(e) = launch_in(db, AUTO_ROTATE_JOB) {
+                pgrx::warning!("ekm launcher: cannot start the automatic rotation check in database {name}: {e}");
+            }
+        }
+    }
+}
+
+/// The job argument that asks a worker to check for a due key and rotate it.
+const AUTO_ROTATE_JOB: i64 = -1;
+
+fn reload_config_if_asked() {
+    if BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
 }
 
 enum Step {
@@ -134,6 +200,38 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     let db: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     let mut job_id = arg.value() as i64;
+    if job_id == AUTO_ROTATE_JOB {
+        // Only if ekm is installed here (the database is listed by name).
+        let r = transaction(|| {
+            let installed =
+                Spi::get_one::<bool>("SELECT to_regclass('ekm.rotation_job') IS NOT NULL")
+                    .map_err(spi_err)?
+                    .unwrap_or(false);
+            if !installed {
+                return Ok(Err("ekm is not installed in this database".to_string()));
+            }
+            if !crate::gucs::auto_rotate() {
+                return Ok(Err("ekm.auto_rotate is off".to_string()));
+            }
+            crate::rotation::auto_rotate().map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(Ok(j)) => {
+                pgrx::log!(
+                    "ekm: automatic rotation: the active key is due; started rotation job {j}"
+                );
+                job_id = j;
+            }
+            Ok(Err(why)) => {
+                pgrx::debug1!("ekm: automatic rotation: nothing to do ({why})");
+                return;
+            }
+            Err((_, msg)) => {
+                pgrx::warning!("ekm: automatic rotation could not start: {msg}");
+                return;
+            }
+        }
+    }
 
     // Find the job (it becomes visible when the caller's transaction commits)
     // and take its lock, so that one worker at most runs it.
@@ -195,6 +293,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     pgrx::log!("ekm: rotation job {job_id}: worker started");
 
     loop {
+        reload_config_if_asked();
         let r = transaction(|| step(job_id));
         let pause = match r {
             Ok(Step::Again) => crate::gucs::rotation_batch_pause(),
@@ -222,7 +321,13 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                         &catalog::json_object(&[("job_id", &job_id.to_string()), ("error", &msg)]),
                     )
                     .map_err(|e| e.to_string())?;
-                    notify(job_id, "failed")
+                    let kind = catalog::one::<String>(
+                        "SELECT kind FROM ekm.rotation_job WHERE job_id = $1",
+                        vec![job_id.into()],
+                    )
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+                    notify(job_id, &kind, "failed")
                 });
                 break;
             }
@@ -234,10 +339,15 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     }
 }
 
-fn notify(job_id: i64, outcome: &str) -> Result<(), String> {
+fn notify(job_id: i64, kind: &str, outcome: &str) -> Result<(), String> {
     Spi::run_with_args(
         "SELECT pg_notify('ekm_rotation', $1)",
-        &[catalog::json_object(&[("job_id", &job_id.to_string()), ("outcome", outcome)]).into()],
+        &[catalog::json_object(&[
+            ("job_id", &job_id.to_string()),
+            ("kind", kind),
+            ("outcome", outcome),
+        ])
+        .into()],
     )
     .map_err(spi_err)
 }
@@ -278,14 +388,15 @@ fn step(job_id: i64) -> Result<Step, String> {
         &[lock_timeout.into()],
     )
     .map_err(spi_err)?;
-    let state = catalog::one::<String>(
-        "SELECT state FROM ekm.rotation_job WHERE job_id = $1",
+    let kind = catalog::one::<String>(
+        "SELECT kind FROM ekm.rotation_job WHERE job_id = $1 AND state = 'running'",
         vec![job_id.into()],
     )
     .map_err(|e| e.to_string())?;
-    if state.as_deref() != Some("running") {
+    let Some(kind) = kind else {
         return Ok(Step::Stop);
-    }
+    };
+    let encrypt = kind == "encrypt";
 
     let cursor = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Option<Cursor>> {
         let t = c.update(
@@ -335,7 +446,19 @@ fn step(job_id: i64) -> Result<Step, String> {
             );
         }
         // Identifiers below are quoted by PostgreSQL (regclass output, quote_ident); values are bound.
-        let on = |prefix: &str, q: &str| format!("ekm._ekm_on_rotating_key({prefix}{q})");
+        // What the job moves: values on a rotating key, or plaintext.
+        let on = |prefix: &str, q: &str| {
+            if encrypt {
+                format!("ekm._ekm_is_plaintext({prefix}{q})")
+            } else {
+                format!("ekm._ekm_on_rotating_key({prefix}{q})")
+            }
+        };
+        let func = if encrypt {
+            "ekm_encrypt"
+        } else {
+            "ekm_reencrypt"
+        };
         let any = |prefix: &str| {
             cols.iter()
                 .map(|q| on(prefix, q))
@@ -396,7 +519,7 @@ fn step(job_id: i64) -> Result<Step, String> {
                 .enumerate()
                 .map(|(i, q)| {
                     format!(
-                        "{q} = CASE WHEN {} THEN {schema}.ekm_reencrypt(t.{q}, ${}) ELSE t.{q} END",
+                        "{q} = CASE WHEN {} THEN {schema}.{func}(t.{q}, ${}) ELSE t.{q} END",
                         on("t.", q),
                         i + 3
                     )
@@ -468,6 +591,10 @@ fn step(job_id: i64) -> Result<Step, String> {
         return Ok(if again { Step::Again } else { Step::Later });
     }
 
+    if encrypt {
+        // The sweep found no plaintext left in the column: done.
+        return finish(job_id, &kind, &[]);
+    }
     // Every cursor is done. Columns registered since the job started get one.
     let added = one_i64(
         "WITH a AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
@@ -531,24 +658,44 @@ fn step(job_id: i64) -> Result<Step, String> {
         Ok(v)
     })
     .map_err(spi_err)?;
+    finish(job_id, &kind, &retired)
+}
+
+/// Marks the job done, audits and notifies.
+fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
     let rows = one_i64(
         "UPDATE ekm.rotation_job SET state = 'done', finished_at = now() WHERE job_id = $1 RETURNING rows_done",
         vec![job_id.into()],
     )?;
+    let event = match kind {
+        "encrypt" => "column_encrypted",
+        "rollback" => "rollback_done",
+        _ => "rotation_done",
+    };
     catalog::audit(
-        "rotation_done",
+        event,
         None,
         &catalog::json_object(&[
             ("job_id", &job_id.to_string()),
+            ("kind", kind),
             ("rows", &rows.to_string()),
             ("retired", &retired.join(",")),
         ]),
     )
     .map_err(|e| e.to_string())?;
-    notify(job_id, "done")?;
+    notify(job_id, kind, "done")?;
     pgrx::log!(
-        "ekm: rotation job {job_id} done: {rows} values re-encrypted, retired {}",
-        retired.join(", ")
+        "ekm: {kind} job {job_id} done: {rows} values {}{}",
+        if kind == "encrypt" {
+            "encrypted"
+        } else {
+            "re-encrypted"
+        },
+        if retired.is_empty() {
+            String::new()
+        } else {
+            format!(", retired {}", retired.join(", "))
+        }
     );
     Ok(Step::Stop)
 }

@@ -237,6 +237,23 @@ pub fn looks_encrypted(text: &str) -> bool {
     }
 }
 
+/// Whether `text` is a ciphertext of another scheme that ekm cannot read and
+/// must not encrypt again: the runbook's `FERNET_V2:<key id>:<token>` values
+/// and bare Fernet tokens (urlsafe base64 of version byte 0x80, so they start
+/// with `gAAAAA`, and at least 73 bytes: 100 characters or more, padded).
+pub fn looks_foreign(text: &str) -> bool {
+    if text.starts_with("FERNET_V2:") || text.starts_with("FERNET_V1:") {
+        return true;
+    }
+    let b = text.as_bytes();
+    b.len() >= 100
+        && b.len().is_multiple_of(4)
+        && text.starts_with("gAAAAA")
+        && b.iter().enumerate().all(|(i, &c)| {
+            c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || (c == b'=' && i >= b.len() - 2)
+        })
+}
+
 /// Decodes the body of `text` into `out` (at least `decoded_len(text)` bytes),
 /// returning the number of bytes written.
 pub fn decode_into(text: &str, out: &mut [u8]) -> Result<usize> {
@@ -251,6 +268,21 @@ pub fn encode_into(bin: &[u8], out: &mut [u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn foreign_values() {
+        use super::looks_foreign;
+        let token = format!("gAAAAA{}", "B".repeat(94));
+        assert!(looks_foreign(&token));
+        assert!(looks_foreign(&format!(
+            "FERNET_V2:key_20250927_153045_b7c2:{token}"
+        )));
+        assert!(!looks_foreign("gAAAAA short"));
+        assert!(!looks_foreign(&format!("gAAAAA{}", "B".repeat(93)))); // not a multiple of 4
+        assert!(!looks_foreign(&format!("gAAAAA{} ", "B".repeat(93))));
+        assert!(!looks_foreign("user@example.com"));
+        assert!(!looks_foreign(""));
+    }
+
     use super::*;
 
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -1,0 +1,843 @@
+//! Operations from the runbook: rollback, cleanup of old keys, health,
+//! keys needing rotation, and in-place encryption of a plaintext column.
+
+use crate::api::{activate, chrono_to_ts};
+use crate::catalog::{self, as_owner};
+use crate::error::{raise_with, OrRaise};
+use crate::rotation::{
+    check_batch_size, dynamic, lock_key_changes, refuse_on_standby, start_job, supersede_unfinished,
+};
+use crate::{gucs, keycache, masterkey, worker};
+use ekm_core::lifecycle::NONCE_BOUND;
+use ekm_core::{EkmError, KeyId};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+type EkmResult<T> = ekm_core::Result<T>;
+
+fn internal(e: impl std::fmt::Display) -> EkmError {
+    EkmError::Internal(e.to_string())
+}
+
+fn launch_or_warn(job: i64) {
+    if let Err(e) = worker::launch(job) {
+        pgrx::warning!(
+            "ekm: could not start the worker now ({e}); the job stays running: SELECT ekm_rotation_resume({job}) starts it"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- rollback
+
+/// The runbook's Emergency Rollback: the previous key becomes active again
+/// and a background job moves the data back to it.
+#[pg_extern(volatile)]
+fn ekm_rollback(
+    batch_size: default!(i32, 1000),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, i64),
+        name!(from_key, String),
+        name!(to_key, String),
+        name!(note, String),
+    ),
+> {
+    check_batch_size(batch_size);
+    refuse_on_standby("roll keys back", "ekm_rollback()");
+    let (_, owner) = catalog::key_table().or_raise();
+    let (job, from, to, note) = as_owner(owner, || -> EkmResult<(i64, String, String, String)> {
+        lock_key_changes()?;
+        // A running job is refused; an interrupted (cancelled) one is what a
+        // rollback is for, so it is superseded.
+        supersede_unfinished(true, "a rollback")?;
+        let active = catalog::one::<String>(
+            "SELECT key_id FROM ekm.key WHERE rotation_status = 'active'",
+            vec![],
+        )?
+        .ok_or(EkmError::NoActiveKey)?;
+        let prev = Spi::get_two_with_args::<String, String>(
+            "(SELECT k.key_id, k.rotation_status FROM ekm.key k \
+              WHERE k.key_id <> $1 AND k.activated_at IS NOT NULL \
+              ORDER BY k.activated_at DESC, k.key_id DESC LIMIT 1) UNION ALL SELECT NULL, NULL LIMIT 1",
+            &[active.clone().into()],
+        )
+        .map_err(internal)?;
+        let (Some(prev), Some(state)) = prev else {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("there is no previous key to roll back to: {active} is the only key that was ever active"),
+                None,
+            );
+        };
+        let has_material = catalog::one::<bool>(
+            "SELECT wrapped IS NOT NULL FROM ekm.key_material WHERE key_id = $1",
+            vec![prev.clone().into()],
+        )?
+        .unwrap_or(false);
+        if state == "destroyed" || !has_material {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("the previous key {prev} was destroyed: its material is erased, so nothing can move back to it"),
+                Some(format!("{active} stays active; values on {prev} can only come back from a backup taken before it was destroyed")),
+            );
+        }
+        if catalog::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0) == 0 {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "no column is registered, so a rollback could not move any data back".into(),
+                Some(format!("register the encrypted columns first, or make {prev} active with SELECT ekm_activate_key('{prev}')")),
+            );
+        }
+        activate(&prev)?;
+        let job = start_job(
+            "rollback",
+            Some(&active),
+            &prev,
+            batch_size,
+            &catalog::acting_role_name(),
+            None,
+            &[("previous_state", &state)],
+        )?;
+        let (_, age) = crate::rotation::active_key_age()?;
+        let mut note = format!("new writes use {prev}; the data moves back from {active}");
+        if age.needs_rotation {
+            note.push_str(&format!(
+                "; {prev} is {} days old and due for rotation: plan a new ekm_rotate()",
+                age.age_days
+            ));
+        }
+        Ok((job, active, prev, note))
+    })
+    .or_raise();
+    launch_or_warn(job);
+    TableIterator::once((job, from, to, note))
+}
+
+// ----------------------------------------------------------------- cleanup
+
+/// Destroys (erases the material of) keys retired more than `days` ago that
+/// no registered column still uses; with `dry_run`, only reports.
+#[pg_extern(volatile)]
+fn ekm_cleanup_old_keys(
+    days: default!(i32, 365),
+    dry_run: default!(bool, false),
+) -> TableIterator<
+    'static,
+    (
+        name!(key_id, String),
+        name!(retired_at, Option<TimestampWithTimeZone>),
+        name!(values_in_use, i64),
+        name!(action, String),
+    ),
+> {
+    if days < 0 {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("days must be 0 or more, not {days}"),
+            None,
+        );
+    }
+    if !dry_run {
+        refuse_on_standby("destroy keys", "ekm_cleanup_old_keys()");
+    }
+    let (_, owner) = catalog::key_table().or_raise();
+    let rows = as_owner(owner, || cleanup(days, dry_run)).or_raise();
+    if !dry_run && rows.iter().any(|r| r.3 == "destroyed") {
+        keycache::invalidate_all();
+    }
+    TableIterator::new(rows)
+}
+
+type CleanupRow = (String, Option<TimestampWithTimeZone>, i64, String);
+
+fn cleanup(days: i32, dry_run: bool) -> EkmResult<Vec<CleanupRow>> {
+    lock_key_changes()?;
+    // The candidates, locked: no activation can take them while we count.
+    let candidates = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<(String, Option<TimestampWithTimeZone>)>> {
+        let mut v = Vec::new();
+        for r in c.update(
+            "SELECT key_id, retired_at FROM ekm.key WHERE rotation_status = 'retired' \
+               AND coalesce(retired_at, rotated_at, created_at) < now() - make_interval(days => $1) \
+             ORDER BY key_id FOR UPDATE",
+            None,
+            &[days.into()],
+        )? {
+            v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<TimestampWithTimeZone>(2)?));
+        }
+        Ok(v)
+    })
+    .map_err(internal)?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Checked by counting, in this transaction: values on each candidate in
+    // every registered column.
+    let ids: Vec<String> = candidates.iter().map(|c| c.0.clone()).collect();
+    let mut in_use = vec![0i64; ids.len()];
+    let cols = registered_columns()?;
+    for (tbl, col, _, exists) in &cols {
+        if !exists {
+            continue;
+        }
+        let sql = dynamic(
+            "SELECT k, count(*) FROM (SELECT ekm._ekm_key_of(@C@) AS k FROM @T@) s WHERE k = ANY($1) GROUP BY k",
+            *tbl,
+            col,
+        )?;
+        let counts = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(String, i64)>> {
+            let mut v = Vec::new();
+            for r in c.select(&sql, None, &[ids.clone().into()])? {
+                v.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<i64>(2)?.unwrap_or(0),
+                ));
+            }
+            Ok(v)
+        })
+        .map_err(internal)?;
+        for (k, n) in counts {
+            if let Some(i) = ids.iter().position(|x| *x == k) {
+                in_use[i] += n;
+            }
+        }
+    }
+    if cols.iter().any(|c| !c.3) {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "a registered column no longer exists, so ekm cannot check that no value uses the keys to destroy".into(),
+            Some("see SELECT * FROM ekm_health() and unregister the column with ekm_unregister_column".into()),
+        );
+    }
+    let mut out = Vec::new();
+    for ((id, retired_at), n) in candidates.into_iter().zip(in_use) {
+        let action = if n > 0 {
+            pgrx::warning!("ekm: key {id} is kept: {n} values in registered columns still use it");
+            format!("kept: {n} values in registered columns still use it")
+        } else if dry_run {
+            "would destroy".to_string()
+        } else {
+            catalog::exec(
+                "UPDATE ekm.key_material SET wrapped = NULL WHERE key_id = $1",
+                vec![id.clone().into()],
+            )?;
+            catalog::exec(
+                "UPDATE ekm.key SET rotation_status = 'destroyed', destroyed_at = now() WHERE key_id = $1",
+                vec![id.clone().into()],
+            )?;
+            catalog::audit(
+                "key_material_erased",
+                Some(&id),
+                &catalog::json_object(&[
+                    ("retired_more_than_days", &days.to_string()),
+                    ("values_in_registered_columns", "0"),
+                ]),
+            )?;
+            "destroyed".to_string()
+        };
+        out.push((id, retired_at, n, action));
+    }
+    Ok(out)
+}
+
+/// Registered columns: (table oid, column, shown name, whether it exists as a text column).
+fn registered_columns() -> EkmResult<Vec<(pg_sys::Oid, String, String, bool)>> {
+    Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String, String, bool)>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT r.tbl::oid, r.col::text, r.tbl::text || '.' || r.col, \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = r.tbl AND a.attname = r.col \
+                            AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN ('text'::regtype, 'varchar'::regtype)) \
+             FROM ekm.registered_column r ORDER BY 3",
+            None,
+            &[],
+        )? {
+            v.push((
+                r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<String>(3)?.unwrap_or_default(),
+                r.get::<bool>(4)?.unwrap_or(false),
+            ));
+        }
+        Ok(v)
+    })
+    .map_err(internal)
+}
+
+// ------------------------------------------------------ keys needing rotation
+
+/// The runbook's `get_keys_needing_rotation()`: active keys that are due,
+/// with the reason.
+#[pg_extern(stable)]
+fn ekm_keys_needing_rotation() -> TableIterator<
+    'static,
+    (
+        name!(key_id, String),
+        name!(rotation_status, String),
+        name!(age_days, i64),
+        name!(expires_in_days, i64),
+        name!(encryptions, i64),
+        name!(rotation_due_at, TimestampWithTimeZone),
+        name!(reason, String),
+    ),
+> {
+    let (_, owner) = catalog::key_table().or_raise();
+    let (active, age) = as_owner(owner, crate::rotation::active_key_age).or_raise();
+    let encryptions = as_owner(owner, || {
+        catalog::one::<i64>(
+            "SELECT encryptions FROM ekm.key WHERE key_id = $1",
+            vec![active.clone().into()],
+        )
+    })
+    .or_raise()
+    .unwrap_or(0)
+        + KeyId::parse(&active)
+            .map(|k| crate::shmem::pending(&k.to_ref()))
+            .unwrap_or(0) as i64;
+    if !age.needs_rotation {
+        return TableIterator::new(Vec::new());
+    }
+    let policy = gucs::policy();
+    let now = chrono::Utc::now();
+    let mut reasons = Vec::new();
+    if age.expires_in_days < 0 || now >= age.expires_at {
+        reasons.push("expired".to_string());
+    } else if now >= age.due_at {
+        reasons.push(format!(
+            "age: {} days (due at {} days or when fewer than {} days remain)",
+            age.age_days, policy.due_age_days, policy.warning_days
+        ));
+    }
+    if encryptions as f64 >= policy.due_encryptions {
+        reasons.push(format!(
+            "encryptions: {encryptions} of the {} allowed before rotation",
+            policy.due_encryptions as i64
+        ));
+    }
+    TableIterator::once((
+        active,
+        "active".to_string(),
+        age.age_days,
+        age.expires_in_days,
+        encryptions,
+        chrono_to_ts(age.due_at),
+        reasons.join("; "),
+    ))
+}
+
+// ------------------------------------------------------------------ health
+
+type HealthRow = (String, String, String);
+
+fn row(check: &str, status: &str, detail: String) -> HealthRow {
+    (check.to_string(), status.to_string(), detail)
+}
+
+/// The runbook's `check_encryption_health`: one row per check.
+#[pg_extern(volatile)]
+fn ekm_health() -> TableIterator<
+    'static,
+    (
+        name!(check, String),
+        name!(status, String),
+        name!(detail, String),
+    ),
+> {
+    TableIterator::new(health())
+}
+
+/// One line for cron and monitoring: `ok`, or the worst status and the
+/// checks that have it (e.g. `failed: master_key, round_trip`).
+#[pg_extern(volatile)]
+fn ekm_health_status() -> String {
+    let rows = health();
+    for worst in ["failed", "warning"] {
+        let names: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.1 == worst)
+            .map(|r| r.0.as_str())
+            .collect();
+        if !names.is_empty() {
+            return format!("{worst}: {}", names.join(", "));
+        }
+    }
+    "ok".into()
+}
+
+fn health() -> Vec<HealthRow> {
+    let (_, owner) = catalog::key_table().or_raise();
+    as_owner(owner, || {
+        let mut out = Vec::new();
+        let mut push = |r: EkmResult<HealthRow>, name: &str| {
+            out.push(r.unwrap_or_else(|e| row(name, "failed", e.to_string())));
+        };
+        push(check_master_key(owner), "master_key");
+        let active = check_active_key();
+        let one_active = active.as_ref().map(|r| r.1 == "ok").unwrap_or(false);
+        push(active, "active_key");
+        if one_active {
+            push(check_key_age(), "key_age");
+            push(check_encryptions(), "encryptions");
+        }
+        push(check_jobs(), "rotation_jobs");
+        push(check_decrypt_keys(), "decrypt_keys");
+        match registered_columns() {
+            Ok(cols) => {
+                let missing: Vec<&str> =
+                    cols.iter().filter(|c| !c.3).map(|c| c.2.as_str()).collect();
+                out.push(if cols.is_empty() {
+                    row("registered_columns", "warning", "no column is registered: ekm_rotate() has nothing to keep current (SELECT ekm_register_column(...))".into())
+                } else if missing.is_empty() {
+                    row("registered_columns", "ok", format!("{} registered columns exist", cols.len()))
+                } else {
+                    row("registered_columns", "failed", format!(
+                        "registered but missing (dropped, or no longer text): {}; unregister with SELECT ekm_unregister_column(table, column)",
+                        missing.join(", ")
+                    ))
+                });
+                let mut p = |r: EkmResult<HealthRow>| {
+                    out.push(r.unwrap_or_else(|e| row("unusable_values", "failed", e.to_string())))
+                };
+                p(check_values(&cols));
+            }
+            Err(e) => push(Err(e), "registered_columns"),
+        }
+        let mut p = |r: EkmResult<HealthRow>| {
+            out.push(r.unwrap_or_else(|e| row("round_trip", "failed", e.to_string())))
+        };
+        p(check_round_trip());
+        out
+    })
+}
+
+fn check_master_key(owner: pg_sys::Oid) -> EkmResult<HealthRow> {
+    let source = masterkey::describe(&gucs::master_key_source());
+    let master = masterkey::load()?;
+    let keys = catalog::load_keys(owner)?;
+    let mut bad = Vec::new();
+    let mut n = 0;
+    for k in &keys {
+        if let Some(w) = &k.wrapped {
+            n += 1;
+            if let Err(e) = master.unwrap(&k.id, w, &k.kcv) {
+                bad.push(format!("{}: {e}", k.id));
+            }
+        }
+    }
+    Ok(if bad.is_empty() {
+        row(
+            "master_key",
+            "ok",
+            format!("loaded from {source}; unwraps all {n} keys with material"),
+        )
+    } else {
+        row("master_key", "failed", format!(
+            "loaded from {source}, but {} of {n} keys do not unwrap under it: {}; configure the master key they were wrapped with",
+            bad.len(),
+            bad.join("; ")
+        ))
+    })
+}
+
+fn check_active_key() -> EkmResult<HealthRow> {
+    let ids = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT key_id FROM ekm.key WHERE rotation_status = 'active' ORDER BY 1",
+            None,
+            &[],
+        )? {
+            v.push(r.get::<String>(1)?.unwrap_or_default());
+        }
+        Ok(v)
+    })
+    .map_err(internal)?;
+    Ok(match ids.len() {
+        1 => row(
+            "active_key",
+            "ok",
+            format!("{} is the one active key", ids[0]),
+        ),
+        0 => row(
+            "active_key",
+            "failed",
+            "no key is active: nothing can be encrypted; SELECT ekm_activate_key(key_id)".into(),
+        ),
+        n => row(
+            "active_key",
+            "failed",
+            format!("{n} keys are active: {}", ids.join(", ")),
+        ),
+    })
+}
+
+fn check_key_age() -> EkmResult<HealthRow> {
+    let (active, age) = crate::rotation::active_key_age()?;
+    let now = chrono::Utc::now();
+    let due = age.due_at.format("%Y-%m-%d");
+    Ok(if now >= age.expires_at {
+        row(
+            "key_age",
+            "failed",
+            format!(
+                "{active} expired on {} ({} days old): SELECT ekm_rotate()",
+                age.expires_at.format("%Y-%m-%d"),
+                age.age_days
+            ),
+        )
+    } else if now >= age.due_at {
+        row("key_age", "warning", format!(
+            "{active} is {} days old, due for rotation since {due}, expires in {} days: SELECT ekm_rotate()",
+            age.age_days, age.expires_in_days
+        ))
+    } else {
+        row(
+            "key_age",
+            "ok",
+            format!(
+                "{active} is {} days old; rotation due {due}; expires in {} days",
+                age.age_days, age.expires_in_days
+            ),
+        )
+    })
+}
+
+fn check_encryptions() -> EkmResult<HealthRow> {
+    let (active, _) = crate::rotation::active_key_age()?;
+    let stored = catalog::one::<i64>(
+        "SELECT encryptions FROM ekm.key WHERE key_id = $1",
+        vec![active.clone().into()],
+    )?
+    .unwrap_or(0);
+    let n = stored
+        + KeyId::parse(&active)
+            .map(|k| crate::shmem::pending(&k.to_ref()))
+            .unwrap_or(0) as i64;
+    let due = gucs::policy().due_encryptions;
+    let pct = 100.0 * n as f64 / NONCE_BOUND;
+    let detail =
+        format!("{active} encrypted {n} values ({pct:.4}% of the 2^32 random-nonce bound)");
+    Ok(if n as f64 >= NONCE_BOUND {
+        row("encryptions", "failed", format!("{detail}: rotate now"))
+    } else if n as f64 >= due {
+        row(
+            "encryptions",
+            "warning",
+            format!("{detail}: above ekm.rotation_due_encryptions, rotation is due"),
+        )
+    } else {
+        row("encryptions", "ok", detail)
+    })
+}
+
+fn check_jobs() -> EkmResult<HealthRow> {
+    // A worker holds an advisory lock on its job (worker.rs).
+    let r = Spi::get_three::<i64, String, bool>(
+        "(SELECT j.job_id, j.state, EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
+                   AND l.classid = 6646637::oid AND l.objid = j.job_id::oid AND l.objsubid = 2) \
+          FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled') LIMIT 1) \
+         UNION ALL SELECT NULL, NULL, NULL LIMIT 1",
+    )
+    .map_err(internal)?;
+    if let (Some(j), Some(state), Some(alive)) = r {
+        return Ok(if state == "cancelled" {
+            row("rotation_jobs", "warning", format!(
+                "job {j} was cancelled before it finished; values stay decryptable: SELECT ekm_rotation_resume({j})"
+            ))
+        } else if alive {
+            row(
+                "rotation_jobs",
+                "ok",
+                format!("job {j} is running (SELECT * FROM ekm.rotation_progress)"),
+            )
+        } else {
+            row("rotation_jobs", "failed", format!(
+                "job {j} is running but no worker is working on it (stuck): SELECT ekm_rotation_resume({j})"
+            ))
+        });
+    }
+    let (j, err) = Spi::get_two::<i64, String>(
+        "(SELECT j.job_id, coalesce(j.error, '') FROM ekm.rotation_job j WHERE j.state = 'failed' \
+            AND EXISTS (SELECT 1 FROM ekm.key k WHERE k.rotation_status = 'rotating') \
+          ORDER BY j.job_id DESC LIMIT 1) UNION ALL SELECT NULL, NULL LIMIT 1",
+    )
+    .map_err(internal)?;
+    if let Some(j) = j {
+        return Ok(row(
+            "rotation_jobs",
+            "warning",
+            format!(
+                "job {j} failed ({}) and keys are still rotating: SELECT ekm_rotation_resume({j})",
+                err.unwrap_or_default()
+            ),
+        ));
+    }
+    let rotating = catalog::one::<i64>(
+        "SELECT count(*) FROM ekm.key WHERE rotation_status = 'rotating'",
+        vec![],
+    )?
+    .unwrap_or(0);
+    Ok(if rotating > 0 {
+        row("rotation_jobs", "warning", format!(
+            "{rotating} keys are rotating but no job moves their data: SELECT ekm_rotate(force => true)"
+        ))
+    } else {
+        row("rotation_jobs", "ok", "no job is unfinished".into())
+    })
+}
+
+fn check_decrypt_keys() -> EkmResult<HealthRow> {
+    let n = catalog::one::<i64>(
+        "SELECT count(*) FROM ekm.key WHERE rotation_status IN ('active', 'rotating')",
+        vec![],
+    )?
+    .unwrap_or(0);
+    Ok(if n > 5 {
+        row("decrypt_keys", "warning", format!(
+            "{n} keys can decrypt (more than 5): finish the rotations, then SELECT * FROM ekm_cleanup_old_keys(dry_run => true)"
+        ))
+    } else {
+        row("decrypt_keys", "ok", format!("{n} keys can decrypt"))
+    })
+}
+
+fn check_values(cols: &[(pg_sys::Oid, String, String, bool)]) -> EkmResult<HealthRow> {
+    let mut bad = Vec::new();
+    let mut scanned = 0;
+    for (tbl, col, name, exists) in cols {
+        if !exists {
+            continue;
+        }
+        scanned += 1;
+        let sql = dynamic(
+            "SELECT c, count(*) FROM (SELECT ekm._ekm_value_class(@C@) AS c FROM @T@) s \
+             WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed') GROUP BY c ORDER BY c",
+            *tbl,
+            col,
+        )?;
+        let counts = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
+            let mut v = Vec::new();
+            for r in c.select(&sql, None, &[])? {
+                v.push(format!(
+                    "{} on {} keys",
+                    r.get::<i64>(2)?.unwrap_or(0),
+                    r.get::<String>(1)?.unwrap_or_default()
+                ));
+            }
+            Ok(v)
+        })
+        .map_err(internal)?;
+        if !counts.is_empty() {
+            bad.push(
+                format!("{name}: {}", counts.join(", ")).replace("on malformed keys", "malformed"),
+            );
+        }
+    }
+    Ok(if bad.is_empty() {
+        row(
+            "unusable_values",
+            "ok",
+            format!("every value in {scanned} registered columns is on a key that decrypts"),
+        )
+    } else {
+        row("unusable_values", "failed", format!(
+            "values that cannot be decrypted: {}; find them with SELECT ekm_key_id(col) ... and see docs/runbook.md, troubleshooting",
+            bad.join("; ")
+        ))
+    })
+}
+
+fn check_round_trip() -> EkmResult<HealthRow> {
+    const PROBE: &[u8] = b"ekm health check";
+    let ctx = b"ekm.health";
+    let ct = keycache::with_encrypt_key(|k, n| k.seal(n, PROBE, ctx))?;
+    let key = ekm_core::format::key_of(&ct)?;
+    let back = keycache::with_decrypt_key(&key.to_ref(), |k| k.open(&ct, ctx))?;
+    Ok(if back.as_slice() == PROBE {
+        row(
+            "round_trip",
+            "ok",
+            format!("encrypted and decrypted a probe with {key}"),
+        )
+    } else {
+        row(
+            "round_trip",
+            "failed",
+            "a probe did not decrypt to what was encrypted".into(),
+        )
+    })
+}
+
+// ---------------------------------------------------- plaintext migration
+
+type EncryptColumnRow = (
+    Option<i64>,
+    String,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+    String,
+);
+
+#[pg_schema]
+mod ekm {
+    use super::*;
+
+    /// The key id an ekm ciphertext names; NULL for anything else. Never raises.
+    #[pg_extern(immutable, strict, parallel_safe)]
+    fn _ekm_key_of(value: &str) -> Option<String> {
+        ekm_core::format::key_of(value).ok().map(|k| k.to_string())
+    }
+
+    /// The runbook's `migrate_secure_encryption`: encrypts a plaintext column in
+    /// place in batches (background worker), skipping values already encrypted,
+    /// and registers it. The dry run counts plaintext, encrypted and foreign values.
+    #[pg_extern(volatile)]
+    fn _ekm_encrypt_column(
+        tbl: pg_sys::Oid,
+        col: &str,
+        batch_size: default!(i32, 1000),
+        dry_run: default!(bool, false),
+        context: default!(Option<&str>, "NULL"),
+    ) -> TableIterator<
+        'static,
+        (
+            name!(job_id, Option<i64>),
+            name!(table_name, String),
+            name!(column_name, String),
+            name!(plaintext_values, Option<i64>),
+            name!(encrypted_values, Option<i64>),
+            name!(foreign_values, Option<i64>),
+            name!(null_values, Option<i64>),
+            name!(estimated_seconds, Option<f64>),
+            name!(note, String),
+        ),
+    > {
+        check_batch_size(batch_size);
+        if !dry_run {
+            refuse_on_standby("encrypt a column", "ekm_encrypt_column()");
+        }
+        TableIterator::once(encrypt_column(tbl, col, batch_size, dry_run, context).or_raise())
+    }
+}
+
+fn encrypt_column(
+    tbl: pg_sys::Oid,
+    col: &str,
+    batch_size: i32,
+    dry_run: bool,
+    context: Option<&str>,
+) -> EkmResult<EncryptColumnRow> {
+    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
+        .map_err(internal)?
+        .unwrap_or_default();
+    let (_, owner) = catalog::key_table()?;
+    let registered = as_owner(owner, || {
+        catalog::one::<String>(
+            "SELECT context FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2",
+            vec![tbl.into(), col.into()],
+        )
+    })?;
+    let context = context
+        .map(str::to_string)
+        .or(registered)
+        .unwrap_or_default();
+    if dry_run {
+        // Checks the column like registering would, without registering.
+        let ok = Spi::get_one_with_args::<bool>(
+            "SELECT has_column_privilege($1, $2, 'SELECT') FROM pg_catalog.pg_attribute \
+             WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            &[tbl.into(), col.into()],
+        )
+        .ok()
+        .flatten();
+        match ok {
+            None => raise_with(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{col}\" of {name} does not exist"),
+                None,
+            ),
+            Some(false) => raise_with(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to read column \"{col}\" of {name}"),
+                None,
+            ),
+            Some(true) => {}
+        }
+        let (p, e, f, n) = as_owner(owner, || -> EkmResult<(i64, i64, i64, i64)> {
+            // built as the owner: table names qualified for its search_path
+            let sql = dynamic(
+                "SELECT count(*) FILTER (WHERE c = 'plaintext'), \
+                        count(*) FILTER (WHERE c IN ('active', 'rotating', 'retired', 'created', 'destroyed', 'unknown')), \
+                        count(*) FILTER (WHERE c IN ('foreign', 'malformed')), count(*) FILTER (WHERE c = 'null') \
+                 FROM (SELECT ekm._ekm_value_class(@C@::text) AS c FROM @T@) s",
+                tbl,
+                col,
+            )?;
+            Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, i64, i64, i64)> {
+                let t = c.select(&sql, Some(1), &[])?;
+                let r = t.first();
+                Ok((
+                    r.get::<i64>(1)?.unwrap_or(0),
+                    r.get::<i64>(2)?.unwrap_or(0),
+                    r.get::<i64>(3)?.unwrap_or(0),
+                    r.get::<i64>(4)?.unwrap_or(0),
+                ))
+            })
+            .map_err(internal)
+        })?;
+        let mut note = format!("dry run: {p} plaintext values would be encrypted");
+        if f > 0 {
+            note.push_str(&format!(
+                "; {f} values are another scheme's ciphertext (e.g. FERNET_V2) or malformed ekm values and are left as they are"
+            ));
+        }
+        return Ok((
+            None,
+            name,
+            col.to_string(),
+            Some(p),
+            Some(e),
+            Some(f),
+            Some(n),
+            Some(p as f64 / 50_000.0),
+            note,
+        ));
+    }
+    // Registering checks the column (exists, text, the caller may update it).
+    crate::rotation::register(tbl, col, &context)?;
+    let job = as_owner(owner, || -> EkmResult<i64> {
+        lock_key_changes()?;
+        supersede_unfinished(false, "a column encryption")?;
+        let active = catalog::one::<String>(
+            "SELECT key_id FROM ekm.key WHERE rotation_status = 'active'",
+            vec![],
+        )?
+        .ok_or(EkmError::NoActiveKey)?;
+        start_job(
+            "encrypt",
+            None,
+            &active,
+            batch_size,
+            &catalog::acting_role_name(),
+            Some((tbl, col)),
+            &[("table", &name), ("column", col)],
+        )
+    })?;
+    launch_or_warn(job);
+    Ok((
+        Some(job),
+        name,
+        col.to_string(),
+        None,
+        None,
+        None,
+        None,
+        None,
+        format!("encrypting in the background: SELECT * FROM ekm.rotation_progress WHERE job_id = {job}, or SELECT ekm_rotation_wait({job})"),
+    ))
+}
