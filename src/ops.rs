@@ -212,7 +212,11 @@ fn cleanup(days: i32, dry_run: bool) -> EkmResult<Vec<CleanupRow>> {
     let mut out = Vec::new();
     for ((id, retired_at), n) in candidates.into_iter().zip(in_use) {
         let action = if n > 0 {
-            pgrx::warning!("ekm: key {id} is kept: {n} values in registered columns still use it");
+            if !dry_run {
+                pgrx::warning!(
+                    "ekm: key {id} is kept: {n} values in registered columns still use it"
+                );
+            }
             format!("kept: {n} values in registered columns still use it")
         } else if dry_run {
             "would destroy".to_string()
@@ -380,6 +384,7 @@ fn health() -> Vec<HealthRow> {
             push(check_encryptions(), "encryptions");
         }
         push(check_jobs(), "rotation_jobs");
+        push(check_auto_rotation(), "auto_rotation");
         push(check_decrypt_keys(), "decrypt_keys");
         match registered_columns() {
             Ok(cols) => {
@@ -558,9 +563,10 @@ fn check_jobs() -> EkmResult<HealthRow> {
         });
     }
     let (j, err) = Spi::get_two::<i64, String>(
-        "(SELECT j.job_id, coalesce(j.error, '') FROM ekm.rotation_job j WHERE j.state = 'failed' \
-            AND EXISTS (SELECT 1 FROM ekm.key k WHERE k.rotation_status = 'rotating') \
-          ORDER BY j.job_id DESC LIMIT 1) UNION ALL SELECT NULL, NULL LIMIT 1",
+        "(SELECT j.job_id, coalesce(j.error, '') FROM ekm.rotation_job j \
+          WHERE j.job_id = (SELECT max(job_id) FROM ekm.rotation_job) AND j.state = 'failed' \
+            AND EXISTS (SELECT 1 FROM ekm.key k WHERE k.rotation_status = 'rotating')) \
+         UNION ALL SELECT NULL, NULL LIMIT 1",
     )
     .map_err(internal)?;
     if let Some(j) = j {
@@ -584,6 +590,38 @@ fn check_jobs() -> EkmResult<HealthRow> {
         ))
     } else {
         row("rotation_jobs", "ok", "no job is unfinished".into())
+    })
+}
+
+fn check_auto_rotation() -> EkmResult<HealthRow> {
+    if !gucs::auto_rotate() {
+        return Ok(row(
+            "auto_rotation",
+            "ok",
+            "off (ekm.auto_rotate): rotations start with SELECT ekm_rotate()".into(),
+        ));
+    }
+    let db = catalog::one::<String>("SELECT current_database()::text", vec![])?.unwrap_or_default();
+    if !gucs::auto_rotate_databases().contains(&db) {
+        return Ok(row(
+            "auto_rotation",
+            "ok",
+            format!("ekm.auto_rotate is on, but {db} is not listed in ekm.auto_rotate_databases"),
+        ));
+    }
+    let rollback = catalog::one::<i64>(
+        "SELECT job_id FROM ekm.rotation_job WHERE kind <> 'encrypt' AND kind = 'rollback' \
+           AND job_id = (SELECT max(job_id) FROM ekm.rotation_job WHERE kind <> 'encrypt')",
+        vec![],
+    )?;
+    Ok(match rollback {
+        Some(j) => row("auto_rotation", "warning", format!(
+            "paused since rollback job {j}: automatic rotation resumes after the next manual SELECT ekm_rotate()"
+        )),
+        None => row("auto_rotation", "ok", format!(
+            "on: the active key is rotated when due (checked every {} s)",
+            gucs::auto_rotate_naptime().as_secs()
+        )),
     })
 }
 

@@ -89,7 +89,11 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
         if !BackgroundWorker::wait_latch(Some(wait)) {
             break;
         }
-        reload_config_if_asked();
+        if reload_config_if_asked() {
+            // a shorter naptime applies at once
+            next_check =
+                next_check.min(std::time::Instant::now() + crate::gucs::auto_rotate_naptime());
+        }
         if std::time::Instant::now() < next_check {
             continue;
         }
@@ -141,10 +145,13 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
 /// The job argument that asks a worker to check for a due key and rotate it.
 const AUTO_ROTATE_JOB: i64 = -1;
 
-fn reload_config_if_asked() {
-    if BackgroundWorker::sighup_received() {
+/// Applies a configuration reload (SIGHUP), if one was asked for.
+fn reload_config_if_asked() -> bool {
+    let asked = BackgroundWorker::sighup_received();
+    if asked {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
+    asked
 }
 
 enum Step {
@@ -293,7 +300,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     pgrx::log!("ekm: rotation job {job_id}: worker started");
 
     loop {
-        reload_config_if_asked();
+        let _ = reload_config_if_asked();
         let r = transaction(|| step(job_id));
         let pause = match r {
             Ok(Step::Again) => crate::gucs::rotation_batch_pause(),
@@ -344,8 +351,8 @@ fn notify(job_id: i64, kind: &str, outcome: &str) -> Result<(), String> {
         "SELECT pg_notify('ekm_rotation', $1)",
         &[catalog::json_object(&[
             ("job_id", &job_id.to_string()),
-            ("kind", kind),
             ("outcome", outcome),
+            ("kind", kind),
         ])
         .into()],
     )

@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# The runbook's operations against a real cluster: plaintext migration
+# (ekm_encrypt_column) under concurrent writers, rollback after a completed
+# rotation and in the middle of one, cleanup of old keys, health checks with
+# each simulated failure, keys needing rotation, and automatic rotation.
+# ROWS (default 100000) sets the size of the migrated table.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/lib.sh"
+source "$here/tap.sh"
+dir=/tmp/ekm-operations; port=55441
+ROWS=${ROWS:-100000}
+CTX=public.people.email
+writer_pids=()
+cleanup() {
+  rm -f "$dir/writers.on"
+  for p in "${writer_pids[@]}"; do kill "$p" 2>/dev/null; done
+  cluster_stop "$dir" immediate >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "ekm.auto_rotate_naptime = 1" || exit 1
+q() { local db=$1; shift; cpsql "$dir" "$port" -d "$db" -At -q -c "$1" 2>&1; }
+qerr() { cpsql "$dir" "$port" -d "$1" -At -q -v VERBOSITY=verbose -c "$2" 2>&1 | grep -E '^ERROR' | head -n 1 | sed -E 's/key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}/key_X/g'; }
+wait_job() { cpsql "$dir" "$port" -d "$1" -At -q -c "SELECT state FROM ekm_rotation_wait($2, $3)" 2>/dev/null; }
+setconf() { q postgres "ALTER SYSTEM SET $1 = '$2'" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null; sleep 0.5; }
+resetconf() { q postgres "ALTER SYSTEM RESET $1" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null; sleep 0.5; }
+health() { q app "SELECT status FROM ekm_health() WHERE \"check\" = '$1'"; }
+health_detail() { q app "SELECT detail FROM ekm_health() WHERE \"check\" = '$1'"; }
+active() { q app "SELECT key_id FROM ekm.keys WHERE is_active"; }
+state_of() { q app "SELECT rotation_status FROM ekm.keys WHERE key_id = '$1'"; }
+jobs() { q app "SELECT count(*) FROM ekm.rotation_job"; }
+total() { q app "SELECT count(*) FROM people"; }
+# every row holds what the application last wrote (the shadow); row 101 keeps its foreign value
+consistent() {
+  q app "SELECT count(*) FROM people WHERE CASE WHEN id = 101 THEN email = '$FERNET'
+         ELSE ekm_decrypt(email, '$CTX') IS NOT DISTINCT FROM email_shadow END"
+}
+on_key() { q app "SELECT count(*) FILTER (WHERE CASE WHEN ekm_is_encrypted(email) THEN ekm_key_id(email) = '$1' END) FROM people"; }
+plaintext_left() { q app "SELECT count(*) FROM people WHERE ekm._ekm_is_plaintext(email)"; }
+
+q postgres "CREATE DATABASE app" >/dev/null
+q app "CREATE EXTENSION ekm" >/dev/null
+
+# 1. Plaintext migration (the runbook's migrate_secure_encryption).
+q app "CREATE TABLE people (id int PRIMARY KEY, email text, email_shadow text, age int)" >/dev/null
+q app "INSERT INTO people SELECT g, 'user' || g || '@example.com', 'user' || g || '@example.com', g % 90
+       FROM generate_series(1, $ROWS) g" >/dev/null
+q app "UPDATE people SET email = ekm_encrypt(email_shadow, '$CTX') WHERE id <= 100" >/dev/null
+FERNET="FERNET_V2:key_20250927_153045_b7c2:gAAAAA$(printf 'B%.0s' $(seq 94))"
+q app "UPDATE people SET email = '$FERNET', email_shadow = NULL WHERE id = 101" >/dev/null
+q app "UPDATE people SET email = NULL, email_shadow = NULL WHERE id BETWEEN 102 AND 106" >/dev/null
+q app "VACUUM ANALYZE people" >/dev/null
+K1=$(active)
+snapshot() { q app "SELECT md5(string_agg(coalesce(email, '~'), ',' ORDER BY id)) || (SELECT count(*) FROM ekm.registered_column) || (SELECT count(*) FROM ekm.rotation_job) FROM people"; }
+before=$(snapshot)
+check "dry run counts plaintext, encrypted, foreign and NULL values" \
+  "$(q app "SELECT plaintext_values || ':' || encrypted_values || ':' || foreign_values || ':' || null_values FROM ekm_encrypt_column('people', 'email', 1000, true)")" \
+  "$((ROWS - 106)):100:1:5"
+check "the dry run changes nothing (values, registrations, jobs)" "$(snapshot)" "$before"
+check_match "a missing column is refused" "$(qerr app "SELECT * FROM ekm_encrypt_column('people', 'nope', 1000, false)")" '^ERROR:  42703: column "nope" of people does not exist'
+check_match "a non-text column is refused" "$(qerr app "SELECT * FROM ekm_encrypt_column('people', 'age', 1000, false)")" '^ERROR:  42804: column "age" of people is integer'
+check_match "batch_size below 1 is refused" "$(qerr app "SELECT * FROM ekm_encrypt_column('people', 'email', 0, false)")" '^ERROR:  22023: batch_size must be at least 1'
+q app "CREATE ROLE ops_admin LOGIN; GRANT ekm_admin TO ops_admin; GRANT SELECT ON people TO ops_admin" >/dev/null
+check_match "an admin without UPDATE on the column is refused" \
+  "$(qerr app "SET ROLE ops_admin; SELECT * FROM ekm_encrypt_column('people', 'email', 1000, false)")" \
+  '^ERROR:  42501: permission denied to register column "email" of people'
+check_match "a role without ekm_admin cannot call it" \
+  "$(qerr app "CREATE ROLE ops_plain; SET ROLE ops_plain; SELECT * FROM ekm_encrypt_column('people', 'email', 1000, true)")" \
+  '^ERROR:  42501: permission denied for function ekm_encrypt_column'
+pre_encrypted=$(q app "SELECT md5(string_agg(email, ',' ORDER BY id)) FROM people WHERE id <= 100")
+
+# Writers during the migration: the old application writes plaintext, the
+# new one ciphertext, both with the shadow in the same transaction. They
+# leave rows 1..1000 alone (already-encrypted values must stay untouched).
+writer() { # seed mode phase; mode: mixed (plaintext and ciphertext) or cipher
+  local i=0 sql id plain
+  while [ -f "$dir/writers.on" ] && [ $i -lt 100000 ]; do
+    sql=""
+    for _ in 1 2 3 4 5; do
+      id=$(( (RANDOM * 32768 + RANDOM) % (ROWS - 1000) + 1001 ))
+      plain="'p$1-$i@example.com'"
+      [ "$2" = cipher ] && plain="ekm_encrypt('p$1-$i@example.com', '$CTX')"
+      sql+="UPDATE people SET email = $plain, email_shadow = 'p$1-$i@example.com' WHERE id = $id;"
+      id=$(( (RANDOM * 32768 + RANDOM) % (ROWS - 1000) + 1001 ))
+      sql+="UPDATE people SET email = ekm_encrypt('c$1-$i@example.com', '$CTX'), email_shadow = 'c$1-$i@example.com' WHERE id = $id;"
+      i=$((i + 1))
+    done
+    plain="'n$1-$i@example.com'"
+    [ "$2" = cipher ] && plain="ekm_encrypt('n$1-$i@example.com', '$CTX')"
+    sql+="INSERT INTO people VALUES ($ROWS + $1 * 1000000 + $3 * 200000 + $i, $plain, 'n$1-$i@example.com', 1);"
+    sql+="DELETE FROM people WHERE id = $(( (RANDOM * 32768 + RANDOM) % (ROWS - 1000) + 1001 ));"
+    printf 'BEGIN;%sCOMMIT;\n' "$sql"
+  done | cpsql "$dir" "$port" -d app -q >/dev/null 2>"$dir/writer$1.err"
+}
+phase=0
+start_writers() {
+  phase=$((phase + 1)); touch "$dir/writers.on"
+  for w in 1 2 3; do writer $w "$1" "$phase" & writer_pids+=($!); done
+  sleep 1
+}
+stop_writers() { rm -f "$dir/writers.on"; for p in "${writer_pids[@]}"; do wait "$p"; done; writer_pids=(); }
+
+start_writers mixed
+job=$(q app "SELECT job_id FROM ekm_encrypt_column('people', 'email', 500, false, '$CTX')")
+check_match "ekm_encrypt_column returns a job id at once" "$job" '^[0-9]+$'
+check_match "a rotation is refused while the migration runs" "$(qerr app "SELECT * FROM ekm_rotate(force => true)")" "^ERROR:  55006: rotation job $job is already running"
+check_match "progress shows the migration" "$(q app "SELECT kind || ':' || table_name || '.' || column_name FROM ekm.rotation_progress WHERE job_id = $job")" '^encrypt:people.email$'
+wait_job app "$job" 15 >/dev/null   # writers run during (at least) the first pass
+stop_writers
+state=$(wait_job app "$job" 600)
+check "the migration under concurrent writers finishes" "$state" done
+check "writers saw no errors" "$(cat "$dir"/writer*.err | grep -c ERROR)" 0
+# plaintext the old application wrote after the last sweep: a second run takes it
+job2=$(q app "SELECT job_id FROM ekm_encrypt_column('people', 'email', 500, false)")
+check "a second run (for late plaintext writes) finishes" "$(wait_job app "$job2" 300)" done
+check "no plaintext is left" "$(plaintext_left)" 0
+check "no write lost: every row holds what the application last wrote" "$(consistent)" "$(total)"
+check "values encrypted before the migration are untouched" "$(q app "SELECT md5(string_agg(email, ',' ORDER BY id)) FROM people WHERE id <= 100")" "$pre_encrypted"
+check "the foreign (Fernet) value is left as it was" "$(q app "SELECT email = '$FERNET' FROM people WHERE id = 101")" t
+check "NULLs stay NULL" "$(q app "SELECT count(*) FROM people WHERE id BETWEEN 102 AND 106 AND email IS NULL")" 5
+check "the column is registered with its context" "$(q app "SELECT context FROM ekm.registered_column WHERE tbl = 'people'::regclass AND col = 'email'")" "$CTX"
+check "the migration changed no key" "$(active)" "$K1"
+check_match "migration start and end are audited" "$(q app "SELECT string_agg(event, ',' ORDER BY id) FROM ekm.audit_log WHERE detail->>'job_id' = '$job'")" '^column_encryption_started,column_encrypted$'
+
+# Cancel and resume a migration.
+q app "CREATE TABLE notes (id int PRIMARY KEY, body text)" >/dev/null
+q app "INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 20000) g" >/dev/null
+q app "ANALYZE notes" >/dev/null
+setconf ekm.rotation_batch_pause 20
+job=$(q app "SELECT job_id FROM ekm_encrypt_column('notes', 'body', 100, false)")
+for _ in $(seq 1 100); do [ "$(q app "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break; sleep 0.1; done
+check_match "a migration can be cancelled" "$(q app "SELECT ekm_rotation_cancel($job)")" "running -> cancelled"
+sleep 0.5
+check_match "after cancel part of the column is encrypted, the rest is plaintext" \
+  "$(q app "SELECT count(*) FILTER (WHERE ekm_is_encrypted(body)) || ':' || count(*) FILTER (WHERE NOT ekm_is_encrypted(body)) FROM notes")" '^[1-9][0-9]*:[1-9][0-9]*$'
+resetconf ekm.rotation_batch_pause
+check_match "and resumed" "$(q app "SELECT ekm_rotation_resume($job)")" "cancelled -> running"
+check "the resumed migration finishes" "$(wait_job app "$job" 300)" done
+check "every note is encrypted and decrypts" "$(q app "SELECT count(*) FROM notes WHERE ekm_decrypt(body) = 'note ' || id")" 20000
+q app "SELECT ekm_unregister_column('notes', 'body')" >/dev/null
+
+# 2. Rollback.
+check_match "rollback is refused with no previous key" "$(qerr app "SELECT * FROM ekm_rollback()")" '^ERROR:  55000: there is no previous key to roll back to: key_X is the only key that was ever active'
+q app "CREATE TABLE legacy (v text)" >/dev/null
+job=$(q app "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+check "rotation K1 -> K2 finishes" "$(wait_job app "$job" 300)" done
+K2=$(active)
+q app "INSERT INTO legacy VALUES (ekm_encrypt('legacy on K2'))" >/dev/null   # not registered: stays on K2
+rb=$(q app "SELECT job_id || ':' || from_key || ':' || to_key FROM ekm_rollback()")
+check "rollback after a completed rotation: from the new key to the previous one" "${rb#*:}" "$K2:$K1"
+check "rollback: the previous key is active at once" "$(active)" "$K1"
+check "the rollback job finishes" "$(wait_job app "${rb%%:*}" 300)" done
+check "after rollback every value is on the previous key" "$(on_key "$K1")" "$(( $(total) - 6 ))"
+check "after rollback every row decrypts to what was written" "$(consistent)" "$(total)"
+check "the rolled-back key is retired" "$(state_of "$K2")" retired
+check_match "rollback is audited" "$(q app "SELECT string_agg(event, ',' ORDER BY id) FROM ekm.audit_log WHERE detail->>'job_id' = '${rb%%:*}'")" '^rollback_started,rollback_done$'
+
+# In the middle of a rotation, with writers.
+setconf ekm.rotation_batch_pause 30
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 200, force => true) LIMIT 1")
+K3=$(active)
+q app "CREATE TABLE legacy3 (v text); INSERT INTO legacy3 VALUES (ekm_encrypt('on K3'))" >/dev/null
+for _ in $(seq 1 100); do [ "$(q app "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break; sleep 0.1; done
+check_match "rollback is refused while a rotation runs" "$(qerr app "SELECT * FROM ekm_rollback()")" "^ERROR:  55006: rotation job $job is already running"
+q app "SELECT ekm_rotation_cancel($job)" >/dev/null
+sleep 0.5
+check_match "mid-rotation: values are on both keys" "$(q app "SELECT count(DISTINCT ekm_key_id(email)) FROM people WHERE email LIKE 'ekm1:%'")" '^2$'
+start_writers cipher
+rb=$(q app "SELECT job_id || ':' || from_key || ':' || to_key FROM ekm_rollback()")
+resetconf ekm.rotation_batch_pause
+check "rollback in the middle of a rotation goes back to the key before it" "${rb#*:}" "$K3:$K1"
+check "the interrupted rotation is marked superseded" "$(q app "SELECT state || ':' || error FROM ekm.rotation_job WHERE job_id = $job")" "failed:superseded by a rollback"
+wait_job app "${rb%%:*}" 10 >/dev/null
+stop_writers
+state=$(wait_job app "${rb%%:*}" 300)
+check "the mid-rotation rollback finishes under concurrent writers" "$state" done
+check "writers saw no errors" "$(cat "$dir"/writer*.err | grep -c ERROR)" 0
+check "every value is back on the previous key" "$(on_key "$K1")" "$(( $(total) - 6 ))"
+check "no write lost" "$(consistent)" "$(total)"
+check "the half-used key is retired" "$(state_of "$K3")" retired
+
+# 3. Cleanup of old keys.
+check "nothing is retired for more than 365 days" "$(q app "SELECT count(*) FROM ekm_cleanup_old_keys()")" 0
+check_match "negative days are refused" "$(qerr app "SELECT * FROM ekm_cleanup_old_keys(-1)")" '^ERROR:  22023: days must be 0 or more'
+q app "SELECT ekm_register_column('legacy', 'v')" >/dev/null
+material() { q app "SELECT count(*) FROM ekm.key_material WHERE wrapped IS NOT NULL"; }
+m_before=$(material)
+check "dry run: a key in use is kept, an unused one would be destroyed" \
+  "$(q app "SELECT string_agg(CASE key_id WHEN '$K2' THEN 'K2' WHEN '$K3' THEN 'K3' END || '=' || values_in_use || ':' || action, ',' ORDER BY CASE key_id WHEN '$K2' THEN 1 ELSE 2 END) FROM ekm_cleanup_old_keys(0, dry_run => true)")" \
+  "K2=1:kept: 1 values in registered columns still use it,K3=0:would destroy"
+check "the dry run destroys nothing" "$(material):$(state_of "$K3")" "$m_before:retired"
+check_match "cleanup warns about the key it keeps" "$(cpsql "$dir" "$port" -d app -At -q -c "SELECT count(*) FROM ekm_cleanup_old_keys(0)" 2>&1)" "WARNING:  ekm: key $K2 is kept: 1 values in registered columns still use it"
+check "the unused key is destroyed; the key in use and the active key are not" "$(state_of "$K3"):$(state_of "$K2"):$(state_of "$K1")" "destroyed:retired:active"
+check "its material is erased, its row kept" "$(q app "SELECT (wrapped IS NULL)::text || ':' || (SELECT destroyed_at IS NOT NULL FROM ekm.key WHERE key_id = '$K3') FROM ekm.key_material WHERE key_id = '$K3'")" "true:true"
+check_match "destruction is audited" "$(q app "SELECT string_agg(event, ',' ORDER BY id) FROM ekm.audit_log WHERE key_id = '$K3' AND event IN ('key_destroyed', 'key_material_erased')")" 'key_destroyed,key_material_erased'
+check_match "a value on the destroyed key is a clear error" "$(qerr app "SELECT ekm_decrypt(v) FROM legacy3")" '^ERROR:  55000: key key_X is destroyed and cannot decrypt'
+check_match "rollback to a destroyed key is refused" "$(qerr app "SELECT * FROM ekm_rollback()")" '^ERROR:  55000: the previous key key_X was destroyed'
+
+# 4. Health.
+check_match "a value on a retired key is reported" "$(health unusable_values):$(health_detail unusable_values)" '^failed:.*legacy.v: 1 on retired keys'
+q app "SELECT ekm_unregister_column('legacy', 'v')" >/dev/null
+check "all checks pass" "$(q app "SELECT ekm_health_status()")" ok
+check "one row per check" "$(q app "SELECT string_agg(\"check\", ',' ORDER BY \"check\" COLLATE \"C\") FROM ekm_health()")" \
+  "active_key,auto_rotation,decrypt_keys,encryptions,key_age,master_key,registered_columns,rotation_jobs,round_trip,unusable_values"
+q postgres "CREATE DATABASE other" >/dev/null; q other "CREATE EXTENSION ekm" >/dev/null
+foreign_ct=$(q other "SELECT ekm_encrypt('from another database')")
+q app "INSERT INTO people VALUES (-1, '$foreign_ct', NULL, 0)" >/dev/null
+check_match "a value on an unknown key is reported" "$(health unusable_values):$(health_detail unusable_values)" '^failed:.*people.email: 1 on unknown keys'
+check_match "the one-line status names the worst status and the check" "$(q app "SELECT ekm_health_status()")" '^failed: unusable_values$'
+q app "DELETE FROM people WHERE id = -1" >/dev/null
+q app "CREATE TABLE gone (id int, secret text)" >/dev/null
+q app "SELECT ekm_register_column('gone', 'secret')" >/dev/null
+q app "ALTER TABLE gone DROP COLUMN secret" >/dev/null
+check_match "a dropped registered column is reported" "$(health registered_columns):$(health_detail registered_columns)" '^failed:.*gone.secret'
+check_match "cleanup refuses while a registered column is missing" "$(qerr app "SELECT * FROM ekm_cleanup_old_keys(0)")" '^ERROR:  55000: a registered column no longer exists'
+q app "SELECT ekm_unregister_column('gone', 'secret')" >/dev/null
+# a stuck job: its worker is terminated and nothing restarts it
+setconf ekm.rotation_batch_pause 50
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 100, force => true) LIMIT 1")
+for _ in $(seq 1 100); do
+  wpid=$(q app "SELECT pid FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")
+  [ -n "$wpid" ] && break; sleep 0.1
+done
+check "a running job with its worker is ok" "$(health rotation_jobs)" ok
+q app "SELECT pg_terminate_backend($wpid)" >/dev/null
+for _ in $(seq 1 50); do [ -z "$(q app "SELECT pid FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")" ] && break; sleep 0.1; done
+check_match "a stuck job is reported with the command that resumes it" "$(health rotation_jobs):$(health_detail rotation_jobs)" "^failed:job $job is running but no worker .*ekm_rotation_resume\\($job\\)"
+resetconf ekm.rotation_batch_pause
+q app "SELECT ekm_rotation_resume($job)" >/dev/null
+check "the resumed job finishes" "$(wait_job app "$job" 300)" done
+check "and the check passes again" "$(health rotation_jobs)" ok
+# a wrong master key
+kdir=$dir/keys; mkdir -p "$kdir"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$kdir/wrong"
+chmod 600 "$kdir/wrong"; [ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$kdir"
+setconf ekm.master_key_file "$kdir/wrong"
+check_match "a wrong master key is reported" "$(health master_key):$(health_detail master_key)" '^failed:.*do not unwrap under it.*key check value mismatch'
+check "the round trip fails with it" "$(health round_trip)" failed
+check_match "the one-line status" "$(q app "SELECT ekm_health_status()")" '^failed: master_key, .*round_trip'
+check "no key material in the health report" "$(q app "SELECT count(*) FROM ekm_health() WHERE detail ILIKE '%$(cat "$kdir/wrong")%'")" 0
+resetconf ekm.master_key_file
+check "with the right master key it passes again" "$(health master_key):$(health round_trip)" "ok:ok"
+# too many keys that decrypt, left rotating by hand
+for _ in 1 2 3 4 5 6; do q app "SELECT ekm_activate_key(ekm_create_key())" >/dev/null; done
+check_match "more than 5 decrypt-capable keys is a warning" "$(health decrypt_keys):$(health_detail decrypt_keys)" '^warning:7 keys can decrypt'
+check_match "rotating keys with no job are a warning" "$(health rotation_jobs):$(health_detail rotation_jobs)" '^warning:6 keys are rotating but no job'
+check_match "status: worst is warning" "$(q app "SELECT ekm_health_status()")" '^warning: rotation_jobs, decrypt_keys$'
+job=$(q app "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+check "a rotation gathers them" "$(wait_job app "$job" 300)" done
+check "and the checks pass" "$(health decrypt_keys):$(health rotation_jobs)" "ok:ok"
+
+# 5. Keys needing rotation, and the policy settings (reload).
+check "no key needs rotation" "$(q app "SELECT count(*) FROM ekm_keys_needing_rotation()")" 0
+check "alert date = due date - 14 days (runbook phase 4)" "$(q app "SELECT next_rotation_due - rotation_alert_at FROM ekm_key_status()")" "14 days"
+setconf ekm.rotation_due_age_days 0
+check_match "a due key is listed with its reason" "$(q app "SELECT key_id || ':' || reason FROM ekm_keys_needing_rotation()")" "^$(active):age: 0 days"
+check "and health warns" "$(health key_age)" warning
+resetconf ekm.rotation_due_age_days
+setconf ekm.rotation_due_encryptions 1
+check_match "the encryption count makes a key due" "$(q app "SELECT reason FROM ekm_keys_needing_rotation()")" '^encryptions: [0-9]+ of the 1 allowed'
+check "and health warns" "$(health encryptions)" warning
+resetconf ekm.rotation_due_encryptions
+check "all checks pass" "$(q app "SELECT ekm_health_status()")" ok
+
+# 6. Automatic rotation.
+q other "CREATE TABLE t (v text); INSERT INTO t VALUES (ekm_encrypt('x')); SELECT ekm_register_column('t', 'v')" >/dev/null
+n_app=$(jobs); n_other=$(q other "SELECT count(*) FROM ekm.rotation_job")
+setconf ekm.rotation_due_age_days 0
+sleep 3
+check "off by default: a due key is not rotated" "$(jobs)" "$n_app"
+setconf ekm.auto_rotate_databases app
+setconf ekm.auto_rotate on
+for _ in $(seq 1 100); do [ "$(jobs)" -gt "$n_app" ] && break; sleep 0.1; done
+auto=$(q app "SELECT job_id FROM ekm.rotation_job WHERE requested_by = 'ekm auto-rotation' ORDER BY job_id LIMIT 1")
+check_match "on: the launcher starts a rotation when the key is due" "$auto" '^[0-9]+$'
+check "the automatic rotation finishes" "$(wait_job app "$auto" 300)" done
+check "it is audited like a manual one" "$(q app "SELECT detail->>'automatic' FROM ekm.audit_log WHERE event = 'rotation_started' AND detail->>'job_id' = '$auto'")" true
+resetconf ekm.rotation_due_age_days
+sleep 1; n_app=$(jobs); sleep 3
+check "not due: no further rotation" "$(jobs)" "$n_app"
+check "a database not listed is not rotated" "$(q other "SELECT count(*) FROM ekm.rotation_job")" "$n_other"
+check "every value still decrypts" "$(consistent)" "$(total)"
+# after a rollback automatic rotation waits for a manual rotation
+rb=$(q app "SELECT job_id FROM ekm_rollback()")
+wait_job app "$rb" 300 >/dev/null
+setconf ekm.rotation_due_age_days 0
+n_app=$(jobs); sleep 3
+check "after a rollback automatic rotation does not undo it" "$(jobs)" "$n_app"
+check_match "health says why" "$(health auto_rotation):$(health_detail auto_rotation)" '^warning:paused since rollback job'
+setconf ekm.auto_rotate off
+resetconf ekm.rotation_due_age_days
+check "every value decrypts at the end" "$(consistent)" "$(total)"
+check_match "no worker left running" "$(q app "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")" '^0$'
+tap_done
