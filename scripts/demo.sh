@@ -31,9 +31,13 @@ INSERT INTO people VALUES
   (5, 'Eli Martins',   '',                          NULL);
 SELECT * FROM people ORDER BY id;
 
-\echo == encrypt the email and mobile columns in place, each bound to its column (context)
-UPDATE people SET email = ekm_encrypt(email, 'public.people.email'),
-                  mobno = ekm_encrypt(mobno, 'public.people.mobno');
+\echo == migrate the plaintext columns in place (the runbook's migrate_secure_encryption), each bound to its column (context)
+SELECT table_name, column_name, plaintext_values, encrypted_values, foreign_values, null_values, note
+FROM ekm_encrypt_column('people', 'email', dry_run => true, context => 'public.people.email');
+SELECT job_id AS email_job FROM ekm_encrypt_column('people', 'email', context => 'public.people.email') \gset
+SELECT * FROM ekm_rotation_wait(:email_job);
+SELECT job_id AS mobno_job FROM ekm_encrypt_column('people', 'mobno', context => 'public.people.mobno') \gset
+SELECT * FROM ekm_rotation_wait(:mobno_job);
 SELECT id, name, left(email, 40) || '...' AS email_stored, ekm_key_id(email) AS key FROM people ORDER BY id;
 
 \echo == the application reads through ekm_decrypt (NULL stays NULL, the empty string stays empty)
@@ -54,9 +58,8 @@ INSERT INTO people VALUES (6, 'Farah Khan', ekm_encrypt('farah.khan@example.com'
 SELECT ekm_key_id(email) AS key, count(*) FROM people WHERE email IS NOT NULL GROUP BY 1 ORDER BY 1;
 SELECT id, ekm_decrypt(email, 'public.people.email') AS email FROM people ORDER BY id;
 
-\echo == register the encrypted columns, with their contexts, for rotation
-SELECT ekm_register_column('people', 'email', 'public.people.email');
-SELECT ekm_register_column('people', 'mobno', 'public.people.mobno');
+\echo == the migrated columns are registered, with their contexts, for rotation
+SELECT tbl, col, context FROM ekm.registered_column;
 \echo == 200,000 more customers, so the rotation has something to do
 INSERT INTO people SELECT g, 'Customer ' || g,
        ekm_encrypt('cust' || g || '@example.com', 'public.people.email'),
@@ -83,6 +86,15 @@ SELECT table_name, column_name, rows_done, percent, rows_per_second, column_stat
 SELECT * FROM ekm.registered_columns;
 SELECT key_id, rotation_status, encryptions FROM ekm.keys;
 SELECT id, ekm_decrypt(email, 'public.people.email') AS email, ekm_decrypt(mobno, 'public.people.mobno') AS mobno FROM people ORDER BY id LIMIT 6;
+\echo == health (the runbook check_encryption_health): one row per check, and one line for cron
+SELECT * FROM ekm_health();
+SELECT ekm_health_status();
+\echo == emergency rollback: the previous key is active again at once, the data moves back in the background
+SELECT job_id AS rollback_job FROM ekm_rollback(batch_size => 5000) \gset
+SELECT * FROM ekm_rotation_wait(:rollback_job);
+SELECT key_id, rotation_status, is_active FROM ekm.keys;
+\echo == cleanup of old keys (dry run; keys retired more than 0 days ago)
+SELECT * FROM ekm_cleanup_old_keys(0, dry_run => true);
 \echo == the audit log
 SELECT at::timestamp(0), acting_role, event, key_id, detail - 'master_key_source' AS detail FROM ekm.audit_log ORDER BY id;
 SQL
