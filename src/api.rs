@@ -116,6 +116,9 @@ fn ekm_create_key() -> String {
 
 /// Adds this database's pending encryption counts to `ekm.key.encryptions` (as owner).
 pub fn flush_encryption_counts() -> EkmResult<()> {
+    // one flush at a time: two would both add the same pending count
+    Spi::run("SELECT pg_advisory_xact_lock(6646638, 1)")
+        .map_err(|e| EkmError::Internal(e.to_string()))?;
     let keys: Vec<String> = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
         let mut v = Vec::new();
         for r in c.select("SELECT key_id FROM ekm.key", None, &[])? {

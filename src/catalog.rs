@@ -192,3 +192,38 @@ pub fn json_object(fields: &[(&str, &str)]) -> String {
         .collect();
     format!("{{{}}}", body.join(", "))
 }
+
+/// The first row's first two columns from a read-only query (`None`s when
+/// there is no row). Read-only: it works on a hot standby and assigns no xid.
+pub fn two<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum>(
+    sql: &str,
+    args: Vec<pgrx::datum::DatumWithOid<'_>>,
+) -> Result<(Option<A>, Option<B>)> {
+    Spi::connect(|c| {
+        let t = c.select(sql, Some(1), &args)?;
+        if t.is_empty() {
+            Ok((None, None))
+        } else {
+            let r = t.first();
+            Ok((r.get::<A>(1)?, r.get::<B>(2)?))
+        }
+    })
+    .map_err(spi_err)
+}
+
+/// Like [`two`], three columns.
+pub fn three<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum, C: FromDatum + IntoDatum>(
+    sql: &str,
+    args: Vec<pgrx::datum::DatumWithOid<'_>>,
+) -> Result<(Option<A>, Option<B>, Option<C>)> {
+    Spi::connect(|c| {
+        let t = c.select(sql, Some(1), &args)?;
+        if t.is_empty() {
+            Ok((None, None, None))
+        } else {
+            let r = t.first();
+            Ok((r.get::<A>(1)?, r.get::<B>(2)?, r.get::<C>(3)?))
+        }
+    })
+    .map_err(spi_err)
+}

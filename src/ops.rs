@@ -56,13 +56,12 @@ fn ekm_rollback(
             vec![],
         )?
         .ok_or(EkmError::NoActiveKey)?;
-        let prev = Spi::get_two_with_args::<String, String>(
-            "(SELECT k.key_id, k.rotation_status FROM ekm.key k \
-              WHERE k.key_id <> $1 AND k.activated_at IS NOT NULL \
-              ORDER BY k.activated_at DESC, k.key_id DESC LIMIT 1) UNION ALL SELECT NULL, NULL LIMIT 1",
-            &[active.clone().into()],
-        )
-        .map_err(internal)?;
+        let prev = catalog::two::<String, String>(
+            "SELECT k.key_id, k.rotation_status FROM ekm.key k \
+             WHERE k.key_id <> $1 AND k.activated_at IS NOT NULL \
+             ORDER BY k.activated_at DESC, k.key_id DESC",
+            vec![active.clone().into()],
+        )?;
         let (Some(prev), Some(state)) = prev else {
             raise_with(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -537,14 +536,13 @@ fn check_encryptions() -> EkmResult<HealthRow> {
 
 fn check_jobs() -> EkmResult<HealthRow> {
     // A worker holds an advisory lock on its job (worker.rs).
-    let r = Spi::get_three::<i64, String, bool>(
-        "(SELECT j.job_id, j.state, EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
+    let r = catalog::three::<i64, String, bool>(
+        "SELECT j.job_id, j.state, EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
-                   AND l.classid = 6646637::oid AND l.objid = j.job_id::oid AND l.objsubid = 2) \
-          FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled') LIMIT 1) \
-         UNION ALL SELECT NULL, NULL, NULL LIMIT 1",
-    )
-    .map_err(internal)?;
+                   AND l.classid = $1::oid AND l.objid = j.job_id::oid AND l.objsubid = 2) \
+         FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled')",
+        vec![(crate::worker::JOB_LOCK_CLASS as i64).into()],
+    )?;
     if let (Some(j), Some(state), Some(alive)) = r {
         return Ok(if state == "cancelled" {
             row("rotation_jobs", "warning", format!(
@@ -562,13 +560,12 @@ fn check_jobs() -> EkmResult<HealthRow> {
             ))
         });
     }
-    let (j, err) = Spi::get_two::<i64, String>(
-        "(SELECT j.job_id, coalesce(j.error, '') FROM ekm.rotation_job j \
-          WHERE j.job_id = (SELECT max(job_id) FROM ekm.rotation_job) AND j.state = 'failed' \
-            AND EXISTS (SELECT 1 FROM ekm.key k WHERE k.rotation_status = 'rotating')) \
-         UNION ALL SELECT NULL, NULL LIMIT 1",
-    )
-    .map_err(internal)?;
+    let (j, err) = catalog::two::<i64, String>(
+        "SELECT j.job_id, coalesce(j.error, '') FROM ekm.rotation_job j \
+         WHERE j.job_id = (SELECT max(job_id) FROM ekm.rotation_job) AND j.state = 'failed' \
+           AND EXISTS (SELECT 1 FROM ekm.key k WHERE k.rotation_status = 'rotating')",
+        vec![],
+    )?;
     if let Some(j) = j {
         return Ok(row(
             "rotation_jobs",
@@ -770,9 +767,8 @@ fn encrypt_column(
     dry_run: bool,
     context: Option<&str>,
 ) -> EkmResult<EncryptColumnRow> {
-    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
-        .map_err(internal)?
-        .unwrap_or_default();
+    let name =
+        catalog::one::<String>("SELECT $1::regclass::text", vec![tbl.into()])?.unwrap_or_default();
     let (_, owner) = catalog::key_table()?;
     let registered = as_owner(owner, || {
         catalog::one::<String>(
@@ -786,13 +782,11 @@ fn encrypt_column(
         .unwrap_or_default();
     if dry_run {
         // Checks the column like registering would, without registering.
-        let ok = Spi::get_one_with_args::<bool>(
+        let ok = catalog::one::<bool>(
             "SELECT has_column_privilege($1, $2, 'SELECT') FROM pg_catalog.pg_attribute \
              WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-            &[tbl.into(), col.into()],
-        )
-        .ok()
-        .flatten();
+            vec![tbl.into(), col.into()],
+        )?;
         match ok {
             None => raise_with(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,

@@ -41,11 +41,10 @@ pub fn value_class(v: Option<&str>) -> EkmResult<&'static str> {
 
 /// The statement text with `@T@` (table) and `@C@` (column) quoted by PostgreSQL.
 pub(crate) fn dynamic(template: &str, tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
-    Spi::get_one_with_args::<String>(
+    catalog::one::<String>(
         "SELECT replace(replace($1, '@T@', $2::regclass::text), '@C@', quote_ident($3))",
-        &[template.into(), tbl.into(), col.into()],
-    )
-    .map_err(internal)?
+        vec![template.into(), tbl.into(), col.into()],
+    )?
     .ok_or_else(|| internal("cannot build statement"))
 }
 
@@ -122,10 +121,10 @@ mod ekm {
 }
 
 pub(crate) fn ext_schema() -> EkmResult<String> {
-    Spi::get_one::<String>(
+    catalog::one::<String>(
         "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
-    )
-    .map_err(internal)?
+        vec![],
+    )?
     .ok_or_else(|| internal("ekm is not installed"))
 }
 
@@ -282,7 +281,7 @@ pub(crate) fn refuse_on_standby(what: &str, call: &str) {
 /// Serializes ekm_rotate, ekm_rollback, ekm_encrypt_column, ekm_cleanup_old_keys
 /// and automatic rotation within a database (until the transaction ends).
 pub(crate) fn lock_key_changes() -> EkmResult<()> {
-    Spi::run("SELECT pg_advisory_xact_lock(6646637, 0)").map_err(internal)
+    Spi::run("SELECT pg_advisory_xact_lock(6646638, 0)").map_err(internal)
 }
 
 /// Refuses while a job runs. A cancelled job is refused too unless `force`,
@@ -316,11 +315,10 @@ pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
 
 /// The active key and where it stands against the policy. As the owner.
 pub(crate) fn active_key_age() -> EkmResult<(String, ekm_core::lifecycle::KeyAge)> {
-    let (active, created, stored) = Spi::get_three::<String, TimestampWithTimeZone, i64>(
-        "SELECT key_id, created_at, encryptions FROM ekm.key WHERE rotation_status = 'active' \
-         UNION ALL SELECT NULL, NULL, NULL LIMIT 1",
-    )
-    .map_err(internal)?;
+    let (active, created, stored) = catalog::three::<String, TimestampWithTimeZone, i64>(
+        "SELECT key_id, created_at, encryptions FROM ekm.key WHERE rotation_status = 'active'",
+        vec![],
+    )?;
     let active = active.ok_or(EkmError::NoActiveKey)?;
     let created = ts_to_chrono(created.expect("not null"));
     let pending = ekm_core::KeyId::parse(&active)
@@ -411,7 +409,7 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
                     *oid,
                     col,
                 )?;
-                let (m, p, u) = Spi::get_three::<i64, i64, i64>(&sql).map_err(internal)?;
+                let (m, p, u) = catalog::three::<i64, i64, i64>(&sql, vec![])?;
                 let (m, p, u) = (m.unwrap_or(0), p.unwrap_or(0), u.unwrap_or(0));
                 let mut notes = Vec::new();
                 if p > 0 {
@@ -689,10 +687,10 @@ pub(crate) fn auto_rotate() -> EkmResult<Result<i64, String>> {
 }
 
 fn first_job(filter: &str) -> EkmResult<Option<(i64, String)>> {
-    let (j, s) = Spi::get_two::<i64, String>(&format!(
-        "(SELECT job_id, state FROM ekm.rotation_job {filter} LIMIT 1) UNION ALL SELECT NULL, NULL LIMIT 1"
-    ))
-    .map_err(internal)?;
+    let (j, s) = catalog::two::<i64, String>(
+        &format!("SELECT job_id, state FROM ekm.rotation_job {filter}"),
+        vec![],
+    )?;
     Ok(j.zip(s))
 }
 

@@ -80,3 +80,18 @@ pub fn flushed(key_ref: &[u8; 7], n: u64) {
         SLOT_COUNTS.get()[i].fetch_sub(n, Ordering::Relaxed);
     }
 }
+
+/// Databases (oids) that have encryptions not yet written to their `ekm.key`.
+pub fn databases_with_pending() -> Vec<u32> {
+    let keys = SLOT_KEYS.share();
+    let counts = SLOT_COUNTS.get();
+    let mut dbs: Vec<u32> = keys
+        .iter()
+        .zip(counts.iter())
+        .filter(|(k, c)| k.used && c.load(Ordering::Relaxed) > 0)
+        .map(|(k, _)| k.db)
+        .collect();
+    dbs.sort_unstable();
+    dbs.dedup();
+    dbs
+}

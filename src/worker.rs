@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 use std::time::Duration;
 
 /// Advisory lock class that a worker holds for its job (one worker per job).
-const JOB_LOCK_CLASS: i32 = 0x656b6d; // "ekm"
+pub(crate) const JOB_LOCK_CLASS: i32 = 0x656b6d; // "ekm"
 
 /// Starts a rotation worker for `job_id` (0: whatever job is running) in this database.
 pub fn launch(job_id: i64) -> Result<(), String> {
@@ -98,17 +98,26 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
             continue;
         }
         next_check = std::time::Instant::now() + crate::gucs::auto_rotate_naptime();
-        if !crate::gucs::auto_rotate() {
+        // Databases to visit: those with encryption counts to write down,
+        // and, with automatic rotation on, the listed ones.
+        let pending: Vec<u32> = crate::shmem::databases_with_pending();
+        let auto = crate::gucs::auto_rotate();
+        if pending.is_empty() && !auto {
             continue;
         }
-        let names = crate::gucs::auto_rotate_databases();
+        let names = if auto {
+            crate::gucs::auto_rotate_databases()
+        } else {
+            Vec::new()
+        };
         let found: Vec<(pg_sys::Oid, String)> = BackgroundWorker::transaction(|| {
             Spi::connect(|c| {
                 let mut v = Vec::new();
                 if let Ok(t) = c.select(
-                    "SELECT oid, datname::text FROM pg_catalog.pg_database WHERE datname = ANY($1) AND datallowconn",
+                    "SELECT oid, datname::text FROM pg_catalog.pg_database \
+                     WHERE (datname = ANY($1) OR oid::int8 = ANY($2)) AND datallowconn AND NOT datistemplate",
                     None,
-                    &[names.clone().into()],
+                    &[names.clone().into(), pending.iter().map(|&o| o as i64).collect::<Vec<i64>>().into()],
                 ) {
                     for r in t {
                         if let (Ok(Some(o)), Ok(Some(n))) = (r.get::<pg_sys::Oid>(1), r.get::<String>(2)) {
@@ -124,7 +133,7 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
             .filter(|n| !found.iter().any(|(_, f)| f == *n))
             .collect();
         let key = format!("{names:?}");
-        if names.is_empty() && warned_for != key {
+        if auto && names.is_empty() && warned_for != key {
             pgrx::warning!("ekm launcher: ekm.auto_rotate is on but ekm.auto_rotate_databases lists no database");
             warned_for = key;
         } else if !missing.is_empty() && warned_for != key {
@@ -135,15 +144,18 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
             warned_for = key;
         }
         for (db, name) in found {
-            if let Err(e) = launch_in(db, AUTO_ROTATE_JOB) {
-                pgrx::warning!("ekm launcher: cannot start the automatic rotation check in database {name}: {e}");
+            if let Err(e) = launch_in(db, MAINTENANCE_JOB) {
+                pgrx::warning!(
+                    "ekm launcher: cannot start the maintenance worker in database {name}: {e}"
+                );
             }
         }
     }
 }
 
-/// The job argument that asks a worker to check for a due key and rotate it.
-const AUTO_ROTATE_JOB: i64 = -1;
+/// The job argument that asks a worker to write down encryption counts and,
+/// with automatic rotation on for this database, rotate a due key.
+const MAINTENANCE_JOB: i64 = -1;
 
 /// Applies a configuration reload (SIGHUP), if one was asked for.
 fn reload_config_if_asked() -> bool {
@@ -207,8 +219,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     let db: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     let mut job_id = arg.value() as i64;
-    if job_id == AUTO_ROTATE_JOB {
-        // Only if ekm is installed here (the database is listed by name).
+    if job_id == MAINTENANCE_JOB {
         let r = transaction(|| {
             let installed =
                 Spi::get_one::<bool>("SELECT to_regclass('ekm.rotation_job') IS NOT NULL")
@@ -217,8 +228,14 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             if !installed {
                 return Ok(Err("ekm is not installed in this database".to_string()));
             }
-            if !crate::gucs::auto_rotate() {
-                return Ok(Err("ekm.auto_rotate is off".to_string()));
+            crate::api::flush_encryption_counts().map_err(|e| e.to_string())?;
+            let db = Spi::get_one::<String>("SELECT current_database()::text")
+                .map_err(spi_err)?
+                .unwrap_or_default();
+            if !crate::gucs::auto_rotate() || !crate::gucs::auto_rotate_databases().contains(&db) {
+                return Ok(Err(
+                    "automatic rotation is off for this database".to_string()
+                ));
             }
             crate::rotation::auto_rotate().map_err(|e| e.to_string())
         });
@@ -234,7 +251,9 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                 return;
             }
             Err((_, msg)) => {
-                pgrx::warning!("ekm: automatic rotation could not start: {msg}");
+                pgrx::warning!(
+                    "ekm: maintenance (encryption counts, automatic rotation) failed: {msg}"
+                );
                 return;
             }
         }

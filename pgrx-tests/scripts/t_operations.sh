@@ -262,6 +262,17 @@ check "and health warns" "$(health encryptions)" warning
 resetconf ekm.rotation_due_encryptions
 check "all checks pass" "$(q app "SELECT ekm_health_status()")" ok
 
+# Encryption counts are written down by the launcher (they live in shared
+# memory between flushes), so a restart does not lose them.
+stored() { q app "SELECT encryptions FROM ekm.key WHERE rotation_status = 'active'"; }
+s0=$(stored)
+q app "SELECT count(ekm_encrypt('count me')) FROM generate_series(1, 1000)" >/dev/null
+for _ in $(seq 1 50); do [ "$(stored)" -ge $((s0 + 1000)) ] && break; sleep 0.1; done
+check "the launcher writes encryption counts to ekm.key" "$(( $(stored) - s0 >= 1000 ))" 1
+seen=$(q app "SELECT encryptions FROM ekm.keys WHERE is_active")
+cluster_stop "$dir"; cluster_restart_only "$dir"
+check "encryption counts survive a restart" "$(( $(q app "SELECT encryptions FROM ekm.keys WHERE is_active") >= seen ))" 1
+
 # 6. Automatic rotation.
 q other "CREATE TABLE t (v text); INSERT INTO t VALUES (ekm_encrypt('x')); SELECT ekm_register_column('t', 'v')" >/dev/null
 n_app=$(jobs); n_other=$(q other "SELECT count(*) FROM ekm.rotation_job")

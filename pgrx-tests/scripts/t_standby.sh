@@ -58,5 +58,16 @@ check "standby session decrypts the value written under the new key" "$(ask "SEL
 check "standby session still decrypts values on the old (rotating) key" "$(ask "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') LIKE 'user%';")" 999
 check "standby reports the rotating key" "$(ask "SELECT string_agg(rotation_status, ',' ORDER BY rotation_status) FROM ekm.keys;")" "active,rotating"
 check_match "ekm_rotate is refused on a standby, with the reason" "$(cpsql "$s" "$sport" -d postgres -At -q -v VERBOSITY=verbose -c "SELECT * FROM ekm_rotate(force => true)" 2>&1 | grep -E '^ERROR' | head -n 1)" '^ERROR:  25006: cannot rotate keys on a standby'
+qerr_s() { cpsql "$s" "$sport" -d postgres -At -q -v VERBOSITY=verbose -c "$1" 2>&1 | grep -E '^ERROR' | head -n 1; }
+qp "SELECT ekm_register_column('people', 'email', 'people.email')" >/dev/null
+wait_replay
+check "health runs on the standby: one row per check, none failed" \
+  "$(qs "SELECT count(*) || ':' || count(*) FILTER (WHERE status = 'failed') FROM ekm_health()")" "10:0"
+check_match "the one-line health status runs on the standby" "$(qs "SELECT ekm_health_status()")" '^(ok|warning: .*)$'
+check "keys needing rotation runs on the standby" "$(qs "SELECT count(*) FROM ekm_keys_needing_rotation()")" 0
+check_match "a migration's dry run runs on the standby" "$(qs "SELECT plaintext_values || ':' || encrypted_values FROM ekm_encrypt_column('people', 'email', 100, true)")" '^0:1000$'
+check_match "ekm_rollback is refused on a standby" "$(qerr_s "SELECT * FROM ekm_rollback()")" '^ERROR:  25006: cannot roll keys back on a standby'
+check_match "ekm_cleanup_old_keys is refused on a standby" "$(qerr_s "SELECT * FROM ekm_cleanup_old_keys(0)")" '^ERROR:  25006: cannot destroy keys on a standby'
+check_match "ekm_encrypt_column is refused on a standby" "$(qerr_s "SELECT * FROM ekm_encrypt_column('people', 'email', 100, false)")" '^ERROR:  25006: cannot encrypt a column on a standby'
 check "standby wrote no WAL (still in recovery, nothing failed)" "$(ask "SELECT pg_is_in_recovery();")" t
 tap_done
