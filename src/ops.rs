@@ -800,29 +800,36 @@ fn encrypt_column(
             ),
             Some(true) => {}
         }
-        let (p, e, f, n) = as_owner(owner, || -> EkmResult<(i64, i64, i64, i64)> {
+        let (p, e, f, n, x) = as_owner(owner, || -> EkmResult<(i64, i64, i64, i64, i64)> {
             // built as the owner: table names qualified for its search_path
             let sql = dynamic(
                 "SELECT count(*) FILTER (WHERE c = 'plaintext'), \
                         count(*) FILTER (WHERE c IN ('active', 'rotating', 'retired', 'created', 'destroyed', 'unknown')), \
-                        count(*) FILTER (WHERE c IN ('foreign', 'malformed')), count(*) FILTER (WHERE c = 'null') \
-                 FROM (SELECT ekm._ekm_value_class(@C@::text) AS c FROM @T@) s",
+                        count(*) FILTER (WHERE c IN ('foreign', 'malformed')), count(*) FILTER (WHERE c = 'null'), \
+                        count(*) FILTER (WHERE c IN ('active', 'rotating') AND NOT ekm._ekm_decrypts(v, $1)) \
+                 FROM (SELECT ekm._ekm_value_class(@C@::text) AS c, @C@::text AS v FROM @T@) s",
                 tbl,
                 col,
             )?;
-            Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, i64, i64, i64)> {
-                let t = c.select(&sql, Some(1), &[])?;
+            Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, i64, i64, i64, i64)> {
+                let t = c.select(&sql, Some(1), &[context.clone().into()])?;
                 let r = t.first();
                 Ok((
                     r.get::<i64>(1)?.unwrap_or(0),
                     r.get::<i64>(2)?.unwrap_or(0),
                     r.get::<i64>(3)?.unwrap_or(0),
                     r.get::<i64>(4)?.unwrap_or(0),
+                    r.get::<i64>(5)?.unwrap_or(0),
                 ))
             })
             .map_err(internal)
         })?;
         let mut note = format!("dry run: {p} plaintext values would be encrypted");
+        if x > 0 {
+            note.push_str(&format!(
+                "; {x} encrypted values do not decrypt with the context '{context}' (encrypted with another context, or altered): a later rotation would stop at them"
+            ));
+        }
         if f > 0 {
             note.push_str(&format!(
                 "; {f} values are another scheme's ciphertext (e.g. FERNET_V2) or malformed ekm values and are left as they are"

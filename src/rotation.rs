@@ -68,6 +68,16 @@ mod ekm {
         !format::looks_encrypted(value) && !format::looks_foreign(value)
     }
 
+    /// Whether a stored ekm value decrypts with `context` (dry runs: a value
+    /// bound to another context would stop a rotation). Never raises.
+    #[pg_extern(stable, strict, parallel_safe)]
+    fn _ekm_decrypts(value: &str, context: &str) -> bool {
+        let Ok(k) = format::key_of(value) else {
+            return false;
+        };
+        keycache::with_decrypt_key(&k.to_ref(), |key| key.open(value, context.as_bytes())).is_ok()
+    }
+
     /// What a stored value is: null, plaintext, foreign, malformed, unknown, or its key's state.
     #[pg_extern(stable, parallel_safe)]
     fn _ekm_value_class(value: Option<&str>) -> &'static str {
@@ -401,17 +411,33 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
         }
         if dry_run {
             let mut out = Vec::new();
-            for (oid, tname, col, _) in &cols {
+            for (oid, tname, col, context) in &cols {
                 let sql = dynamic(
                     "SELECT count(*) FILTER (WHERE c IN ('active', 'rotating')), count(*) FILTER (WHERE c IN ('plaintext', 'foreign')), \
-                            count(*) FILTER (WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed')) \
-                     FROM (SELECT ekm._ekm_value_class(@C@) AS c FROM @T@) s",
+                            count(*) FILTER (WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed')), \
+                            count(*) FILTER (WHERE c IN ('active', 'rotating') AND NOT ekm._ekm_decrypts(v, $1)) \
+                     FROM (SELECT ekm._ekm_value_class(@C@) AS c, @C@::text AS v FROM @T@) s",
                     *oid,
                     col,
                 )?;
-                let (m, p, u) = catalog::three::<i64, i64, i64>(&sql, vec![])?;
-                let (m, p, u) = (m.unwrap_or(0), p.unwrap_or(0), u.unwrap_or(0));
+                let (m, p, u, x) =
+                    Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, i64, i64, i64)> {
+                        let t = c.select(&sql, Some(1), &[context.clone().into()])?;
+                        let r = t.first();
+                        Ok((
+                            r.get::<i64>(1)?.unwrap_or(0),
+                            r.get::<i64>(2)?.unwrap_or(0),
+                            r.get::<i64>(3)?.unwrap_or(0),
+                            r.get::<i64>(4)?.unwrap_or(0),
+                        ))
+                    })
+                    .map_err(internal)?;
                 let mut notes = Vec::new();
+                if x > 0 {
+                    notes.push(format!(
+                        "{x} values do not decrypt with the registered context '{context}' (bound to another context, or altered): the rotation would stop at them; fix them before rotating"
+                    ));
+                }
                 if p > 0 {
                     notes.push(format!(
                         "{p} values are not ekm ciphertexts and will be left as they are"

@@ -13,6 +13,12 @@ UPDATE ops_people SET email = NULL WHERE id = 12;
 SELECT table_name, column_name, plaintext_values, encrypted_values, foreign_values, null_values, job_id
 FROM ekm_encrypt_column('ops_people', 'email', 100, true);
 SELECT count(*) AS registered_after_dry_run FROM ekm.registered_column;
+-- the 10 encrypted values were encrypted without a context: a dry run with one says so
+SELECT note FROM ekm_encrypt_column('ops_people', 'email', 100, true, 'public.ops_people.email');
+-- and so does a rotation's dry run for a column registered with a context its values lack
+SELECT ekm_register_column('ops_people', 'email', 'public.ops_people.email');
+SELECT column_name, values_to_move, values_not_encrypted, note FROM ekm_rotate(dry_run => true);
+SELECT ekm_unregister_column('ops_people', 'email');
 SELECT try($$SELECT * FROM ekm_encrypt_column('ops_people', 'nope', 100, true)$$) AS missing_column;
 SELECT try($$SELECT * FROM ekm_encrypt_column('ops_people', 'age', 100, false)$$) AS integer_column;
 SELECT try($$SELECT * FROM ekm_encrypt_column('ops_people', 'email', 0, true)$$) AS zero_batch;
