@@ -48,6 +48,12 @@ run() {
 run fmt cargo fmt --all -- --check
 run clippy cargo clippy --workspace --all-targets -- -D warnings
 run core cargo test -p ekm-core
+# ekm-core's AES-GCM has an AES-NI/PCLMULQDQ path (the build's default on
+# x86_64, .cargo/config.toml) and a portable one: test the portable one too.
+if [ "$(uname -m)" = x86_64 ]; then
+  run core_portable env RUSTFLAGS="-Ctarget-cpu=x86-64" CARGO_TARGET_DIR=target/portable \
+    cargo test -p ekm-core --test gcm --test crypto
+fi
 
 if [ "$(id -u)" -eq 0 ]; then
   install -d -o "$EKM_PG_USER" -g "$EKM_PG_USER" /tmp/ekm-pgtest

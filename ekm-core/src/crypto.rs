@@ -25,44 +25,11 @@ pub fn os_random(buf: &mut [u8]) -> Result<()> {
         .map_err(|e| EkmError::Internal(format!("OS random source failed: {e}")))
 }
 
-/// ring's expanded AES-256-GCM key (round keys and GHASH table), boxed so
-/// its bytes can be wiped when it is dropped: ring itself does not zeroize.
-struct KeySchedule(Box<std::mem::MaybeUninit<ring::aead::LessSafeKey>>);
-
-impl KeySchedule {
-    fn new(bytes: &[u8; KEY_LEN]) -> Self {
-        let k = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, bytes).expect("32-byte key");
-        KeySchedule(Box::new(std::mem::MaybeUninit::new(
-            ring::aead::LessSafeKey::new(k),
-        )))
-    }
-
-    fn get(&self) -> &ring::aead::LessSafeKey {
-        // SAFETY: initialized in `new`, dropped only in `drop`.
-        unsafe { self.0.assume_init_ref() }
-    }
-}
-
-impl Drop for KeySchedule {
-    fn drop(&mut self) {
-        // SAFETY: initialized in `new`; after this the bytes are only wiped
-        // and the box (of MaybeUninit) frees them without another drop.
-        unsafe {
-            self.0.assume_init_drop();
-            let bytes = std::slice::from_raw_parts_mut(
-                self.0.as_mut_ptr() as *mut u8,
-                std::mem::size_of::<ring::aead::LessSafeKey>(),
-            );
-            zeroize::Zeroize::zeroize(bytes);
-        }
-    }
-}
-
-/// An unwrapped data key, ready to use: the AES key schedule is computed once.
 pub struct DataKey {
     id: KeyId,
     key_ref: [u8; KEY_REF_LEN],
-    cipher: KeySchedule,
+    /// The expanded key (round keys, GHASH powers): boxed, wiped on drop.
+    cipher: Box<crate::gcm::Gcm>,
 }
 
 /// Small buffers stay on the stack (no allocation on the per-row path);
@@ -139,7 +106,7 @@ impl DataKey {
         DataKey {
             id,
             key_ref: id.to_ref(),
-            cipher: KeySchedule::new(bytes),
+            cipher: Box::new(crate::gcm::Gcm::new(bytes)),
         }
     }
 
@@ -163,16 +130,8 @@ impl DataKey {
         let (body, tag_out) = bin[HEADER_LEN..].split_at_mut(plaintext.len());
         body.copy_from_slice(plaintext);
         let aad = Aad::new(&self.key_ref, context);
-        let tag = self
-            .cipher
-            .get()
-            .seal_in_place_separate_tag(
-                ring::aead::Nonce::assume_unique_for_key(*nonce),
-                ring::aead::Aad::from(aad.as_slice()),
-                body,
-            )
-            .map_err(|_| EkmError::Internal("value too long to encrypt".into()))?;
-        tag_out.copy_from_slice(tag.as_ref());
+        let tag = self.cipher.seal_in_place(nonce, aad.as_slice(), body);
+        tag_out.copy_from_slice(&tag);
         let n = format::encode_into(bin, out);
         debug_assert_eq!(n, out.len());
         Ok(())
@@ -212,13 +171,10 @@ impl DataKey {
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&bin[KEY_REF_LEN..HEADER_LEN]);
         let aad = Aad::new(&self.key_ref, context);
+        let (body, tag) = bin[HEADER_LEN..].split_at_mut(n - HEADER_LEN - TAG_LEN);
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("16-byte tag");
         self.cipher
-            .get()
-            .open_in_place(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::from(aad.as_slice()),
-                &mut bin[HEADER_LEN..],
-            )
+            .open_in_place(&nonce, aad.as_slice(), body, tag)
             .map_err(|_| EkmError::AuthenticationFailed(self.id.to_string()))?;
         Ok(HEADER_LEN..n - TAG_LEN)
     }

@@ -4,6 +4,7 @@
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod gcm;
 pub mod keyid;
 pub mod lifecycle;
 
