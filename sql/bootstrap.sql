@@ -98,7 +98,10 @@ CREATE TABLE ekm.rotation_job (
     switch_xid   xid8 NOT NULL DEFAULT pg_current_xact_id(),
     finished_at  timestamptz,
     rows_done    bigint NOT NULL DEFAULT 0,
-    error        text
+    error        text,
+    -- what a running job waits for, when it cannot go on (e.g. transactions
+    -- older than the key switch); NULL while it makes progress
+    waiting_for  text
 );
 -- At most one unfinished job per database.
 CREATE UNIQUE INDEX rotation_job_one_unfinished ON ekm.rotation_job ((true))

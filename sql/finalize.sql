@@ -73,7 +73,7 @@ SELECT j.job_id, j.kind, c.tbl AS table_name, c.col AS column_name, j.from_key, 
        r.rows_per_second,
        CASE WHEN j.state = 'running' AND c.state <> 'done' AND r.rows_per_second > 0
             THEN make_interval(secs => greatest(c.rows_total - c.rows_done, 0) / r.rows_per_second) END AS eta,
-       c.state AS column_state, c.passes, j.state AS job_state, j.error,
+       c.state AS column_state, c.passes, j.state AS job_state, j.waiting_for, j.error,
        j.switched_at AS started_at, j.finished_at
 FROM ekm.rotation_job j
 JOIN ekm.rotation_cursor c USING (job_id)

@@ -549,10 +549,17 @@ fn check_jobs() -> EkmResult<HealthRow> {
                 "job {j} was cancelled before it finished; values stay decryptable: SELECT ekm_rotation_resume({j})"
             ))
         } else if alive {
+            let waiting = catalog::one::<String>(
+                "SELECT waiting_for FROM ekm.rotation_job WHERE job_id = $1",
+                vec![j.into()],
+            )?;
             row(
                 "rotation_jobs",
                 "ok",
-                format!("job {j} is running (SELECT * FROM ekm.rotation_progress)"),
+                match waiting {
+                    Some(w) => format!("job {j} is running; waiting for {w}"),
+                    None => format!("job {j} is running (SELECT * FROM ekm.rotation_progress)"),
+                },
             )
         } else {
             row("rotation_jobs", "failed", format!(
@@ -645,15 +652,24 @@ fn check_values(cols: &[(pg_sys::Oid, String, String, bool)]) -> EkmResult<Healt
             continue;
         }
         scanned += 1;
+        // values on keys that cannot decrypt, and values that do not decrypt
+        // with the column's registered context (a rotation would stop at them)
         let sql = dynamic(
-            "SELECT c, count(*) FROM (SELECT ekm._ekm_value_class(@C@) AS c FROM @T@) s \
-             WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed') GROUP BY c ORDER BY c",
+            "SELECT c, count(*) FROM (SELECT CASE WHEN k IN ('active', 'rotating') AND NOT ekm._ekm_decrypts(v, $1) \
+                                              THEN 'wrong-context' ELSE k END AS c \
+                                      FROM (SELECT ekm._ekm_value_class(@C@::text) AS k, @C@::text AS v FROM @T@) s0) s \
+             WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed', 'wrong-context') GROUP BY c ORDER BY c",
             *tbl,
             col,
         )?;
+        let context = catalog::one::<String>(
+            "SELECT context FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2",
+            vec![(*tbl).into(), col.clone().into()],
+        )?
+        .unwrap_or_default();
         let counts = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
             let mut v = Vec::new();
-            for r in c.select(&sql, None, &[])? {
+            for r in c.select(&sql, None, &[context.clone().into()])? {
                 v.push(format!(
                     "{} on {} keys",
                     r.get::<i64>(2)?.unwrap_or(0),
@@ -665,7 +681,12 @@ fn check_values(cols: &[(pg_sys::Oid, String, String, bool)]) -> EkmResult<Healt
         .map_err(internal)?;
         if !counts.is_empty() {
             bad.push(
-                format!("{name}: {}", counts.join(", ")).replace("on malformed keys", "malformed"),
+                format!("{name}: {}", counts.join(", "))
+                    .replace("on malformed keys", "malformed")
+                    .replace(
+                        "on wrong-context keys",
+                        "not decrypting with the registered context",
+                    ),
             );
         }
     }

@@ -320,6 +320,9 @@ pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
         "UPDATE ekm.rotation_job SET state = 'failed', error = $2, finished_at = now() WHERE job_id = $1",
         vec![j.into(), format!("superseded by {by}").into()],
     )?;
+    pgrx::notice!(
+        "ekm: cancelled job {j} is superseded by {by}; its values are on keys that still decrypt and the new job moves them"
+    );
     Ok(())
 }
 
@@ -365,6 +368,39 @@ pub(crate) fn start_job(
          WHERE ($3::oid IS NULL OR (r.tbl = $3::oid AND r.col = $4))",
         vec![job.into(), batch_size.into(), tbl.into(), col.into()],
     )?;
+    // Tables never analyzed (reltuples < 0) have no row density: sample the
+    // first blocks, or a batch would span batch_size blocks instead of rows.
+    let unknown = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i64)>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT DISTINCT c.tbl::oid, c.blocks_total FROM ekm.rotation_cursor c JOIN pg_class p ON p.oid = c.tbl \
+             WHERE c.job_id = $1 AND p.reltuples < 0 AND c.blocks_total > 0",
+            None,
+            &[job.into()],
+        )? {
+            v.push((r.get::<pg_sys::Oid>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0)));
+        }
+        Ok(v)
+    })
+    .map_err(internal)?;
+    for (t, blocks) in unknown {
+        let sample = blocks.min(32);
+        let rows = catalog::one::<i64>(
+            &dynamic(
+                "SELECT count(*) FROM @T@ WHERE ctid >= '(0,0)'::tid AND ctid < $1::tid",
+                t,
+                "",
+            )?,
+            vec![format!("({sample},0)").into()],
+        )?
+        .unwrap_or(0);
+        let per_block = (rows as f64 / sample as f64).max(1.0);
+        catalog::exec(
+            "UPDATE ekm.rotation_cursor SET blocks_per_batch = greatest(1, ($3::float8 / $4::float8)::int), \
+                    rows_total = ($4::float8 * blocks_total)::bigint WHERE job_id = $1 AND tbl = $2::regclass",
+            vec![job.into(), t.into(), (batch_size as f64).into(), per_block.into()],
+        )?;
+    }
     let job_s = job.to_string();
     let bs = batch_size.to_string();
     let mut fields: Vec<(&str, &str)> = vec![

@@ -643,8 +643,33 @@ fn step(job_id: i64) -> Result<Step, String> {
         vec![job_id.into()],
     )?;
     if old > 0 {
+        let pids = Spi::connect(|c| -> pgrx::spi::SpiResult<String> {
+            let t = c.select(
+                "SELECT string_agg(a.pid::text, ', ' ORDER BY a.pid) FROM pg_stat_activity a, ekm.rotation_job j \
+                 WHERE j.job_id = $1 AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND a.pid <> pg_backend_pid() \
+                   AND (age(a.backend_xid) >= age(xid(j.switch_xid)) OR age(a.backend_xmin) >= age(xid(j.switch_xid)))",
+                Some(1),
+                &[job_id.into()],
+            )?;
+            Ok(t.first().get::<String>(1)?.unwrap_or_default())
+        })
+        .map_err(spi_err)?;
+        catalog::exec(
+            "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND waiting_for IS DISTINCT FROM $2",
+            vec![
+                job_id.into(),
+                format!("{old} transactions that began before the key switch (pids {pids}): they may still encrypt with the old key; the job retires it when they end").into(),
+            ],
+        )
+        .map_err(|e| e.to_string())?;
         return Ok(Step::Later);
     }
+    catalog::exec(
+        "UPDATE ekm.rotation_job SET waiting_for = NULL WHERE job_id = $1 AND waiting_for IS NOT NULL",
+        vec![job_id.into()],
+    )
+    .map_err(|e| e.to_string())?;
     // Checked, not assumed: nothing left on a rotating key in any registered column.
     let cols = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String)>> {
         let mut v = Vec::new();
@@ -690,7 +715,7 @@ fn step(job_id: i64) -> Result<Step, String> {
 /// Marks the job done, audits and notifies.
 fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
     let rows = one_i64(
-        "UPDATE ekm.rotation_job SET state = 'done', finished_at = now() WHERE job_id = $1 RETURNING rows_done",
+        "UPDATE ekm.rotation_job SET state = 'done', finished_at = now(), waiting_for = NULL WHERE job_id = $1 RETURNING rows_done",
         vec![job_id.into()],
     )?;
     let event = match kind {

@@ -166,7 +166,9 @@ q app "SELECT ekm_rotation_cancel($job)" >/dev/null
 sleep 0.5
 check_match "mid-rotation: values are on both keys" "$(q app "SELECT count(DISTINCT ekm_key_id(email)) FROM people WHERE email LIKE 'ekm1:%'")" '^2$'
 start_writers cipher
-rb=$(q app "SELECT job_id || ':' || from_key || ':' || to_key FROM ekm_rollback()")
+rb_out=$(q app "SELECT job_id || ':' || from_key || ':' || to_key FROM ekm_rollback()")
+rb=$(printf '%s\n' "$rb_out" | grep -v '^NOTICE')
+check_match "superseding the cancelled rotation is said" "$rb_out" "NOTICE:  ekm: cancelled job $job is superseded by a rollback"
 resetconf ekm.rotation_batch_pause
 check "rollback in the middle of a rotation goes back to the key before it" "${rb#*:}" "$K3:$K1"
 check "the interrupted rotation is marked superseded" "$(q app "SELECT state || ':' || error FROM ekm.rotation_job WHERE job_id = $job")" "failed:superseded by a rollback"
@@ -208,6 +210,10 @@ q app "INSERT INTO people VALUES (-1, '$foreign_ct', NULL, 0)" >/dev/null
 check_match "a value on an unknown key is reported" "$(health unusable_values):$(health_detail unusable_values)" '^failed:.*people.email: 1 on unknown keys'
 check_match "the one-line status names the worst status and the check" "$(q app "SELECT ekm_health_status()")" '^failed: unusable_values$'
 q app "DELETE FROM people WHERE id = -1" >/dev/null
+q app "INSERT INTO people VALUES (-2, ekm_encrypt('bound elsewhere', 'public.other.email'), NULL, 0)" >/dev/null
+check_match "a value bound to another context is reported (a rotation would stop at it)" \
+  "$(health unusable_values):$(health_detail unusable_values)" '^failed:.*people.email: 1 not decrypting with the registered context'
+q app "DELETE FROM people WHERE id = -2" >/dev/null
 q app "CREATE TABLE gone (id int, secret text)" >/dev/null
 q app "SELECT ekm_register_column('gone', 'secret')" >/dev/null
 q app "ALTER TABLE gone DROP COLUMN secret" >/dev/null
@@ -248,6 +254,29 @@ check_match "status: worst is warning" "$(q app "SELECT ekm_health_status()")" '
 job=$(q app "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
 check "a rotation gathers them" "$(wait_job app "$job" 300)" done
 check "and the checks pass" "$(health decrypt_keys):$(health rotation_jobs)" "ok:ok"
+
+# A table never analyzed: batches are sized in rows (sampled), not blocks.
+q app "CREATE TABLE fresh (id int, v text); INSERT INTO fresh SELECT g, ekm_encrypt('f' || g) FROM generate_series(1, 20000) g" >/dev/null
+q app "SELECT ekm_register_column('fresh', 'v')" >/dev/null
+check "the new table has no statistics" "$(q app "SELECT reltuples < 0 FROM pg_class WHERE oid = 'fresh'::regclass")" t
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 500, force => true) LIMIT 1")
+check_match "a batch of 500 rows spans a few blocks, not 500" "$(q app "SELECT blocks_per_batch FROM ekm.rotation_cursor WHERE job_id = $job AND tbl = 'fresh'::regclass")" '^[1-9]$'
+check "that rotation finishes" "$(wait_job app "$job" 300)" done
+check "every value of the new table is on the active key" "$(q app "SELECT count(*) FROM fresh WHERE ekm_key_id(v) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_decrypt(v) = 'f' || id")" 20000
+q app "SELECT ekm_unregister_column('fresh', 'v')" >/dev/null
+
+# A transaction older than the key switch holds the retirement back, and
+# the job says so.
+coproc OLD { cpsql "$dir" "$port" -d app -At -q 2>&1; }
+echo "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 'snapshot taken';" >&"${OLD[1]}"
+IFS= read -r -t 20 line <&"${OLD[0]}"
+job=$(q app "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+for _ in $(seq 1 100); do [ -n "$(q app "SELECT waiting_for FROM ekm.rotation_job WHERE job_id = $job")" ] && break; sleep 0.1; done
+check_match "the job shows what it waits for" "$(q app "SELECT DISTINCT waiting_for FROM ekm.rotation_progress WHERE job_id = $job")" '^1 transactions that began before the key switch \(pids [0-9]+\)'
+check_match "and health says so" "$(health_detail rotation_jobs)" "^job $job is running; waiting for 1 transactions"
+echo "COMMIT;" >&"${OLD[1]}"; exec {OLD[1]}>&-; wait "$OLD_PID" 2>/dev/null
+check "when it ends the job finishes" "$(wait_job app "$job" 120)" done
+check "and the note is gone" "$(q app "SELECT waiting_for IS NULL FROM ekm.rotation_job WHERE job_id = $job")" t
 
 # 5. Keys needing rotation, and the policy settings (reload).
 check "no key needs rotation" "$(q app "SELECT count(*) FROM ekm_keys_needing_rotation()")" 0
