@@ -7,6 +7,13 @@ CREATE FUNCTION @extschema@.ekm_decrypt(ciphertext text) RETURNS text
     AS 'MODULE_PATHNAME', 'ekm_decrypt_v1' LANGUAGE c STABLE STRICT PARALLEL SAFE;
 CREATE FUNCTION @extschema@.ekm_decrypt(ciphertext text, context text) RETURNS text
     AS 'MODULE_PATHNAME', 'ekm_decrypt_v1' LANGUAGE c STABLE CALLED ON NULL INPUT PARALLEL SAFE;
+-- The rotation worker's per-value functions (src/fastpath.rs; not granted to applications).
+CREATE FUNCTION ekm._ekm_on_rotating_key(value text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'ekm_on_rotating_key_v1' LANGUAGE c STABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION ekm._ekm_rotate_value(value text, context text, col_position integer) RETURNS text
+    AS 'MODULE_PATHNAME', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT;
+CREATE FUNCTION ekm._ekm_encrypt_plain(value text, context text, col_position integer) RETURNS text
+    AS 'MODULE_PATHNAME', 'ekm_encrypt_plain_v1' LANGUAGE c VOLATILE STRICT;
 COMMENT ON FUNCTION @extschema@.ekm_encrypt(text) IS 'Encrypts under the active ekm key (AES-256-GCM).';
 COMMENT ON FUNCTION @extschema@.ekm_encrypt(text, text) IS 'Encrypts under the active ekm key, bound to a context (associated data).';
 COMMENT ON FUNCTION @extschema@.ekm_decrypt(text) IS 'Decrypts an ekm ciphertext with the key it names.';

@@ -122,3 +122,131 @@ pub unsafe extern "C-unwind" fn ekm_decrypt_v1(fcinfo: pg_sys::FunctionCallInfo)
         }
     }
 }
+
+// ---- the rotation worker's per-value functions (ekm._ekm_*; not granted) ----
+
+thread_local! {
+    /// Values moved per column position by `_ekm_rotate_value` /
+    /// `_ekm_encrypt_plain` in this backend (the worker reads and resets them
+    /// around each batch).
+    static MOVED: std::cell::RefCell<[i64; 64]> = const { std::cell::RefCell::new([0; 64]) };
+}
+
+/// Resets the moved-value counters.
+pub fn reset_moved() {
+    MOVED.with(|m| *m.borrow_mut() = [0; 64]);
+}
+
+/// The moved-value counters of the first `n` column positions.
+pub fn moved(n: usize) -> Vec<i64> {
+    MOVED.with(|m| m.borrow()[..n.min(64)].to_vec())
+}
+
+fn count_moved(fcinfo: pg_sys::FunctionCallInfo) {
+    let i = unsafe { pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 2) }.value() as i32;
+    if (0..64).contains(&i) {
+        MOVED.with(|m| m.borrow_mut()[i as usize] += 1);
+    }
+}
+
+fn on_rotating_key(v: &[u8]) -> bool {
+    match format::key_ref_of_bytes(v) {
+        Some(r) => match keycache::state_of(&r) {
+            Ok(s) => s == Some(ekm_core::KeyState::Rotating),
+            Err(e) => raise(e),
+        },
+        None => false,
+    }
+}
+
+fn is_plaintext(v: &[u8]) -> bool {
+    match std::str::from_utf8(v) {
+        Ok(s) => !format::looks_encrypted(s) && !format::looks_foreign(s),
+        Err(_) => true, // ekm's and other schemes' ciphertexts are ASCII
+    }
+}
+
+macro_rules! v1_finfo {
+    ($name:ident) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn $name() -> &'static pg_sys::Pg_finfo_record {
+            static R: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &R
+        }
+    };
+}
+v1_finfo!(pg_finfo_ekm_on_rotating_key_v1);
+v1_finfo!(pg_finfo_ekm_rotate_value_v1);
+v1_finfo!(pg_finfo_ekm_encrypt_plain_v1);
+
+/// `ekm._ekm_on_rotating_key(value text) -> bool` (STRICT): whether a stored
+/// value is on a `rotating` key (what a rotation moves).
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ekm_on_rotating_key_v1(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        pg_sys::Datum::from(on_rotating_key(v))
+    }
+}
+
+/// `ekm._ekm_rotate_value(value text, context text, position int) -> text`
+/// (STRICT): a value on a rotating key re-encrypted under the active key
+/// (counted at `position`); any other value returned as it is.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        if !on_rotating_key(v) {
+            return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+        }
+        let ctx = context_arg(fcinfo);
+        let r = format::body_bytes(v).and_then(|body| {
+            let mut buf =
+                zeroize::Zeroizing::new(vec![0u8; format::decoded_len_of_body(body.len())?]);
+            format::b64_decode(body, &mut buf)?;
+            let mut key_ref = [0u8; KEY_REF_LEN];
+            key_ref.copy_from_slice(&buf[..KEY_REF_LEN]);
+            let range = keycache::with_decrypt_key(&key_ref, |k| k.open_decoded(&mut buf, ctx))?;
+            let pt = &buf[range];
+            let (out, bytes) = new_text(format::encoded_len(pt.len()));
+            keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, pt, ctx, bytes))?;
+            Ok(out)
+        });
+        match r {
+            Ok(out) => {
+                count_moved(fcinfo);
+                pg_sys::Datum::from(out)
+            }
+            Err(e) => raise(e),
+        }
+    }
+}
+
+/// `ekm._ekm_encrypt_plain(value text, context text, position int) -> text`
+/// (STRICT): a plaintext value encrypted under the active key (counted at
+/// `position`); ekm and foreign ciphertexts returned as they are.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ekm_encrypt_plain_v1(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        if !is_plaintext(v) {
+            return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+        }
+        let ctx = context_arg(fcinfo);
+        let (out, bytes) = new_text(format::encoded_len(v.len()));
+        if let Err(e) = keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, v, ctx, bytes)) {
+            raise(e);
+        }
+        count_moved(fcinfo);
+        pg_sys::Datum::from(out)
+    }
+}

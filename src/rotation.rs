@@ -52,15 +52,6 @@ pub(crate) fn dynamic(template: &str, tbl: pg_sys::Oid, col: &str) -> EkmResult<
 mod ekm {
     use super::*;
 
-    /// Whether a stored value is on a `rotating` key (what rotation moves).
-    #[pg_extern(stable, strict, parallel_safe)]
-    fn _ekm_on_rotating_key(value: &str) -> bool {
-        match format::key_of(value) {
-            Ok(k) => keycache::state_of(&k.to_ref()).or_raise() == Some(KeyState::Rotating),
-            Err(_) => false,
-        }
-    }
-
     /// Whether a stored value is plaintext that ekm_encrypt_column encrypts
     /// (not NULL, not an ekm ciphertext, not another scheme's ciphertext).
     #[pg_extern(immutable, strict, parallel_safe)]
@@ -635,7 +626,7 @@ fn ekm_rotation_wait(
             pg_sys::WaitLatch(
                 pg_sys::MyLatch,
                 (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                200,
+                25,
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);

@@ -7,6 +7,7 @@ use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
 use pgrx::prelude::*;
+use pgrx::PgOid;
 use std::time::Duration;
 
 /// Advisory lock class that a worker holds for its job (one worker per job).
@@ -262,7 +263,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     // Find the job (it becomes visible when the caller's transaction commits)
     // and take its lock, so that one worker at most runs it.
     let mut found = false;
-    for _ in 0..100 {
+    for _ in 0..1000 {
         let r = transaction(|| {
             let installed =
                 Spi::get_one::<bool>("SELECT to_regclass('ekm.rotation_job') IS NOT NULL")
@@ -297,7 +298,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             Ok(None) if arg.value() == 0 => return, // nothing to resume here
             _ => {}
         }
-        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(10))) {
             return;
         }
     }
@@ -325,12 +326,15 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             Ok(Step::Again) => crate::gucs::rotation_batch_pause(),
             Ok(Step::Later) => crate::gucs::rotation_retry_pause(),
             Ok(Step::Stop) => break,
-            Err((code, msg))
-                if code.contains("LOCK_NOT_AVAILABLE")
-                    || code.contains("DEADLOCK")
-                    || code.contains("SERIALIZATION") =>
-            {
+            Err((code, _)) if code.contains("LOCK_NOT_AVAILABLE") => {
+                // an application holds a row of this batch: redo it at once,
+                // skipping locked rows (a later pass takes them)
+                SKIP_LOCKED_NEXT.with(|s| s.set(true));
+                std::time::Duration::ZERO
+            }
+            Err((code, msg)) if code.contains("DEADLOCK") || code.contains("SERIALIZATION") => {
                 pgrx::log!("ekm: rotation job {job_id}: batch skipped ({msg}); retrying");
+                SKIP_LOCKED_NEXT.with(|s| s.set(true));
                 crate::gucs::rotation_retry_pause()
             }
             Err((_, msg)) => {
@@ -378,13 +382,6 @@ fn notify(job_id: i64, kind: &str, outcome: &str) -> Result<(), String> {
     .map_err(spi_err)
 }
 
-struct Cursor {
-    tbl: pg_sys::Oid,
-    state: String,
-    next_block: i64,
-    blocks_per_batch: i32,
-}
-
 fn one_i64(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<i64, String> {
     Spi::connect_mut(|c| {
         let t = c.update(sql, Some(1), &args)?;
@@ -397,224 +394,237 @@ fn one_i64(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<i64, S
     .map_err(spi_err)
 }
 
-fn ext_schema() -> Result<String, String> {
-    crate::rotation::ext_schema().map_err(|e| e.to_string())
+thread_local! {
+    /// The batch statement of the table being worked on, prepared once
+    /// (SPI_keepplan) and reused by every batch: (statement text, plan).
+    static BATCH_PLAN: std::cell::RefCell<Option<(String, pgrx::spi::OwnedPreparedStatement)>> =
+        const { std::cell::RefCell::new(None) };
+    /// Set after a batch hit an application's row lock: the next batch skips
+    /// locked rows (they are retried by the next pass) instead of waiting.
+    static SKIP_LOCKED_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The statement text for `tbl.col`, identifiers quoted by PostgreSQL.
-fn stmt(template: &str, tbl: pg_sys::Oid, col: &str) -> Result<String, String> {
-    crate::rotation::dynamic(template, tbl, col).map_err(|e| e.to_string())
+/// The first unfinished cursor group of a job: every column of one table at
+/// the same position.
+struct Group {
+    tbl: pg_sys::Oid,
+    table: String,
+    state: String,
+    next_block: i64,
+    blocks_per_batch: i32,
+    nblocks: i64,
+    /// quoted identifiers, names, contexts (same order)
+    quoted: Vec<String>,
+    names: Vec<String>,
+    contexts: Vec<String>,
 }
 
-const COUNT_LEFT: &str = "SELECT count(*) FROM @T@ WHERE ekm._ekm_on_rotating_key(@C@)";
 fn step(job_id: i64) -> Result<Step, String> {
-    let lock_timeout = format!("{}ms", crate::gucs::rotation_lock_timeout_ms());
-    Spi::run_with_args(
-        "SELECT set_config('lock_timeout', $1, true)",
-        &[lock_timeout.into()],
-    )
-    .map_err(spi_err)?;
-    let kind = catalog::one::<String>(
-        "SELECT kind FROM ekm.rotation_job WHERE job_id = $1 AND state = 'running'",
-        vec![job_id.into()],
-    )
-    .map_err(|e| e.to_string())?;
-    let Some(kind) = kind else {
-        return Ok(Step::Stop);
-    };
-    let encrypt = kind == "encrypt";
-
-    let cursor = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Option<Cursor>> {
-        let t = c.update(
-            "SELECT tbl::oid, col::text, context, state, next_block, blocks_per_batch FROM ekm.rotation_cursor \
-             WHERE job_id = $1 AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1 FOR UPDATE",
-            None,
-            &[job_id.into()],
+    // Below deadlock_timeout: in a lock cycle with an application
+    // transaction, the batch gives up before the application's deadlock
+    // check could abort the application's transaction.
+    let lock_timeout = format!(
+        "{}ms",
+        crate::gucs::rotation_lock_timeout_ms()
+            .min(unsafe { pg_sys::DeadlockTimeout } / 2)
+            .max(1)
+    );
+    // One statement: the job's kind (if it is still running), the next
+    // cursor group and its table's size; sets this transaction's lock_timeout.
+    let head = Spi::connect(|c| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
+        let t = c.select(
+            "SELECT set_config('lock_timeout', $2, true), j.kind, g.tbl, g.table_name, g.state, g.next_block, \
+                    g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
+             FROM ekm.rotation_job j \
+             LEFT JOIN LATERAL ( \
+               SELECT f.tbl::oid AS tbl, f.tbl::regclass::text AS table_name, f.state, f.next_block, f.blocks_per_batch, \
+                      pg_relation_size(f.tbl) / current_setting('block_size')::bigint AS nblocks, \
+                      array_agg(quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
+                      array_agg(c.context ORDER BY c.col) AS contexts \
+               FROM (SELECT tbl, state, next_block, blocks_per_batch FROM ekm.rotation_cursor \
+                     WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
+               JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
+               GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch) g ON true \
+             WHERE j.job_id = $1 AND j.state = 'running'",
+            Some(1),
+            &[job_id.into(), lock_timeout.clone().into()],
         )?;
         if t.is_empty() {
             return Ok(None);
         }
         let r = t.first();
-        Ok(Some(Cursor {
-            tbl: r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
-            state: r.get::<String>(4)?.unwrap_or_default(),
-            next_block: r.get::<i64>(5)?.unwrap_or(0),
-            blocks_per_batch: r.get::<i32>(6)?.unwrap_or(1),
-        }))
+        let kind = r.get::<String>(2)?.unwrap_or_default();
+        let group = match r.get::<pg_sys::Oid>(3)? {
+            None => None,
+            Some(tbl) => Some(Group {
+                tbl,
+                table: r.get::<String>(4)?.unwrap_or_default(),
+                state: r.get::<String>(5)?.unwrap_or_default(),
+                next_block: r.get::<i64>(6)?.unwrap_or(0),
+                blocks_per_batch: r.get::<i32>(7)?.unwrap_or(1),
+                nblocks: r.get::<i64>(8)?.unwrap_or(0),
+                quoted: r.get::<Vec<String>>(9)?.unwrap_or_default(),
+                names: r.get::<Vec<String>>(10)?.unwrap_or_default(),
+                contexts: r.get::<Vec<String>>(11)?.unwrap_or_default(),
+            }),
+        };
+        Ok(Some((kind, group)))
     })
     .map_err(spi_err)?;
+    let Some((kind, group)) = head else {
+        return Ok(Step::Stop);
+    };
+    let encrypt = kind == "encrypt";
 
-    if let Some(c) = cursor {
-        // Every column of this table at the same position moves in the same
-        // statement: one new row version per row, not one per column.
-        let group = Spi::connect_mut(|cl| -> pgrx::spi::SpiResult<Vec<(String, String)>> {
-            let mut v = Vec::new();
-            for r in cl.update(
-                "SELECT col::text, context FROM ekm.rotation_cursor \
-                 WHERE job_id = $1 AND tbl = $2::regclass AND state = $3 AND next_block = $4 ORDER BY col FOR UPDATE",
-                None,
-                &[job_id.into(), c.tbl.into(), c.state.clone().into(), c.next_block.into()],
-            )? {
-                v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default()));
-            }
-            Ok(v)
-        })
-        .map_err(spi_err)?;
-        let table = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[c.tbl.into()])
-            .map_err(spi_err)?
-            .unwrap_or_default();
-        let mut cols = Vec::new();
-        for (col, _) in &group {
-            cols.push(
-                Spi::get_one_with_args::<String>("SELECT quote_ident($1)", &[col.clone().into()])
-                    .map_err(spi_err)?
-                    .unwrap_or_default(),
-            );
-        }
-        // Identifiers below are quoted by PostgreSQL (regclass output, quote_ident); values are bound.
+    if let Some(g) = group {
         // What the job moves: values on a rotating key, or plaintext.
-        let on = |prefix: &str, q: &str| {
-            if encrypt {
-                format!("ekm._ekm_is_plaintext({prefix}{q})")
-            } else {
-                format!("ekm._ekm_on_rotating_key({prefix}{q})")
-            }
-        };
-        let func = if encrypt {
-            "ekm_encrypt"
+        let (pred, func) = if encrypt {
+            ("ekm._ekm_is_plaintext", "ekm._ekm_encrypt_plain")
         } else {
-            "ekm_reencrypt"
+            ("ekm._ekm_on_rotating_key", "ekm._ekm_rotate_value")
         };
         let any = |prefix: &str| {
-            cols.iter()
-                .map(|q| on(prefix, q))
+            g.quoted
+                .iter()
+                .map(|q| format!("{pred}({prefix}{q})"))
                 .collect::<Vec<_>>()
                 .join(" OR ")
         };
-        let counts = (0..cols.len())
-            .map(|i| format!("count(*) FILTER (WHERE f{i})"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let set_cursor = |n: i64, col: &str, sql: &str, extra: Option<i64>| -> Result<(), String> {
-            let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![
-                job_id.into(),
-                c.tbl.into(),
-                col.to_string().into(),
-                n.into(),
-            ];
-            if let Some(e) = extra {
-                args.push(e.into());
-            }
-            catalog::exec(sql, args)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        };
-        let read_counts =
-            |sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>| -> Result<Vec<i64>, String> {
-                Spi::connect_mut(|cl| {
-                    let t = cl.update(sql, Some(1), &args)?;
-                    let r = t.first();
-                    (1..=cols.len())
-                        .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
-                        .collect::<pgrx::spi::SpiResult<Vec<i64>>>()
-                })
-                .map_err(spi_err)
+        let set_cursors =
+            |sql: &str, extra: Vec<pgrx::datum::DatumWithOid<'_>>| -> Result<(), String> {
+                let mut args: Vec<pgrx::datum::DatumWithOid<'_>> =
+                    vec![job_id.into(), g.tbl.into(), g.names.clone().into()];
+                args.extend(extra);
+                catalog::exec(sql, args)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             };
 
-        if c.state == "scanning" {
-            let nblocks = one_i64(
-                "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint",
-                vec![c.tbl.into()],
-            )?;
-            if c.next_block >= nblocks {
-                for (col, _) in &group {
-                    set_cursor(0, col, "UPDATE ekm.rotation_cursor SET state = 'sweeping' WHERE job_id = $1 AND tbl = $2::regclass AND col = $3 AND $4 = 0", None)?;
-                }
+        if g.state == "scanning" {
+            if g.next_block >= g.nblocks {
+                // A rotation's pass ends here: the final check (below) scans
+                // for what is left. A migration sweeps its column first.
+                set_cursors(
+                    if encrypt {
+                        "UPDATE ekm.rotation_cursor SET state = 'sweeping' \
+                         WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])"
+                    } else {
+                        "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done \
+                         WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])"
+                    },
+                    vec![],
+                )?;
                 return Ok(Step::Again);
             }
-            let hi = c.next_block + c.blocks_per_batch as i64;
-            let schema = ext_schema()?;
-            let flags = cols
+            let hi = g.next_block + g.blocks_per_batch as i64;
+            // Identifiers are quoted by PostgreSQL (regclass output,
+            // quote_ident); values are bound. Each function returns the
+            // value unchanged unless it moves it.
+            let sets = g
+                .quoted
                 .iter()
                 .enumerate()
-                .map(|(i, q)| format!("{} AS f{i}", on("", q)))
+                .map(|(i, q)| format!("{q} = {func}(t.{q}, ${}, {i})", i + 3))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let sets = cols
-                .iter()
-                .enumerate()
-                .map(|(i, q)| {
-                    format!(
-                        "{q} = CASE WHEN {} THEN {schema}.{func}(t.{q}, ${}) ELSE t.{q} END",
-                        on("t.", q),
-                        i + 3
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let fcols = (0..cols.len())
-                .map(|i| format!("c.f{i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "WITH c AS (SELECT ctid, {flags} FROM {table} WHERE ctid >= $1::tid AND ctid < $2::tid AND ({}) FOR UPDATE SKIP LOCKED), \
-                 u AS (UPDATE {table} t SET {sets} FROM c WHERE t.ctid = c.ctid AND ({}) RETURNING {fcols}) \
-                 SELECT {counts} FROM u",
-                any(""),
-                any("t."),
-            );
+            let skip_locked = SKIP_LOCKED_NEXT.with(|s| s.replace(false));
+            let sql = if skip_locked {
+                // Rows an application holds are skipped, not waited for.
+                format!(
+                    "WITH c AS (SELECT ctid FROM {t} WHERE ctid >= $1::tid AND ctid < $2::tid AND ({a}) FOR UPDATE SKIP LOCKED) \
+                     UPDATE {t} t SET {sets} FROM c WHERE t.ctid = c.ctid",
+                    t = g.table,
+                    a = any(""),
+                )
+            } else {
+                // A plain UPDATE: a row an application holds is waited for at
+                // most lock_timeout, then the batch is retried skipping locked rows.
+                format!(
+                    "UPDATE {t} t SET {sets} WHERE t.ctid >= $1::tid AND t.ctid < $2::tid AND ({a})",
+                    t = g.table,
+                    a = any("t."),
+                )
+            };
             let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![
-                format!("({},0)", c.next_block).into(),
+                format!("({},0)", g.next_block).into(),
                 format!("({hi},0)").into(),
             ];
-            for (_, ctx) in &group {
+            for ctx in &g.contexts {
                 args.push(ctx.clone().into());
             }
-            let ns = read_counts(&sql, args)?;
-            let mut total = 0i64;
-            for ((col, _), n) in group.iter().zip(&ns) {
-                set_cursor(
-                    hi,
-                    col,
-                    "UPDATE ekm.rotation_cursor SET next_block = $4, rows_done = rows_done + $5 WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
-                    Some(*n),
-                )?;
-                total += n;
-            }
-            catalog::exec(
-                "UPDATE ekm.rotation_job SET rows_done = rows_done + $2 WHERE job_id = $1",
-                vec![job_id.into(), total.into()],
-            )
-            .map_err(|e| e.to_string())?;
+            crate::fastpath::reset_moved();
+            BATCH_PLAN
+                .with(|p| -> pgrx::spi::SpiResult<()> {
+                    let mut p = p.borrow_mut();
+                    Spi::connect_mut(|c| {
+                        if p.as_ref().map(|(s, _)| s != &sql).unwrap_or(true) {
+                            let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
+                            *p = Some((sql.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
+                        }
+                        c.update(&p.as_ref().expect("prepared").1, None, &args)?;
+                        Ok(())
+                    })
+                })
+                .map_err(spi_err)?;
+            let ns = crate::fastpath::moved(g.names.len());
+            let total: i64 = ns.iter().sum();
+            set_cursors(
+                "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $6 WHERE job_id = $1) \
+                 UPDATE ekm.rotation_cursor c SET next_block = $4, rows_done = c.rows_done + u.n \
+                 FROM unnest($3::name[], $5::bigint[]) AS u(col, n) \
+                 WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
+                vec![hi.into(), ns.into(), total.into()],
+            )?;
             return Ok(Step::Again);
         }
         // sweeping: what is left in these columns, in one scan
-        let left = read_counts(
-            &format!(
-                "SELECT {} FROM {table}",
-                cols.iter()
-                    .map(|q| format!("count(*) FILTER (WHERE {})", on("", q)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            vec![],
-        )?;
-        let mut again = true;
-        for ((col, _), n) in group.iter().zip(&left) {
-            if *n == 0 {
-                set_cursor(0, col, "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done WHERE job_id = $1 AND tbl = $2::regclass AND col = $3 AND $4 = 0", None)?;
-            } else {
-                again = false;
-                set_cursor(
-                    *n,
-                    col,
-                    "UPDATE ekm.rotation_cursor SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = $4 \
-                     WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
-                    None,
-                )?;
-            }
+        let counts = g
+            .quoted
+            .iter()
+            .map(|q| format!("count(*) FILTER (WHERE {pred}({q}))"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let left = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
+            let t = c.select(&format!("SELECT {counts} FROM {}", g.table), Some(1), &[])?;
+            let r = t.first();
+            (1..=g.names.len())
+                .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
+                .collect()
+        })
+        .map_err(spi_err)?;
+        let done: Vec<String> = g
+            .names
+            .iter()
+            .zip(&left)
+            .filter(|(_, n)| **n == 0)
+            .map(|(c, _)| c.clone())
+            .collect();
+        let (again_cols, again_n): (Vec<String>, Vec<i64>) = g
+            .names
+            .iter()
+            .zip(&left)
+            .filter(|(_, n)| **n > 0)
+            .map(|(c, n)| (c.clone(), *n))
+            .unzip();
+        if !done.is_empty() {
+            catalog::exec(
+                "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done \
+                 WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])",
+                vec![job_id.into(), g.tbl.into(), done.into()],
+            )
+            .map_err(|e| e.to_string())?;
         }
-        return Ok(if again { Step::Again } else { Step::Later });
+        if !again_cols.is_empty() {
+            catalog::exec(
+                "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n \
+                 FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
+                 WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
+                vec![job_id.into(), g.tbl.into(), again_cols.into(), again_n.into()],
+            )
+            .map_err(|e| e.to_string())?;
+            return Ok(Step::Later);
+        }
+        return Ok(Step::Again);
     }
 
     if encrypt {
@@ -670,31 +680,56 @@ fn step(job_id: i64) -> Result<Step, String> {
         vec![job_id.into()],
     )
     .map_err(|e| e.to_string())?;
-    // Checked, not assumed: nothing left on a rotating key in any registered column.
-    let cols = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String)>> {
+    // Checked, not assumed: nothing left on a rotating key in any registered
+    // column (one scan per table for all its registered columns).
+    let tables = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String, Vec<String>, Vec<String>)>> {
         let mut v = Vec::new();
         for r in c.select(
-            "SELECT tbl::oid, col::text FROM ekm.registered_column ORDER BY 1, 2",
+            "SELECT tbl::oid, tbl::regclass::text, array_agg(quote_ident(col) ORDER BY col), array_agg(col::text ORDER BY col) \
+             FROM ekm.registered_column GROUP BY tbl ORDER BY 1",
             None,
             &[],
         )? {
             v.push((
                 r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
                 r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                r.get::<Vec<String>>(4)?.unwrap_or_default(),
             ));
         }
         Ok(v)
     })
     .map_err(spi_err)?;
-    for (tbl, col) in &cols {
-        if one_i64(&stmt(COUNT_LEFT, *tbl, col)?, vec![])? > 0 {
+    for (tbl, table, quoted, names) in &tables {
+        let counts = quoted
+            .iter()
+            .map(|q| format!("count(*) FILTER (WHERE ekm._ekm_on_rotating_key({q}))"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let left = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
+            let t = c.select(&format!("SELECT {counts} FROM {table}"), Some(1), &[])?;
+            let r = t.first();
+            (1..=names.len())
+                .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
+                .collect()
+        })
+        .map_err(spi_err)?;
+        let (again, n): (Vec<String>, Vec<i64>) = names
+            .iter()
+            .zip(&left)
+            .filter(|(_, n)| **n > 0)
+            .map(|(c, n)| (c.clone(), *n))
+            .unzip();
+        if !again.is_empty() {
+            // skipped (locked) rows, or rows moved behind the cursor: another pass
             catalog::exec(
-                "UPDATE ekm.rotation_cursor SET state = 'scanning', next_block = 0, passes = passes + 1 \
-                 WHERE job_id = $1 AND tbl = $2::regclass AND col = $3",
-                vec![job_id.into(), (*tbl).into(), col.clone().into()],
+                "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n \
+                 FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
+                 WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
+                vec![job_id.into(), (*tbl).into(), again.into(), n.into()],
             )
             .map_err(|e| e.to_string())?;
-            return Ok(Step::Again);
+            return Ok(Step::Later);
         }
     }
     let retired = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<String>> {

@@ -312,6 +312,18 @@ pub fn key_of(text: &str) -> Result<KeyId> {
     KeyId::from_ref(&r)
 }
 
+/// The key reference in the header of an ekm ciphertext (bytes of a text
+/// value), or `None` when it is not one. Reads 12 characters; no allocation.
+pub fn key_ref_of_bytes(text: &[u8]) -> Option<[u8; KEY_REF_LEN]> {
+    let b = body_bytes(text).ok()?;
+    decoded_len_of_body(b.len()).ok()?;
+    let mut head = [0u8; 9];
+    b64_decode(&b[..12], &mut head).ok()?;
+    let mut r = [0u8; KEY_REF_LEN];
+    r.copy_from_slice(&head[..KEY_REF_LEN]);
+    Some(r)
+}
+
 /// Whether `text` is (syntactically) an ekm ciphertext of any version.
 pub fn looks_encrypted(text: &str) -> bool {
     match decoded_len(text) {
