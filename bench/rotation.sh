@@ -77,10 +77,26 @@ measure() { # method table rows command...
   t1=$(date +%s.%N)
   q -q -c "INSERT INTO results SELECT '$method', $rows, $t1 - $t0, pg_current_wal_lsn() - '$wal0'::pg_lsn, $size, pg_total_relation_size('$tbl')"
 }
+# The worker's private memory (RssAnon: palloc'd and malloc'd memory, not the
+# shared buffers it maps), sampled every 50 ms while the job runs.
+sample_worker() {
+  local pid="" peak=0 v
+  while [ -f "$dir/sampling" ]; do
+    [ -n "$pid" ] || pid=$(q -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'ekm rotation'" 2>/dev/null)
+    if [ -n "$pid" ] && [ -r "/proc/$pid/status" ]; then
+      v=$(awk '/^RssAnon/ {print $2}' "/proc/$pid/status" 2>/dev/null)
+      [ -n "$v" ] && [ "$v" -gt "$peak" ] && peak=$v
+    fi
+    sleep 0.05
+  done
+  echo "$peak" > "$dir/worker_peak_kb"
+}
 rotate_ekm() {
-  local job
+  local job sampler
+  touch "$dir/sampling"; sample_worker & sampler=$!
   job=$(q -At -q -c "SELECT job_id FROM ekm_rotate(batch_size => 1000, force => true) LIMIT 1")
   q -At -q -c "SELECT state FROM ekm_rotation_wait($job)" >/dev/null 2>&1
+  rm -f "$dir/sampling"; wait "$sampler"
 }
 echo "measuring..."
 measure "(b) floor: UPDATE email = email, no crypto" t_floor "$ROWS" q -q -c "CALL batched('t_floor', 'email', 'mobno', $ROWS)"
@@ -103,3 +119,4 @@ SELECT method, rows, round(seconds::numeric, 2) AS seconds, round((rows / second
 FROM results, f ORDER BY method;
 SQL
 echo "(a) includes starting the job, the worker and the client's wait; the job itself (switch to last commit) took ${job_seconds} s"
+echo "rotation worker peak private memory (RssAnon): $(cat "$dir/worker_peak_kb") kB"

@@ -206,13 +206,21 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
             return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
         }
         let ctx = context_arg(fcinfo);
+        // decrypted on the stack for short values (wiped after), else on the heap
+        let mut stack = zeroize::Zeroizing::new([0u8; 512]);
+        let mut heap = zeroize::Zeroizing::new(Vec::new());
         let r = format::body_bytes(v).and_then(|body| {
-            let mut buf =
-                zeroize::Zeroizing::new(vec![0u8; format::decoded_len_of_body(body.len())?]);
-            format::b64_decode(body, &mut buf)?;
+            let n = format::decoded_len_of_body(body.len())?;
+            let buf: &mut [u8] = if n <= stack.len() {
+                &mut stack[..n]
+            } else {
+                heap.resize(n, 0);
+                &mut heap[..]
+            };
+            format::b64_decode(body, buf)?;
             let mut key_ref = [0u8; KEY_REF_LEN];
             key_ref.copy_from_slice(&buf[..KEY_REF_LEN]);
-            let range = keycache::with_decrypt_key(&key_ref, |k| k.open_decoded(&mut buf, ctx))?;
+            let range = keycache::with_decrypt_key(&key_ref, |k| k.open_decoded(buf, ctx))?;
             let pt = &buf[range];
             let (out, bytes) = new_text(format::encoded_len(pt.len()));
             keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, pt, ctx, bytes))?;

@@ -404,6 +404,48 @@ thread_local! {
     static SKIP_LOCKED_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+thread_local! {
+    /// Statements every batch runs, prepared once per worker (SPI_keepplan).
+    static KEPT: std::cell::RefCell<std::collections::HashMap<&'static str, pgrx::spi::OwnedPreparedStatement>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
+const INT8: pg_sys::Oid = pg_sys::INT8OID;
+
+/// Runs `sql` (prepared on first use, then reused) with `args` of `types`;
+/// `f` reads the result.
+fn kept<R>(
+    sql: &'static str,
+    types: &[pg_sys::Oid],
+    mutating: bool,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    f: impl FnOnce(pgrx::spi::SpiTupleTable<'_>) -> pgrx::spi::SpiResult<R>,
+) -> Result<R, String> {
+    KEPT.with(|k| {
+        let mut k = k.borrow_mut();
+        Spi::connect_mut(|c| -> pgrx::spi::SpiResult<R> {
+            if !k.contains_key(sql) {
+                let types: Vec<PgOid> = types.iter().map(|&t| PgOid::from(t)).collect();
+                let p = if mutating {
+                    c.prepare_mut(sql, &types)?
+                } else {
+                    c.prepare(sql, &types)?
+                };
+                k.insert(sql, p.keep());
+            }
+            let stmt = k.get(sql).expect("prepared above");
+            let t = if mutating {
+                c.update(stmt, None, args)?
+            } else {
+                c.select(stmt, None, args)?
+            };
+            f(t)
+        })
+    })
+    .map_err(spi_err)
+}
+
 /// The first unfinished cursor group of a job: every column of one table at
 /// the same position.
 struct Group {
@@ -431,8 +473,7 @@ fn step(job_id: i64) -> Result<Step, String> {
     );
     // One statement: the job's kind (if it is still running), the next
     // cursor group and its table's size; sets this transaction's lock_timeout.
-    let head = Spi::connect(|c| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
-        let t = c.select(
+    let head = kept(
             "SELECT set_config('lock_timeout', $2, true), j.kind, g.tbl, g.table_name, g.state, g.next_block, \
                     g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
              FROM ekm.rotation_job j \
@@ -446,9 +487,10 @@ fn step(job_id: i64) -> Result<Step, String> {
                JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
                GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch) g ON true \
              WHERE j.job_id = $1 AND j.state = 'running'",
-            Some(1),
+            &[INT8, TEXT],
+            false,
             &[job_id.into(), lock_timeout.clone().into()],
-        )?;
+            |t| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
         if t.is_empty() {
             return Ok(None);
         }
@@ -469,8 +511,7 @@ fn step(job_id: i64) -> Result<Step, String> {
             }),
         };
         Ok(Some((kind, group)))
-    })
-    .map_err(spi_err)?;
+    })?;
     let Some((kind, group)) = head else {
         return Ok(Step::Stop);
     };
@@ -568,12 +609,15 @@ fn step(job_id: i64) -> Result<Step, String> {
                 .map_err(spi_err)?;
             let ns = crate::fastpath::moved(g.names.len());
             let total: i64 = ns.iter().sum();
-            set_cursors(
+            kept(
                 "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $6 WHERE job_id = $1) \
                  UPDATE ekm.rotation_cursor c SET next_block = $4, rows_done = c.rows_done + u.n \
                  FROM unnest($3::name[], $5::bigint[]) AS u(col, n) \
-                 WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
-                vec![hi.into(), ns.into(), total.into()],
+                 WHERE c.job_id = $1 AND c.tbl = $2 AND c.col = u.col",
+                &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8],
+                true,
+                &[job_id.into(), g.tbl.into(), g.names.clone().into(), hi.into(), ns.into(), total.into()],
+                |_| Ok(()),
             )?;
             return Ok(Step::Again);
         }
