@@ -207,11 +207,15 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
         }
         let ctx = context_arg(fcinfo);
         // decrypted on the stack for short values (wiped after), else on the heap
-        let mut stack = zeroize::Zeroizing::new([0u8; 512]);
+        // wiped after use: only the bytes used (a 512-byte volatile wipe per
+        // value would cost more than the cipher)
+        let mut stack = [0u8; 512];
+        let mut used = 0usize;
         let mut heap = zeroize::Zeroizing::new(Vec::new());
         let r = format::body_bytes(v).and_then(|body| {
             let n = format::decoded_len_of_body(body.len())?;
             let buf: &mut [u8] = if n <= stack.len() {
+                used = n;
                 &mut stack[..n]
             } else {
                 heap.resize(n, 0);
@@ -226,6 +230,7 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
             keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, pt, ctx, bytes))?;
             Ok(out)
         });
+        zeroize::Zeroize::zeroize(&mut stack[..used]);
         match r {
             Ok(out) => {
                 count_moved(fcinfo);
