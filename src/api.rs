@@ -181,7 +181,9 @@ pub fn activate(key_id: &str) -> EkmResult<String> {
             vec![],
         )?;
         catalog::exec(
-            "UPDATE ekm.key SET rotation_status = 'active', activated_at = now() WHERE key_id = $1",
+            // a key made active again (rollback) is no longer rotating or retired:
+            // its earlier rotated/retired times stay in the audit log
+            "UPDATE ekm.key SET rotation_status = 'active', activated_at = now(), rotated_at = NULL, retired_at = NULL WHERE key_id = $1",
             vec![id.to_string().into()],
         )?;
         Ok(())

@@ -149,6 +149,7 @@ q app "INSERT INTO legacy VALUES (ekm_encrypt('legacy on K2'))" >/dev/null   # n
 rb=$(q app "SELECT job_id || ':' || from_key || ':' || to_key FROM ekm_rollback()")
 check "rollback after a completed rotation: from the new key to the previous one" "${rb#*:}" "$K2:$K1"
 check "rollback: the previous key is active at once" "$(active)" "$K1"
+check "and no longer shows when it was rotated or retired" "$(q app "SELECT rotated_at IS NULL AND retired_at IS NULL FROM ekm.keys WHERE key_id = '$K1'")" t
 check "the rollback job finishes" "$(wait_job app "${rb%%:*}" 300)" done
 check "after rollback every value is on the previous key" "$(on_key "$K1")" "$(( $(total) - 6 ))"
 check "after rollback every row decrypts to what was written" "$(consistent)" "$(total)"
