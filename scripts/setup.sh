@@ -48,9 +48,14 @@ fi
 
 # As a normal user, pgrx installs ekm into the system PostgreSQL's directories:
 # give this user write access to exactly those two directories.
+# ekm files already there (e.g. installed by root before) must be writable
+# too: cargo-pgrx overwrites them in place.
 if [ "$(id -u)" -ne 0 ]; then
   for d in "$(/usr/bin/pg_config --pkglibdir)" "$(/usr/bin/pg_config --sharedir)/extension"; do
     [ -w "$d" ] || "${SUDO[@]}" setfacl -m "u:$(id -un):rwx" "$d" 2>/dev/null || "${SUDO[@]}" chown "$(id -un)" "$d"
+    for f in "$d"/ekm.so "$d"/ekm.control "$d"/ekm--*.sql; do
+      [ -e "$f" ] && [ ! -w "$f" ] && "${SUDO[@]}" chown "$(id -un)" "$f"
+    done
   done
 fi
 
