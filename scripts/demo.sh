@@ -31,7 +31,7 @@ INSERT INTO people VALUES
   (5, 'Eli Martins',   '',                          NULL);
 SELECT * FROM people ORDER BY id;
 
-\echo == migrate the plaintext columns in place (the runbook's migrate_secure_encryption), each bound to its column (context)
+\echo == migrate the plaintext columns in place (as the runbook migrate_secure_encryption did), each bound to its column (context)
 SELECT table_name, column_name, plaintext_values, encrypted_values, foreign_values, null_values, note
 FROM ekm_encrypt_column('people', 'email', dry_run => true, context => 'public.people.email');
 SELECT job_id AS email_job FROM ekm_encrypt_column('people', 'email', context => 'public.people.email') \gset
