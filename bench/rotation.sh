@@ -92,10 +92,13 @@ sample_worker() {
   echo "$peak" > "$dir/worker_peak_kb"
 }
 rotate_ekm() {
-  local job sampler
+  local sampler
   touch "$dir/sampling"; sample_worker & sampler=$!
-  job=$(q -At -q -c "SELECT job_id FROM ekm_rotate(batch_size => 1000, force => true) LIMIT 1")
-  q -At -q -c "SELECT state FROM ekm_rotation_wait($job)" >/dev/null 2>&1
+  # one session, like the floor's CALL: start the job, then wait for it
+  q -At -q >/dev/null 2>&1 <<'SQL'
+SELECT job_id FROM ekm_rotate(batch_size => 1000, force => true) LIMIT 1 \gset
+SELECT state FROM ekm_rotation_wait(:job_id);
+SQL
   rm -f "$dir/sampling"; wait "$sampler"
 }
 echo "measuring..."
