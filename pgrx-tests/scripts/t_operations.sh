@@ -279,6 +279,14 @@ echo "COMMIT;" >&"${OLD[1]}"; exec {OLD[1]}>&-; wait "$OLD_PID" 2>/dev/null
 check "when it ends the job finishes" "$(wait_job app "$job" 120)" done
 check "and the note is gone" "$(q app "SELECT waiting_for IS NULL FROM ekm.rotation_job WHERE job_id = $job")" t
 
+# Throttling reaches a running worker on reload.
+setconf ekm.rotation_batch_pause 1000
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 100, force => true) LIMIT 1")
+sleep 2
+check "with a 1 s pause between batches the job moves slowly" "$(( $(q app "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job") <= 1000 ))" 1
+resetconf ekm.rotation_batch_pause
+check "after a reload without the pause it finishes (100,000 rows at 1 batch/s would take 1,000 s)" "$(wait_job app "$job" 120)" done
+
 # 5. Keys needing rotation, and the policy settings (reload).
 check "no key needs rotation" "$(q app "SELECT count(*) FROM ekm_keys_needing_rotation()")" 0
 check "alert date = due date - 14 days (runbook phase 4)" "$(q app "SELECT next_rotation_due - rotation_alert_at FROM ekm_key_status()")" "14 days"
