@@ -9,7 +9,7 @@ use crate::rotation::{
 };
 use crate::{gucs, keycache, masterkey, worker};
 use ekm_core::lifecycle::NONCE_BOUND;
-use ekm_core::{EkmError, KeyId};
+use ekm_core::EkmError;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
@@ -17,14 +17,6 @@ type EkmResult<T> = ekm_core::Result<T>;
 
 fn internal(e: impl std::fmt::Display) -> EkmError {
     EkmError::Internal(e.to_string())
-}
-
-fn launch_or_warn(job: i64) {
-    if let Err(e) = worker::launch(job) {
-        pgrx::warning!(
-            "ekm: could not start the worker now ({e}); the job stays running: SELECT ekm_rotation_resume({job}) starts it"
-        );
-    }
 }
 
 // ---------------------------------------------------------------- rollback
@@ -98,7 +90,7 @@ fn ekm_rollback(
             None,
             &[("previous_state", &state)],
         )?;
-        let (_, age) = crate::rotation::active_key_age()?;
+        let (_, age, _) = crate::rotation::active_key_age()?;
         let mut note = format!("new writes use {prev}; the data moves back from {active}");
         if age.needs_rotation {
             note.push_str(&format!(
@@ -109,7 +101,7 @@ fn ekm_rollback(
         Ok((job, active, prev, note))
     })
     .or_raise();
-    launch_or_warn(job);
+    worker::launch_or_warn(job);
     TableIterator::once((job, from, to, note))
 }
 
@@ -285,18 +277,7 @@ fn ekm_keys_needing_rotation() -> TableIterator<
     ),
 > {
     let (_, owner) = catalog::key_table().or_raise();
-    let (active, age) = as_owner(owner, crate::rotation::active_key_age).or_raise();
-    let encryptions = as_owner(owner, || {
-        catalog::one::<i64>(
-            "SELECT encryptions FROM ekm.key WHERE key_id = $1",
-            vec![active.clone().into()],
-        )
-    })
-    .or_raise()
-    .unwrap_or(0)
-        + KeyId::parse(&active)
-            .map(|k| crate::shmem::pending(&k.to_ref()))
-            .unwrap_or(0) as i64;
+    let (active, age, encryptions) = as_owner(owner, crate::rotation::active_key_age).or_raise();
     if !age.needs_rotation {
         return TableIterator::new(Vec::new());
     }
@@ -476,7 +457,7 @@ fn check_active_key() -> EkmResult<HealthRow> {
 }
 
 fn check_key_age() -> EkmResult<HealthRow> {
-    let (active, age) = crate::rotation::active_key_age()?;
+    let (active, age, _) = crate::rotation::active_key_age()?;
     let now = chrono::Utc::now();
     let due = age.due_at.format("%Y-%m-%d");
     Ok(if now >= age.expires_at {
@@ -507,16 +488,7 @@ fn check_key_age() -> EkmResult<HealthRow> {
 }
 
 fn check_encryptions() -> EkmResult<HealthRow> {
-    let (active, _) = crate::rotation::active_key_age()?;
-    let stored = catalog::one::<i64>(
-        "SELECT encryptions FROM ekm.key WHERE key_id = $1",
-        vec![active.clone().into()],
-    )?
-    .unwrap_or(0);
-    let n = stored
-        + KeyId::parse(&active)
-            .map(|k| crate::shmem::pending(&k.to_ref()))
-            .unwrap_or(0) as i64;
+    let (active, _, n) = crate::rotation::active_key_age()?;
     let due = gucs::policy().due_encryptions;
     let pct = 100.0 * n as f64 / NONCE_BOUND;
     let detail =
@@ -613,12 +585,7 @@ fn check_auto_rotation() -> EkmResult<HealthRow> {
             format!("ekm.auto_rotate is on, but {db} is not listed in ekm.auto_rotate_databases"),
         ));
     }
-    let rollback = catalog::one::<i64>(
-        "SELECT job_id FROM ekm.rotation_job WHERE kind <> 'encrypt' AND kind = 'rollback' \
-           AND job_id = (SELECT max(job_id) FROM ekm.rotation_job WHERE kind <> 'encrypt')",
-        vec![],
-    )?;
-    Ok(match rollback {
+    Ok(match crate::rotation::last_rollback_job()? {
         Some(j) => row("auto_rotation", "warning", format!(
             "paused since rollback job {j}: automatic rotation resumes after the next manual SELECT ekm_rotate()"
         )),
@@ -864,7 +831,7 @@ fn encrypt_column(
             Some(e),
             Some(f),
             Some(n),
-            Some(p as f64 / 50_000.0),
+            Some(p as f64 / crate::rotation::ESTIMATE_ROWS_PER_SECOND),
             note,
         ));
     }
@@ -888,7 +855,7 @@ fn encrypt_column(
             &[("table", &name), ("column", col)],
         )
     })?;
-    launch_or_warn(job);
+    worker::launch_or_warn(job);
     Ok((
         Some(job),
         name,

@@ -13,7 +13,7 @@ type EkmResult<T> = ekm_core::Result<T>;
 
 /// Rows per second per column that the dry run's estimate assumes (measured
 /// with bench/, 2 cores; see README).
-const ESTIMATE_ROWS_PER_SECOND: f64 = 50_000.0;
+pub(crate) const ESTIMATE_ROWS_PER_SECOND: f64 = 50_000.0;
 
 fn internal(e: impl std::fmt::Display) -> EkmError {
     EkmError::Internal(e.to_string())
@@ -317,8 +317,9 @@ pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
     Ok(())
 }
 
-/// The active key and where it stands against the policy. As the owner.
-pub(crate) fn active_key_age() -> EkmResult<(String, ekm_core::lifecycle::KeyAge)> {
+/// The active key, where it stands against the policy, and its encryptions
+/// (stored plus those still in shared memory). As the owner.
+pub(crate) fn active_key_age() -> EkmResult<(String, ekm_core::lifecycle::KeyAge, i64)> {
     let (active, created, stored) = catalog::three::<String, TimestampWithTimeZone, i64>(
         "SELECT key_id, created_at, encryptions FROM ekm.key WHERE rotation_status = 'active'",
         vec![],
@@ -328,8 +329,31 @@ pub(crate) fn active_key_age() -> EkmResult<(String, ekm_core::lifecycle::KeyAge
     let pending = ekm_core::KeyId::parse(&active)
         .map(|k| crate::shmem::pending(&k.to_ref()))
         .unwrap_or(0) as i64;
-    let age = gucs::policy().evaluate(created, chrono::Utc::now(), stored.unwrap_or(0) + pending);
-    Ok((active, age))
+    let encryptions = stored.unwrap_or(0) + pending;
+    let age = gucs::policy().evaluate(created, chrono::Utc::now(), encryptions);
+    Ok((active, age, encryptions))
+}
+
+/// Creates a key, makes it active (the active key turns `rotating`) and
+/// records the rotation job that moves the data. As the owner.
+fn switch_to_new_key(
+    from: &str,
+    batch_size: i32,
+    requested_by: &str,
+    detail: &[(&str, &str)],
+) -> EkmResult<(i64, ekm_core::KeyId)> {
+    let new_key = create_key(KeyState::Created)?;
+    activate(&new_key.to_string())?;
+    let job = start_job(
+        "rotate",
+        Some(from),
+        &new_key.to_string(),
+        batch_size,
+        requested_by,
+        None,
+        detail,
+    )?;
+    Ok((job, new_key))
 }
 
 /// Records a job and its cursors (every registered column, or just `only`)
@@ -403,10 +427,11 @@ pub(crate) fn start_job(
     ];
     fields.extend_from_slice(detail);
     let event = match kind {
-        "encrypt" => "column_encryption_started".to_string(),
-        k => format!("{k}_started").replace("rotate_", "rotation_"),
+        "encrypt" => "column_encryption_started",
+        "rollback" => "rollback_started",
+        _ => "rotation_started",
     };
-    catalog::audit(&event, Some(to_key), &catalog::json_object(&fields))?;
+    catalog::audit(event, Some(to_key), &catalog::json_object(&fields))?;
     Ok(job)
 }
 
@@ -487,7 +512,7 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
             return Ok((None, out));
         }
         supersede_unfinished(force, "a new rotation")?;
-        let (active, age) = active_key_age()?;
+        let (active, age, _) = active_key_age()?;
         if !force && !age.needs_rotation {
             raise_with(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -499,15 +524,10 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
                 Some("rotate anyway with SELECT ekm_rotate(force => true)".into()),
             );
         }
-        let new_key = create_key(KeyState::Created)?;
-        activate(&new_key.to_string())?;
-        let job = start_job(
-            "rotate",
-            Some(&active),
-            &new_key.to_string(),
+        let (job, new_key) = switch_to_new_key(
+            &active,
             batch_size,
             &catalog::acting_role_name(),
-            None,
             &[("forced", &force.to_string())],
         )?;
         let out = cols
@@ -528,11 +548,7 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
         Ok((Some(job), out))
     })?;
     if let Some(j) = job {
-        if let Err(e) = worker::launch(j) {
-            pgrx::warning!(
-                "ekm: could not start the rotation worker now ({e}); the job stays running: SELECT ekm_rotation_resume({j}) starts it"
-            );
-        }
+        worker::launch_or_warn(j);
     }
     Ok(rows)
 }
@@ -705,14 +721,14 @@ pub(crate) fn auto_rotate() -> EkmResult<Result<i64, String>> {
         if let Some((j, state)) = first_job("WHERE state IN ('running', 'cancelled')")? {
             return Ok(Err(format!("job {j} is {state}")));
         }
-        if last_kind_is_rollback()? {
+        if last_rollback_job()?.is_some() {
             return Ok(Err(
                 "the last key change was a rollback; automatic rotation waits for the next manual ekm_rotate()".into(),
             ));
         }
         let registered =
             catalog::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0);
-        let (active, age) = active_key_age()?;
+        let (active, age, _) = active_key_age()?;
         if !age.needs_rotation {
             return Ok(Err(format!("active key {active} is not due")));
         }
@@ -721,15 +737,10 @@ pub(crate) fn auto_rotate() -> EkmResult<Result<i64, String>> {
                 "active key {active} is due, but no column is registered for rotation"
             )));
         }
-        let new_key = create_key(KeyState::Created)?;
-        activate(&new_key.to_string())?;
-        let job = start_job(
-            "rotate",
-            Some(&active),
-            &new_key.to_string(),
+        let (job, _) = switch_to_new_key(
+            &active,
             1000,
             "ekm auto-rotation",
-            None,
             &[
                 ("automatic", "true"),
                 ("age_days", &age.age_days.to_string()),
@@ -747,10 +758,12 @@ fn first_job(filter: &str) -> EkmResult<Option<(i64, String)>> {
     Ok(j.zip(s))
 }
 
-fn last_kind_is_rollback() -> EkmResult<bool> {
-    Ok(catalog::one::<bool>(
-        "SELECT kind = 'rollback' FROM ekm.rotation_job WHERE kind <> 'encrypt' ORDER BY job_id DESC LIMIT 1",
+/// The job of the last key change (rotation or rollback), if that was a
+/// rollback: automatic rotation waits for a manual ekm_rotate() after it.
+pub(crate) fn last_rollback_job() -> EkmResult<Option<i64>> {
+    let (job, kind) = catalog::two::<i64, String>(
+        "SELECT job_id, kind FROM ekm.rotation_job WHERE kind <> 'encrypt' ORDER BY job_id DESC LIMIT 1",
         vec![],
-    )?
-    .unwrap_or(false))
+    )?;
+    Ok(job.filter(|_| kind.as_deref() == Some("rollback")))
 }

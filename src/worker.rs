@@ -34,6 +34,16 @@ fn launch_in(db: pg_sys::Oid, job_id: i64) -> Result<(), String> {
     .map_err(|e| format!("{e:?}"))
 }
 
+/// Starts the worker of a job just recorded; if no worker slot is free now,
+/// says how to start it later (the job stays running and resumable).
+pub fn launch_or_warn(job: i64) {
+    if let Err(e) = launch(job) {
+        pgrx::warning!(
+            "ekm: could not start the rotation worker now ({e}); the job stays running: SELECT ekm_rotation_resume({job}) starts it"
+        );
+    }
+}
+
 /// Registers the launcher (from _PG_init, while preloading).
 pub fn register_launcher() {
     BackgroundWorkerBuilder::new("ekm launcher")
@@ -622,20 +632,7 @@ fn step(job_id: i64) -> Result<Step, String> {
             return Ok(Step::Again);
         }
         // sweeping: what is left in these columns, in one scan
-        let counts = g
-            .quoted
-            .iter()
-            .map(|q| format!("count(*) FILTER (WHERE {pred}({q}))"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let left = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
-            let t = c.select(&format!("SELECT {counts} FROM {}", g.table), Some(1), &[])?;
-            let r = t.first();
-            (1..=g.names.len())
-                .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
-                .collect()
-        })
-        .map_err(spi_err)?;
+        let left = count_left(&g.table, &g.quoted, pred)?;
         let done: Vec<String> = g
             .names
             .iter()
@@ -643,13 +640,6 @@ fn step(job_id: i64) -> Result<Step, String> {
             .filter(|(_, n)| **n == 0)
             .map(|(c, _)| c.clone())
             .collect();
-        let (again_cols, again_n): (Vec<String>, Vec<i64>) = g
-            .names
-            .iter()
-            .zip(&left)
-            .filter(|(_, n)| **n > 0)
-            .map(|(c, n)| (c.clone(), *n))
-            .unzip();
         if !done.is_empty() {
             catalog::exec(
                 "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done \
@@ -658,17 +648,11 @@ fn step(job_id: i64) -> Result<Step, String> {
             )
             .map_err(|e| e.to_string())?;
         }
-        if !again_cols.is_empty() {
-            catalog::exec(
-                "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n \
-                 FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
-                 WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
-                vec![job_id.into(), g.tbl.into(), again_cols.into(), again_n.into()],
-            )
-            .map_err(|e| e.to_string())?;
-            return Ok(Step::Later);
-        }
-        return Ok(Step::Again);
+        return Ok(if another_pass(job_id, g.tbl, &g.names, &left)? {
+            Step::Later
+        } else {
+            Step::Again
+        });
     }
 
     if encrypt {
@@ -745,34 +729,8 @@ fn step(job_id: i64) -> Result<Step, String> {
     })
     .map_err(spi_err)?;
     for (tbl, table, quoted, names) in &tables {
-        let counts = quoted
-            .iter()
-            .map(|q| format!("count(*) FILTER (WHERE ekm._ekm_on_rotating_key({q}))"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let left = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
-            let t = c.select(&format!("SELECT {counts} FROM {table}"), Some(1), &[])?;
-            let r = t.first();
-            (1..=names.len())
-                .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
-                .collect()
-        })
-        .map_err(spi_err)?;
-        let (again, n): (Vec<String>, Vec<i64>) = names
-            .iter()
-            .zip(&left)
-            .filter(|(_, n)| **n > 0)
-            .map(|(c, n)| (c.clone(), *n))
-            .unzip();
-        if !again.is_empty() {
-            // skipped (locked) rows, or rows moved behind the cursor: another pass
-            catalog::exec(
-                "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n \
-                 FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
-                 WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
-                vec![job_id.into(), (*tbl).into(), again.into(), n.into()],
-            )
-            .map_err(|e| e.to_string())?;
+        let left = count_left(table, quoted, "ekm._ekm_on_rotating_key")?;
+        if another_pass(job_id, *tbl, names, &left)? {
             return Ok(Step::Later);
         }
     }
@@ -789,6 +747,51 @@ fn step(job_id: i64) -> Result<Step, String> {
     })
     .map_err(spi_err)?;
     finish(job_id, &kind, &retired)
+}
+
+/// How many values in each of `quoted` (identifiers quoted by PostgreSQL)
+/// the predicate function `pred` still matches in `table`: one scan.
+fn count_left(table: &str, quoted: &[String], pred: &str) -> Result<Vec<i64>, String> {
+    let counts = quoted
+        .iter()
+        .map(|q| format!("count(*) FILTER (WHERE {pred}({q}))"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
+        let t = c.select(&format!("SELECT {counts} FROM {table}"), Some(1), &[])?;
+        let r = t.first();
+        (1..=quoted.len())
+            .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
+            .collect()
+    })
+    .map_err(spi_err)
+}
+
+/// Sends the columns of `tbl` with values left (skipped locked rows, rows
+/// moved behind the cursor) back for another pass; whether there were any.
+fn another_pass(
+    job_id: i64,
+    tbl: pg_sys::Oid,
+    names: &[String],
+    left: &[i64],
+) -> Result<bool, String> {
+    let (cols, n): (Vec<String>, Vec<i64>) = names
+        .iter()
+        .zip(left)
+        .filter(|(_, n)| **n > 0)
+        .map(|(c, n)| (c.clone(), *n))
+        .unzip();
+    if cols.is_empty() {
+        return Ok(false);
+    }
+    catalog::exec(
+        "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n \
+         FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
+         WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
+        vec![job_id.into(), tbl.into(), cols.into(), n.into()],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(true)
 }
 
 /// Marks the job done, audits and notifies.

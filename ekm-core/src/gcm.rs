@@ -53,30 +53,24 @@ mod imp {
 
     #[inline(always)]
     unsafe fn assist1(t1: __m128i, t2: __m128i) -> __m128i {
-        unsafe {
-            let t2 = _mm_shuffle_epi32(t2, 0xff);
-            let mut t4 = _mm_slli_si128(t1, 4);
-            let mut t1 = _mm_xor_si128(t1, t4);
-            t4 = _mm_slli_si128(t4, 4);
-            t1 = _mm_xor_si128(t1, t4);
-            t4 = _mm_slli_si128(t4, 4);
-            t1 = _mm_xor_si128(t1, t4);
-            _mm_xor_si128(t1, t2)
-        }
+        unsafe { _mm_xor_si128(prefix_xor(t1), _mm_shuffle_epi32(t2, 0xff)) }
     }
 
     #[inline(always)]
     unsafe fn assist2(t1: __m128i, t3: __m128i) -> __m128i {
         unsafe {
-            let t4 = _mm_aeskeygenassist_si128::<0>(t1);
-            let t2 = _mm_shuffle_epi32(t4, 0xaa);
-            let mut t4 = _mm_slli_si128(t3, 4);
-            let mut t3 = _mm_xor_si128(t3, t4);
-            t4 = _mm_slli_si128(t4, 4);
-            t3 = _mm_xor_si128(t3, t4);
-            t4 = _mm_slli_si128(t4, 4);
-            t3 = _mm_xor_si128(t3, t4);
-            _mm_xor_si128(t3, t2)
+            let t2 = _mm_shuffle_epi32(_mm_aeskeygenassist_si128::<0>(t1), 0xaa);
+            _mm_xor_si128(prefix_xor(t3), t2)
+        }
+    }
+
+    /// x ^ (x << 32) ^ (x << 64) ^ (x << 96): each word of the previous round
+    /// key XORed with the words before it (the AES key schedule's chain).
+    #[inline(always)]
+    unsafe fn prefix_xor(x: __m128i) -> __m128i {
+        unsafe {
+            let a = _mm_xor_si128(x, _mm_slli_si128(x, 4));
+            _mm_xor_si128(a, _mm_slli_si128(a, 8))
         }
     }
 
