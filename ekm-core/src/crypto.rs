@@ -9,7 +9,9 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::rngs::SysRng;
 use rand::TryRng;
+use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::sync::atomic::{compiler_fence, Ordering};
 use zeroize::Zeroizing;
 
 pub const KEY_LEN: usize = 32;
@@ -32,69 +34,138 @@ pub struct DataKey {
     cipher: Box<crate::gcm::Gcm>,
 }
 
-/// Small buffers stay on the stack (no allocation on the per-row path);
-/// larger ones go to the heap. Both are zeroized on drop.
-#[allow(clippy::large_enum_variant)] // on the stack on purpose
-enum Scratch<const N: usize> {
-    Stack([u8; N], usize),
-    Heap(Zeroizing<Vec<u8>>),
+/// A 512-byte stack buffer for short secrets (a plaintext on its way in or
+/// out). Nothing is written up front: [`take`](Self::take) zeroes only the
+/// bytes it hands out, and drop wipes them with 8-byte volatile stores. On
+/// the per-row path a 512-byte memset plus a byte-by-byte wipe cost more than
+/// the cipher itself.
+#[repr(C, align(16))]
+pub struct StackSecret {
+    words: [MaybeUninit<u64>; 64],
+    /// words handed out (written) so far
+    used: usize,
 }
 
-impl<const N: usize> Scratch<N> {
-    fn new(n: usize) -> Self {
-        if n <= N {
-            Scratch::Stack([0u8; N], n)
-        } else {
-            Scratch::Heap(Zeroizing::new(vec![0u8; n]))
+impl StackSecret {
+    pub const LEN: usize = 512;
+
+    #[inline(always)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        StackSecret {
+            words: [const { MaybeUninit::uninit() }; 64],
+            used: 0,
         }
     }
-    fn as_mut(&mut self) -> &mut [u8] {
-        match self {
-            Scratch::Stack(b, n) => &mut b[..*n],
-            Scratch::Heap(v) => &mut v[..],
+
+    /// The first `n` bytes, zeroed (`n` at most [`LEN`](Self::LEN)).
+    #[inline]
+    pub fn take(&mut self, n: usize) -> &mut [u8] {
+        assert!(n <= Self::LEN, "StackSecret holds at most 512 bytes");
+        let w = n.div_ceil(8);
+        for x in &mut self.words[..w] {
+            x.write(0);
         }
+        self.used = self.used.max(w);
+        // SAFETY: the first `w * 8 >= n` bytes were just initialized.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, n) }
     }
 }
 
-impl<const N: usize> Drop for Scratch<N> {
+impl Drop for StackSecret {
     fn drop(&mut self) {
-        if let Scratch::Stack(b, n) = self {
-            zeroize::Zeroize::zeroize(&mut b[..*n]);
+        for x in &mut self.words[..self.used] {
+            // SAFETY: an aligned, initialized u64 of this buffer.
+            unsafe { std::ptr::write_volatile(x.as_mut_ptr(), 0) };
+        }
+        compiler_fence(Ordering::SeqCst);
+    }
+}
+
+/// Scratch for a secret of any size: the stack for up to 512 bytes, else
+/// the heap; wiped on drop.
+pub struct SecretBuf {
+    stack: StackSecret,
+    heap: Vec<u8>,
+}
+
+impl SecretBuf {
+    #[inline(always)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        SecretBuf {
+            stack: StackSecret::new(),
+            heap: Vec::new(),
+        }
+    }
+
+    /// `n` zeroed bytes.
+    #[inline]
+    pub fn take(&mut self, n: usize) -> &mut [u8] {
+        if n <= StackSecret::LEN {
+            self.stack.take(n)
+        } else {
+            zeroize::Zeroize::zeroize(&mut self.heap);
+            self.heap.resize(n, 0);
+            &mut self.heap[..]
+        }
+    }
+}
+
+impl Drop for SecretBuf {
+    fn drop(&mut self) {
+        // Only a used heap buffer: zeroize of an empty Vec still calls
+        // memset on its dangling pointer, and glibc's AVX-512 memset then
+        // takes a masked store on an unmapped page (a microcode assist that
+        // cost more than the whole cipher, per value).
+        if self.heap.capacity() > 0 {
+            zeroize::Zeroize::zeroize(&mut self.heap);
         }
     }
 }
 
 /// The associated data `"ekm1" | key_ref | context`. Not secret: built on
-/// the stack for contexts up to 53 bytes, without zeroizing.
+/// the stack for contexts up to 53 bytes, without zero-filling first.
 struct Aad {
-    stack: [u8; 64],
+    stack: [MaybeUninit<u8>; 64],
     len: usize,
     heap: Vec<u8>,
 }
 
 impl Aad {
+    #[inline(always)]
     fn new(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Self {
         let len = VERSION_TAG.len() + KEY_REF_LEN + context.len();
         let mut a = Aad {
-            stack: [0u8; 64],
+            stack: [const { MaybeUninit::uninit() }; 64],
             len,
             heap: Vec::new(),
         };
-        let b: &mut [u8] = if len <= 64 {
-            &mut a.stack[..len]
+        if len <= 64 {
+            let p = a.stack.as_mut_ptr() as *mut u8;
+            // SAFETY: 4 + 7 + context.len() = len <= 64 bytes, all written here.
+            unsafe {
+                std::ptr::copy_nonoverlapping(VERSION_TAG.as_ptr(), p, 4);
+                std::ptr::copy_nonoverlapping(key_ref.as_ptr(), p.add(4), KEY_REF_LEN);
+                std::ptr::copy_nonoverlapping(
+                    context.as_ptr(),
+                    p.add(4 + KEY_REF_LEN),
+                    context.len(),
+                );
+            }
         } else {
-            a.heap.resize(len, 0);
-            &mut a.heap[..]
-        };
-        b[..4].copy_from_slice(VERSION_TAG);
-        b[4..4 + KEY_REF_LEN].copy_from_slice(key_ref);
-        b[4 + KEY_REF_LEN..].copy_from_slice(context);
+            a.heap.extend_from_slice(VERSION_TAG);
+            a.heap.extend_from_slice(key_ref);
+            a.heap.extend_from_slice(context);
+        }
         a
     }
 
+    #[inline(always)]
     fn as_slice(&self) -> &[u8] {
         if self.len <= 64 {
-            &self.stack[..self.len]
+            // SAFETY: the first `len` bytes were written in `new`.
+            unsafe { std::slice::from_raw_parts(self.stack.as_ptr() as *const u8, self.len) }
         } else {
             &self.heap
         }
@@ -123,8 +194,8 @@ impl DataKey {
         context: &[u8],
         out: &mut [u8],
     ) -> Result<()> {
-        let mut scratch = Scratch::<512>::new(OVERHEAD + plaintext.len());
-        let bin = scratch.as_mut();
+        let mut scratch = SecretBuf::new();
+        let bin = scratch.take(OVERHEAD + plaintext.len());
         bin[..KEY_REF_LEN].copy_from_slice(&self.key_ref);
         bin[KEY_REF_LEN..HEADER_LEN].copy_from_slice(nonce);
         let (body, tag_out) = bin[HEADER_LEN..].split_at_mut(plaintext.len());
@@ -177,6 +248,35 @@ impl DataKey {
             .open_in_place(&nonce, aad.as_slice(), body, tag)
             .map_err(|_| EkmError::AuthenticationFailed(self.id.to_string()))?;
         Ok(HEADER_LEN..n - TAG_LEN)
+    }
+
+    /// Re-encrypts a decoded value of `old` under this key, in place: `bin`
+    /// (`key_ref | nonce | ciphertext | tag` of `old`) is decrypted, then
+    /// encrypted with `nonce`, and its text form is written into `out`
+    /// (exactly `format::encoded_len(plaintext length)` bytes, the length of
+    /// the old text). `bin` held the plaintext in between: the caller wipes it.
+    pub fn reseal(
+        &self,
+        old: &DataKey,
+        bin: &mut [u8],
+        context: &[u8],
+        nonce: &[u8; NONCE_LEN],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let pt = old.open_decoded(bin, context)?;
+        if out.len() != format::encoded_len(pt.len()) {
+            return Err(EkmError::Internal(
+                "re-encryption output buffer of the wrong size".into(),
+            ));
+        }
+        bin[..KEY_REF_LEN].copy_from_slice(&self.key_ref);
+        bin[KEY_REF_LEN..HEADER_LEN].copy_from_slice(nonce);
+        let (body, tag_out) = bin[HEADER_LEN..].split_at_mut(pt.len());
+        let aad = Aad::new(&self.key_ref, context);
+        let tag = self.cipher.seal_in_place(nonce, aad.as_slice(), body);
+        tag_out.copy_from_slice(&tag);
+        format::encode_into(bin, out);
+        Ok(())
     }
 
     /// Convenience form of [`open_in`](Self::open_in).

@@ -253,3 +253,104 @@ proptest! {
         }
     }
 }
+
+/// `reseal` (the rotation's per-value step) against the two-step reference:
+/// open with the old key, seal with the new one.
+fn reseal_text(
+    old: &ekm_core::DataKey,
+    new: &ekm_core::DataKey,
+    ct: &str,
+    ctx: &[u8],
+    nonce: &[u8; 12],
+) -> ekm_core::Result<String> {
+    let mut bin = vec![0u8; format::decoded_len(ct)?];
+    let n = format::decode_into(ct, &mut bin)?;
+    let mut out = vec![0u8; ct.len()];
+    new.reseal(old, &mut bin[..n], ctx, nonce, &mut out)?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
+#[test]
+fn reseal_moves_a_value_to_the_new_key() {
+    let m = MasterKey::generate().unwrap();
+    let (_, old) = new_data_key(&m, &key_id(1)).unwrap();
+    let (_, new) = new_data_key(&m, &key_id(2)).unwrap();
+    let big: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+    for (pt, ctx) in [
+        (&b""[..], &b""[..]),
+        (b"alice@example.com", b"public.people.email"),
+        (&big[..], b"t.c"),
+        (&[0u8; 60][..], &[b'c'; 80][..]), // context longer than the stack AAD
+    ] {
+        let ct = old.seal(&[3u8; 12], pt, ctx).unwrap();
+        let moved = reseal_text(&old, &new, &ct, ctx, &[9u8; 12]).unwrap();
+        assert_eq!(moved, new.seal(&[9u8; 12], pt, ctx).unwrap());
+        assert_eq!(format::key_of(&moved).unwrap(), new.id());
+        assert_eq!(&new.open(&moved, ctx).unwrap()[..], pt);
+        assert!(old.open(&moved, ctx).is_err());
+    }
+}
+
+#[test]
+fn reseal_refuses_what_does_not_open() {
+    let m = MasterKey::generate().unwrap();
+    let (_, old) = new_data_key(&m, &key_id(1)).unwrap();
+    let (_, new) = new_data_key(&m, &key_id(2)).unwrap();
+    let ct = old.seal(&[3u8; 12], b"secret value", b"a").unwrap();
+    // wrong context
+    assert!(matches!(
+        reseal_text(&old, &new, &ct, b"b", &[9u8; 12]),
+        Err(EkmError::AuthenticationFailed(_))
+    ));
+    // a value of another key
+    assert!(reseal_text(&new, &old, &ct, b"a", &[9u8; 12]).is_err());
+    // tampered
+    let mut bad = ct.clone().into_bytes();
+    bad[20] = if bad[20] == b'A' { b'B' } else { b'A' };
+    assert!(reseal_text(
+        &old,
+        &new,
+        std::str::from_utf8(&bad).unwrap(),
+        b"a",
+        &[9u8; 12]
+    )
+    .is_err());
+    // an output buffer of the wrong size
+    let mut bin = vec![0u8; format::decoded_len(&ct).unwrap()];
+    let n = format::decode_into(&ct, &mut bin).unwrap();
+    let mut out = vec![0u8; ct.len() + 1];
+    assert!(matches!(
+        new.reseal(&old, &mut bin[..n], b"a", &[9u8; 12], &mut out),
+        Err(EkmError::Internal(_))
+    ));
+}
+
+#[test]
+fn stack_secret_hands_out_zeroed_bytes() {
+    use ekm_core::crypto::StackSecret;
+    let mut s = StackSecret::new();
+    let b = s.take(37);
+    assert_eq!(b.len(), 37);
+    assert!(b.iter().all(|&x| x == 0));
+    b.fill(0xaa);
+    let b = s.take(512);
+    assert!(b[..37].iter().all(|&x| x == 0));
+    assert!(std::panic::catch_unwind(move || {
+        let mut s = StackSecret::new();
+        s.take(513).len()
+    })
+    .is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn reseal_any(pt in proptest::collection::vec(any::<u8>(), 0..700), ctx in proptest::collection::vec(any::<u8>(), 0..70), n1 in any::<[u8; 12]>(), n2 in any::<[u8; 12]>()) {
+        let m = MasterKey::generate().unwrap();
+        let (_, old) = new_data_key(&m, &key_id(1)).unwrap();
+        let (_, new) = new_data_key(&m, &key_id(2)).unwrap();
+        let ct = old.seal(&n1, &pt, &ctx).unwrap();
+        let moved = reseal_text(&old, &new, &ct, &ctx, &n2).unwrap();
+        prop_assert_eq!(&moved, &new.seal(&n2, &pt, &ctx).unwrap());
+    }
+}
