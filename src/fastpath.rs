@@ -6,6 +6,7 @@
 
 use crate::error::raise;
 use crate::keycache;
+use ekm_core::crypto::SecretBuf;
 use ekm_core::format;
 use ekm_core::keyid::KEY_REF_LEN;
 use ekm_core::EkmError;
@@ -202,40 +203,28 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
 ) -> pg_sys::Datum {
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
-        if !on_rotating_key(v) {
+        let Some(key_ref) = format::key_ref_of_bytes(v) else {
             return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
-        }
+        };
         let ctx = context_arg(fcinfo);
-        // decrypted on the stack for short values (wiped after), else on the heap
-        // wiped after use: only the bytes used (a 512-byte volatile wipe per
-        // value would cost more than the cipher)
-        let mut stack = [0u8; 512];
-        let mut used = 0usize;
-        let mut heap = zeroize::Zeroizing::new(Vec::new());
-        let r = format::body_bytes(v).and_then(|body| {
-            let n = format::decoded_len_of_body(body.len())?;
-            let buf: &mut [u8] = if n <= stack.len() {
-                used = n;
-                &mut stack[..n]
-            } else {
-                heap.resize(n, 0);
-                &mut heap[..]
-            };
-            format::b64_decode(body, buf)?;
-            let mut key_ref = [0u8; KEY_REF_LEN];
-            key_ref.copy_from_slice(&buf[..KEY_REF_LEN]);
-            let range = keycache::with_decrypt_key(&key_ref, |k| k.open_decoded(buf, ctx))?;
-            let pt = &buf[range];
-            let (out, bytes) = new_text(format::encoded_len(pt.len()));
-            keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, pt, ctx, bytes))?;
+        // decoded into wiped scratch (it holds the plaintext in between),
+        // decrypted and re-encrypted in place, encoded into the result
+        let r = keycache::with_rotation(&key_ref, |old, new, nonce| {
+            let body = format::body_bytes(v)?;
+            let mut scratch = SecretBuf::new();
+            let bin = scratch.take(format::decoded_len_of_body(body.len())?);
+            format::b64_decode(body, bin)?;
+            let n = format::encoded_len(bin.len().saturating_sub(format::OVERHEAD));
+            let (out, bytes) = new_text(n);
+            new.reseal(old, bin, ctx, nonce, bytes)?;
             Ok(out)
         });
-        zeroize::Zeroize::zeroize(&mut stack[..used]);
         match r {
-            Ok(out) => {
+            Ok(Some(out)) => {
                 count_moved(fcinfo);
                 pg_sys::Datum::from(out)
             }
+            Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
             Err(e) => raise(e),
         }
     }

@@ -32,6 +32,8 @@ struct Cache {
     entries: Vec<Entry>,
     active: Option<usize>,
     owner: pg_sys::Oid,
+    /// index of the entry `find` returned last
+    last: usize,
 }
 
 thread_local! {
@@ -142,7 +144,14 @@ impl Cache {
 
     fn find(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<usize> {
         self.fresh()?;
+        // consecutive values are mostly on the same key
+        if let Some(e) = self.entries.get(self.last) {
+            if &e.key_ref == key_ref {
+                return Ok(self.last);
+            }
+        }
         if let Some(i) = self.entries.iter().position(|e| &e.key_ref == key_ref) {
+            self.last = i;
             return Ok(i);
         }
         // A key created since our last load (its invalidation not yet seen).
@@ -222,6 +231,44 @@ pub fn with_encrypt_key<R>(f: impl FnOnce(&DataKey, &[u8; NONCE_LEN]) -> Result<
             ctr.fetch_add(1, Ordering::Relaxed);
         }
         Ok(r)
+    })
+}
+
+/// For a value on key `key_ref`: if that key is `rotating`, runs `f` with
+/// it, the active key and a fresh nonce, counting the encryption (one cache
+/// lookup per value on the rotation's path). `None` when the key is not
+/// rotating (or this database does not have it).
+pub fn with_rotation<R>(
+    key_ref: &[u8; KEY_REF_LEN],
+    f: impl FnOnce(&DataKey, &DataKey, &[u8; NONCE_LEN]) -> Result<R>,
+) -> Result<Option<R>> {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let i = match c.find(key_ref) {
+            Ok(i) => i,
+            Err(EkmError::UnknownKey(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if c.entries[i].state != KeyState::Rotating {
+            return Ok(None);
+        }
+        if c.active.is_none() {
+            c.reload()?;
+        }
+        let a = c.active.ok_or(EkmError::NoActiveKey)?;
+        // the rotating key again: a reload may have moved it
+        let i = c.find(key_ref)?;
+        let old = usable(&c.entries[i], "decrypt")?;
+        let new = usable(&c.entries[a], "encrypt")?;
+        let r = f(old, new, &nonce()?)?;
+        let e = &mut c.entries[a];
+        if e.counter.is_none() {
+            e.counter = shmem::counter(&e.key_ref);
+        }
+        if let Some(ctr) = e.counter {
+            ctr.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(r))
     })
 }
 
