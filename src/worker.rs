@@ -273,7 +273,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     // Find the job (it becomes visible when the caller's transaction commits)
     // and take its lock, so that one worker at most runs it.
     let mut found = false;
-    for _ in 0..1000 {
+    for _ in 0..5000 {
         let r = transaction(|| {
             let installed =
                 Spi::get_one::<bool>("SELECT to_regclass('ekm.rotation_job') IS NOT NULL")
@@ -308,7 +308,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             Ok(None) if arg.value() == 0 => return, // nothing to resume here
             _ => {}
         }
-        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(10))) {
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(2))) {
             return;
         }
     }
@@ -328,6 +328,11 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
         return; // another worker runs this job
     }
     pgrx::log!("ekm: rotation job {job_id}: worker started");
+    // Batches commit without waiting for their WAL to reach disk: a crash
+    // can lose the last few, and with them their cursor update (same WAL
+    // stream), so the resumed job redoes them. The transaction that retires
+    // the old key and marks the job done commits synchronously (finish).
+    let _ = transaction(|| Spi::run("SET synchronous_commit = off").map_err(spi_err));
 
     loop {
         let _ = reload_config_if_asked();
@@ -336,6 +341,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             Ok(Step::Again) => crate::gucs::rotation_batch_pause(),
             Ok(Step::Later) => crate::gucs::rotation_retry_pause(),
             Ok(Step::Stop) => break,
+            Err((_, msg)) if msg == STALE_GROUP => std::time::Duration::ZERO,
             Err((code, _)) if code.contains("LOCK_NOT_AVAILABLE") => {
                 // an application holds a row of this batch: redo it at once,
                 // skipping locked rows (a later pass takes them)
@@ -377,6 +383,41 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             break;
         }
     }
+    wake_waiters();
+}
+
+/// Wakes the sessions of this database sleeping on an extension wait event
+/// (`ekm_rotation_wait` among them), so that a waiter sees the job's end at
+/// once rather than at its next poll. A spurious wakeup is harmless to any
+/// latch wait.
+fn wake_waiters() {
+    let pids = transaction(|| {
+        Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i32>> {
+            let mut v = Vec::new();
+            for r in c.select(
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND wait_event_type = 'Extension' AND pid <> pg_backend_pid()",
+                None,
+                &[],
+            )? {
+                if let Some(p) = r.get::<i32>(1)? {
+                    v.push(p);
+                }
+            }
+            Ok(v)
+        })
+        .map_err(spi_err)
+    })
+    .unwrap_or_default();
+    for pid in pids {
+        unsafe {
+            let p = pg_sys::BackendPidGetProc(pid);
+            if !p.is_null() {
+                pg_sys::SetLatch(&raw mut (*p).procLatch);
+            }
+        }
+    }
 }
 
 fn notify(job_id: i64, kind: &str, outcome: &str) -> Result<(), String> {
@@ -412,7 +453,16 @@ thread_local! {
     /// Set after a batch hit an application's row lock: the next batch skips
     /// locked rows (they are retried by the next pass) instead of waiting.
     static SKIP_LOCKED_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The job's kind and the group the last batch worked on, at its new
+    /// position: the next batch starts from it without re-reading the job
+    /// (its bookkeeping statement checks that the job still runs and the
+    /// cursors still stand there, else the batch is rolled back and redone).
+    static GROUP: std::cell::RefCell<Option<(String, Group)>> = const { std::cell::RefCell::new(None) };
 }
+
+/// A batch found the job or its cursors changed under it: rolled back, redone
+/// after re-reading them.
+const STALE_GROUP: &str = "ekm: the job or its cursors changed; batch redone";
 
 thread_local! {
     /// Statements every batch runs, prepared once per worker (SPI_keepplan).
@@ -458,6 +508,7 @@ fn kept<R>(
 
 /// The first unfinished cursor group of a job: every column of one table at
 /// the same position.
+#[derive(Clone)]
 struct Group {
     tbl: pg_sys::Oid,
     table: String,
@@ -481,49 +532,62 @@ fn step(job_id: i64) -> Result<Step, String> {
             .min(unsafe { pg_sys::DeadlockTimeout } / 2)
             .max(1)
     );
-    // One statement: the job's kind (if it is still running), the next
-    // cursor group and its table's size; sets this transaction's lock_timeout.
-    let head = kept(
-            "SELECT set_config('lock_timeout', $2, true), j.kind, g.tbl, g.table_name, g.state, g.next_block, \
-                    g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
-             FROM ekm.rotation_job j \
-             LEFT JOIN LATERAL ( \
-               SELECT f.tbl::oid AS tbl, f.tbl::regclass::text AS table_name, f.state, f.next_block, f.blocks_per_batch, \
-                      pg_relation_size(f.tbl) / current_setting('block_size')::bigint AS nblocks, \
-                      array_agg(quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
-                      array_agg(c.context ORDER BY c.col) AS contexts \
-               FROM (SELECT tbl, state, next_block, blocks_per_batch FROM ekm.rotation_cursor \
-                     WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
-               JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
-               GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch) g ON true \
-             WHERE j.job_id = $1 AND j.state = 'running'",
-            &[INT8, TEXT],
+    let cached = GROUP.with(|c| c.borrow_mut().take());
+    let (kind, group) = if let Some((kind, g)) = cached {
+        kept(
+            "SELECT set_config('lock_timeout', $1, true)",
+            &[TEXT],
             false,
-            &[job_id.into(), lock_timeout.clone().into()],
-            |t| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
-        if t.is_empty() {
-            return Ok(None);
-        }
-        let r = t.first();
-        let kind = r.get::<String>(2)?.unwrap_or_default();
-        let group = match r.get::<pg_sys::Oid>(3)? {
-            None => None,
-            Some(tbl) => Some(Group {
-                tbl,
-                table: r.get::<String>(4)?.unwrap_or_default(),
-                state: r.get::<String>(5)?.unwrap_or_default(),
-                next_block: r.get::<i64>(6)?.unwrap_or(0),
-                blocks_per_batch: r.get::<i32>(7)?.unwrap_or(1),
-                nblocks: r.get::<i64>(8)?.unwrap_or(0),
-                quoted: r.get::<Vec<String>>(9)?.unwrap_or_default(),
-                names: r.get::<Vec<String>>(10)?.unwrap_or_default(),
-                contexts: r.get::<Vec<String>>(11)?.unwrap_or_default(),
-            }),
+            &[lock_timeout.clone().into()],
+            |_| Ok(()),
+        )?;
+        (kind, Some(g))
+    } else {
+        // One statement: the job's kind (if it is still running), the next
+        // cursor group and its table's size; sets this transaction's lock_timeout.
+        let head = kept(
+                "SELECT set_config('lock_timeout', $2, true), j.kind, g.tbl, g.table_name, g.state, g.next_block, \
+                        g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
+                 FROM ekm.rotation_job j \
+                 LEFT JOIN LATERAL ( \
+                   SELECT f.tbl::oid AS tbl, f.tbl::regclass::text AS table_name, f.state, f.next_block, f.blocks_per_batch, \
+                          pg_relation_size(f.tbl) / current_setting('block_size')::bigint AS nblocks, \
+                          array_agg(quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
+                          array_agg(c.context ORDER BY c.col) AS contexts \
+                   FROM (SELECT tbl, state, next_block, blocks_per_batch FROM ekm.rotation_cursor \
+                         WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
+                   JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
+                   GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch) g ON true \
+                 WHERE j.job_id = $1 AND j.state = 'running'",
+                &[INT8, TEXT],
+                false,
+                &[job_id.into(), lock_timeout.clone().into()],
+                |t| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            let kind = r.get::<String>(2)?.unwrap_or_default();
+            let group = match r.get::<pg_sys::Oid>(3)? {
+                None => None,
+                Some(tbl) => Some(Group {
+                    tbl,
+                    table: r.get::<String>(4)?.unwrap_or_default(),
+                    state: r.get::<String>(5)?.unwrap_or_default(),
+                    next_block: r.get::<i64>(6)?.unwrap_or(0),
+                    blocks_per_batch: r.get::<i32>(7)?.unwrap_or(1),
+                    nblocks: r.get::<i64>(8)?.unwrap_or(0),
+                    quoted: r.get::<Vec<String>>(9)?.unwrap_or_default(),
+                    names: r.get::<Vec<String>>(10)?.unwrap_or_default(),
+                    contexts: r.get::<Vec<String>>(11)?.unwrap_or_default(),
+                }),
+            };
+            Ok(Some((kind, group)))
+        })?;
+        let Some((kind, group)) = head else {
+            return Ok(Step::Stop);
         };
-        Ok(Some((kind, group)))
-    })?;
-    let Some((kind, group)) = head else {
-        return Ok(Step::Stop);
+        (kind, group)
     };
     let encrypt = kind == "encrypt";
 
@@ -619,16 +683,30 @@ fn step(job_id: i64) -> Result<Step, String> {
                 .map_err(spi_err)?;
             let ns = crate::fastpath::moved(g.names.len());
             let total: i64 = ns.iter().sum();
-            kept(
-                "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $6 WHERE job_id = $1) \
+            // Counts and cursors move with the batch, in its transaction, if
+            // the job still runs and its cursors still stand where it began;
+            // else the batch is rolled back and redone after a fresh read.
+            let moved = kept(
+                "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $6 WHERE job_id = $1 AND state = 'running' RETURNING 1) \
                  UPDATE ekm.rotation_cursor c SET next_block = $4, rows_done = c.rows_done + u.n \
                  FROM unnest($3::name[], $5::bigint[]) AS u(col, n) \
-                 WHERE c.job_id = $1 AND c.tbl = $2 AND c.col = u.col",
-                &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8],
+                 WHERE c.job_id = $1 AND c.tbl = $2 AND c.col = u.col AND c.state = 'scanning' AND c.next_block = $7 \
+                   AND EXISTS (SELECT FROM j) \
+                 RETURNING 1",
+                &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8, INT8],
                 true,
-                &[job_id.into(), g.tbl.into(), g.names.clone().into(), hi.into(), ns.into(), total.into()],
-                |_| Ok(()),
+                &[job_id.into(), g.tbl.into(), g.names.clone().into(), hi.into(), ns.into(), total.into(), g.next_block.into()],
+                |t| Ok(t.len()),
             )?;
+            if moved != g.names.len() {
+                return Err(STALE_GROUP.to_string());
+            }
+            if hi < g.nblocks {
+                // the end of the table is decided by a fresh read of its size
+                let mut next = g;
+                next.next_block = hi;
+                GROUP.with(|c| *c.borrow_mut() = Some((kind, next)));
+            }
             return Ok(Step::Again);
         }
         // sweeping: what is left in these columns, in one scan
@@ -796,6 +874,8 @@ fn another_pass(
 
 /// Marks the job done, audits and notifies.
 fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
+    // durable before anyone hears of it (the batches commit asynchronously)
+    Spi::run("SET LOCAL synchronous_commit = on").map_err(spi_err)?;
     let rows = one_i64(
         "UPDATE ekm.rotation_job SET state = 'done', finished_at = now(), waiting_for = NULL WHERE job_id = $1 RETURNING rows_done",
         vec![job_id.into()],
