@@ -99,7 +99,10 @@ sleep 0.5
 job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 100, force => true) LIMIT 1")
 sleep 0.3
 check_match "cancel" "$(q app "SELECT ekm_rotation_cancel($job)")" "running -> cancelled"
+moved_now() { q app "SELECT (SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job) || ':' || count(*) FROM people WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active)"; }
+at_cancel=$(moved_now)
 sleep 1
+check "nothing moves once the cancel has committed (a batch that finds the job cancelled rolls back)" "$(moved_now)" "$at_cancel"
 check "a cancelled job stays cancelled" "$(q app "SELECT state FROM ekm.rotation_job WHERE job_id = $job")" cancelled
 check "after cancel every value decrypts" "$(consistent app)" "$(total app)"
 check_match "a new rotation is refused while one is cancelled" "$(qerr app "SELECT * FROM ekm_rotate()")" "^ERROR:  55006: rotation job $job was cancelled"
