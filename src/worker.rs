@@ -506,6 +506,24 @@ fn kept<R>(
     .map_err(spi_err)
 }
 
+/// `SET LOCAL name = value`, without a statement.
+fn set_local(name: &str, value: &str) {
+    let name = std::ffi::CString::new(name).expect("no NUL in a setting name");
+    let value = std::ffi::CString::new(value).expect("no NUL in a setting value");
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
+    }
+}
+
 /// The first unfinished cursor group of a job: every column of one table at
 /// the same position.
 #[derive(Clone)]
@@ -534,13 +552,7 @@ fn step(job_id: i64) -> Result<Step, String> {
     );
     let cached = GROUP.with(|c| c.borrow_mut().take());
     let (kind, group) = if let Some((kind, g)) = cached {
-        kept(
-            "SELECT set_config('lock_timeout', $1, true)",
-            &[TEXT],
-            false,
-            &[lock_timeout.clone().into()],
-            |_| Ok(()),
-        )?;
+        set_local("lock_timeout", &lock_timeout);
         (kind, Some(g))
     } else {
         // One statement: the job's kind (if it is still running), the next
@@ -684,20 +696,30 @@ fn step(job_id: i64) -> Result<Step, String> {
             let ns = crate::fastpath::moved(g.names.len());
             let total: i64 = ns.iter().sum();
             // Counts and cursors move with the batch, in its transaction, if
-            // the job still runs and its cursors still stand where it began;
-            // else the batch is rolled back and redone after a fresh read.
-            let moved = kept(
-                "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $6 WHERE job_id = $1 AND state = 'running' RETURNING 1) \
-                 UPDATE ekm.rotation_cursor c SET next_block = $4, rows_done = c.rows_done + u.n \
-                 FROM unnest($3::name[], $5::bigint[]) AS u(col, n) \
-                 WHERE c.job_id = $1 AND c.tbl = $2 AND c.col = u.col AND c.state = 'scanning' AND c.next_block = $7 \
-                   AND EXISTS (SELECT FROM j) \
-                 RETURNING 1",
-                &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8, INT8],
+            // the job still runs (its row is locked until the batch commits:
+            // a cancel waits for it) and its cursors still stand where the
+            // batch began; else the batch is rolled back and redone after a
+            // fresh read.
+            let running = kept(
+                "UPDATE ekm.rotation_job SET rows_done = rows_done + $2 WHERE job_id = $1 AND state = 'running'",
+                &[INT8, INT8],
                 true,
-                &[job_id.into(), g.tbl.into(), g.names.clone().into(), hi.into(), ns.into(), total.into(), g.next_block.into()],
+                &[job_id.into(), total.into()],
                 |t| Ok(t.len()),
             )?;
+            let moved = if running == 1 {
+                kept(
+                    "UPDATE ekm.rotation_cursor \
+                     SET next_block = $4, rows_done = rows_done + ($5::bigint[])[array_position($3::name[], col)] \
+                     WHERE job_id = $1 AND tbl = $2 AND col = ANY($3::name[]) AND state = 'scanning' AND next_block = $6",
+                    &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8],
+                    true,
+                    &[job_id.into(), g.tbl.into(), g.names.clone().into(), hi.into(), ns.into(), g.next_block.into()],
+                    |t| Ok(t.len()),
+                )?
+            } else {
+                0
+            };
             if moved != g.names.len() {
                 return Err(STALE_GROUP.to_string());
             }
@@ -877,7 +899,7 @@ fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
     // durable before anyone hears of it (the batches commit asynchronously)
     Spi::run("SET LOCAL synchronous_commit = on").map_err(spi_err)?;
     let rows = one_i64(
-        "UPDATE ekm.rotation_job SET state = 'done', finished_at = now(), waiting_for = NULL WHERE job_id = $1 RETURNING rows_done",
+        "UPDATE ekm.rotation_job SET state = 'done', finished_at = clock_timestamp(), waiting_for = NULL WHERE job_id = $1 RETURNING rows_done",
         vec![job_id.into()],
     )?;
     let event = match kind {
