@@ -7,18 +7,21 @@
 #   (c) a do-it-yourself pgcrypto rotation (decrypt_iv/encrypt_iv AES-256-CBC, new random IV);
 #   (d) pgp_sym_encrypt(pgp_sym_decrypt(...)) (on the first --pgp-rows rows: it is ~100x slower).
 # Prints rows/s, ratio to the floor, table size before/after and WAL bytes.
+# (a) and (b) run --repeat times (default 3), alternating, each on freshly
+# loaded identical tables; the table shows the median and every run's time.
 #
-#   bash bench/rotation.sh [--rows N | --million] [--pgp-rows N] [--no-build]
+#   bash bench/rotation.sh [--rows N | --million] [--pgp-rows N] [--repeat N] [--no-build]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROWS=200000; PGP_ROWS=10000; BUILD=1
+ROWS=200000; PGP_ROWS=10000; BUILD=1; REPEAT=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --rows) ROWS=$2; shift 2 ;;
     --million) ROWS=1000000; shift ;;
     --pgp-rows) PGP_ROWS=$2; shift 2 ;;
+    --repeat) REPEAT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    *) echo "usage: $0 [--rows N | --million] [--pgp-rows N] [--no-build]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--rows N | --million] [--pgp-rows N] [--repeat N] [--no-build]" >&2; exit 2 ;;
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -39,8 +42,9 @@ CREATE TABLE k AS SELECT decode(repeat('5a', 32), 'hex') AS old_key, decode(repe
 CREATE TABLE t_ekm (id int PRIMARY KEY, email text, mobno text);
 INSERT INTO t_ekm SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com'), ekm_encrypt('+91' || lpad(g::text, 10, '0'))
 FROM generate_series(1, $ROWS) g;
-CREATE TABLE t_floor AS SELECT * FROM t_ekm;
-ALTER TABLE t_floor ADD PRIMARY KEY (id);
+-- built the same way as t_ekm (its primary key filled row by row)
+CREATE TABLE t_floor (LIKE t_ekm INCLUDING ALL);
+INSERT INTO t_floor SELECT * FROM t_ekm;
 CREATE TABLE t_cbc (id int PRIMARY KEY, email bytea, mobno bytea);
 INSERT INTO t_cbc SELECT g,
   (SELECT x.iv || encrypt_iv(convert_to('cust' || lpad(g::text, 9, '0') || '@example.com', 'UTF8'), k.old_key, x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, g) x),
@@ -53,6 +57,7 @@ VACUUM ANALYZE;
 SELECT ekm_register_column('t_ekm', 'email');
 SELECT ekm_register_column('t_ekm', 'mobno');
 CREATE TABLE results (method text, rows int, seconds float8, wal bigint, size_before bigint, size_after bigint);
+CREATE TABLE job_seconds (seconds float8);
 
 -- The same batching for (b)-(d): 1,000 ids per transaction.
 CREATE PROCEDURE batched(tbl regclass, expr_email text, expr_mobno text, n int) LANGUAGE plpgsql AS \$\$
@@ -92,34 +97,63 @@ sample_worker() {
   echo "$peak" > "$dir/worker_peak_kb"
 }
 rotate_ekm() {
-  local sampler
-  touch "$dir/sampling"; sample_worker & sampler=$!
   # one session, like the floor's CALL: start the job, then wait for it
   q -At -q >/dev/null 2>&1 <<'SQL'
 SELECT job_id FROM ekm_rotate(batch_size => 1000, force => true) LIMIT 1 \gset
 SELECT state FROM ekm_rotation_wait(:job_id);
 SQL
+}
+# The memory of the worker is sampled during a second, untimed rotation of
+# the same table, so that the sampler (a psql and an awk every 50 ms) costs
+# the timed run nothing.
+rotate_ekm_sampled() {
+  local sampler
+  touch "$dir/sampling"; sample_worker & sampler=$!
+  rotate_ekm
   rm -f "$dir/sampling"; wait "$sampler"
 }
+# Fresh identical tables for the next (a)/(b) pair: new values under the
+# active key for ekm, the same bytes for the floor.
+reload_pair() {
+  q -q <<SQL
+TRUNCATE t_ekm;
+INSERT INTO t_ekm SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com'), ekm_encrypt('+91' || lpad(g::text, 10, '0'))
+FROM generate_series(1, $ROWS) g;
+TRUNCATE t_floor;
+INSERT INTO t_floor SELECT * FROM t_ekm;
+VACUUM ANALYZE t_ekm;
+VACUUM ANALYZE t_floor;
+SQL
+}
 echo "measuring..."
-measure "(b) floor: UPDATE email = email, no crypto" t_floor "$ROWS" q -q -c "CALL batched('t_floor', 'email', 'mobno', $ROWS)"
-measure "(a) ekm_rotate (background worker)" t_ekm "$ROWS" rotate_ekm
+for rep in $(seq 1 "$REPEAT"); do
+  [ "$rep" -eq 1 ] || reload_pair
+  measure "(b) floor: UPDATE email = email, no crypto" t_floor "$ROWS" q -q -c "CALL batched('t_floor', 'email', 'mobno', $ROWS)"
+  measure "(a) ekm_rotate (background worker)" t_ekm "$ROWS" rotate_ekm
+  q -q -c "INSERT INTO job_seconds SELECT extract(epoch FROM finished_at - switched_at) FROM ekm.rotation_job ORDER BY job_id DESC LIMIT 1"
+done
 measure "(c) pgcrypto decrypt_iv/encrypt_iv aes-cbc" t_cbc "$ROWS" q -q -c "CALL batched('t_cbc',
   \$\$(SELECT x.iv || encrypt_iv(decrypt_iv(substring(email FROM 17), (SELECT old_key FROM k), substring(email FOR 16), 'aes-cbc'), (SELECT new_key FROM k), x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, id) x)\$\$,
   \$\$(SELECT x.iv || encrypt_iv(decrypt_iv(substring(mobno FROM 17), (SELECT old_key FROM k), substring(mobno FOR 16), 'aes-cbc'), (SELECT new_key FROM k), x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, id) x)\$\$, $ROWS)"
 measure "(d) pgp_sym_encrypt(pgp_sym_decrypt())" t_pgp "$PGP_ROWS" q -q -c "CALL batched('t_pgp',
   \$\$pgp_sym_encrypt(pgp_sym_decrypt(email, 'old'), 'new')\$\$, \$\$pgp_sym_encrypt(pgp_sym_decrypt(mobno, 'old'), 'new')\$\$, $PGP_ROWS)"
-job_seconds=$(q -At -c "SELECT round(extract(epoch FROM finished_at - switched_at)::numeric, 2) FROM ekm.rotation_job ORDER BY job_id DESC LIMIT 1")
+job_seconds=$(q -At -c "SELECT string_agg(round(seconds::numeric, 2)::text, ' / ') FROM job_seconds")
+rotate_ekm_sampled
 check=$(q -At -c "SELECT count(*) FROM t_ekm WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_key_id(mobno) = (SELECT key_id FROM ekm.keys WHERE is_active)")
 echo
 echo "rotation benchmark: $ROWS rows x 2 columns, batches of 1,000 rows (pgp: $PGP_ROWS rows); ekm moved $check rows to the new key"
 q -P footer=off <<'SQL'
-WITH f AS (SELECT rows / seconds AS rps FROM results WHERE method LIKE '(b)%')
-SELECT method, rows, round(seconds::numeric, 2) AS seconds, round((rows / seconds)::numeric) AS "rows/s",
+WITH m AS (
+  SELECT method, min(rows) AS rows, percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds) AS seconds,
+         string_agg(round(seconds::numeric, 2)::text, ' / ' ORDER BY ctid) AS runs,
+         percentile_cont(0.5) WITHIN GROUP (ORDER BY wal) AS wal, max(size_before) AS size_before, max(size_after) AS size_after
+  FROM results GROUP BY method),
+f AS (SELECT rows / seconds AS rps FROM m WHERE method LIKE '(b)%')
+SELECT method, rows, round(seconds::numeric, 2) AS "seconds (median)", runs, round((rows / seconds)::numeric) AS "rows/s",
        round((f.rps / (rows / seconds))::numeric, 2) AS "x floor (time per row)",
        pg_size_pretty(size_before) AS size_before, pg_size_pretty(size_after) AS size_after,
-       pg_size_pretty(wal) AS wal, pg_size_pretty(wal / rows) AS "wal/row"
-FROM results, f ORDER BY method;
+       pg_size_pretty(wal::bigint) AS wal, pg_size_pretty((wal / rows)::bigint) AS "wal/row"
+FROM m, f ORDER BY method;
 SQL
-echo "(a) includes starting the job, the worker and the client's wait; the job itself (switch to last commit) took ${job_seconds} s"
+echo "(a) includes starting the job, the worker and the client's wait; the job itself (key switch to the end of its final check) took ${job_seconds} s"
 echo "rotation worker peak private memory (RssAnon): $(cat "$dir/worker_peak_kb") kB"
