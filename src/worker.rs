@@ -533,6 +533,8 @@ struct Group {
     state: String,
     next_block: i64,
     blocks_per_batch: i32,
+    /// where this pass ends: the table's size when the pass began (or now,
+    /// if it shrank)
     nblocks: i64,
     /// quoted identifiers, names, contexts (same order)
     quoted: Vec<String>,
@@ -563,13 +565,13 @@ fn step(job_id: i64) -> Result<Step, String> {
                  FROM ekm.rotation_job j \
                  LEFT JOIN LATERAL ( \
                    SELECT f.tbl::oid AS tbl, f.tbl::regclass::text AS table_name, f.state, f.next_block, f.blocks_per_batch, \
-                          pg_relation_size(f.tbl) / current_setting('block_size')::bigint AS nblocks, \
+                          least(pg_relation_size(f.tbl) / current_setting('block_size')::bigint, f.blocks_total) AS nblocks, \
                           array_agg(quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
                           array_agg(c.context ORDER BY c.col) AS contexts \
-                   FROM (SELECT tbl, state, next_block, blocks_per_batch FROM ekm.rotation_cursor \
+                   FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total FROM ekm.rotation_cursor \
                          WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
                    JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
-                   GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch) g ON true \
+                   GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch, f.blocks_total) g ON true \
                  WHERE j.job_id = $1 AND j.state = 'running'",
                 &[INT8, TEXT],
                 false,
@@ -629,8 +631,12 @@ fn step(job_id: i64) -> Result<Step, String> {
 
         if g.state == "scanning" {
             if g.next_block >= g.nblocks {
-                // A rotation's pass ends here: the final check (below) scans
-                // for what is left. A migration sweeps its column first.
+                // A pass ends at the table's size when it began
+                // (blocks_total): beyond it are the row versions the batches
+                // appended, already moved, and rows written since, which the
+                // final check (below) scans for with the whole table, sending
+                // the column back for another pass if one needs moving. A
+                // migration sweeps its column first.
                 set_cursors(
                     if encrypt {
                         "UPDATE ekm.rotation_cursor SET state = 'sweeping' \
@@ -762,7 +768,9 @@ fn step(job_id: i64) -> Result<Step, String> {
     // Every cursor is done. Columns registered since the job started get one.
     let added = one_i64(
         "WITH a AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
-           SELECT $1, r.tbl, r.col, r.context, 1, 1, 0 FROM ekm.registered_column r \
+           SELECT $1, r.tbl, r.col, r.context, pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
+                  greatest(1, (j.batch_size::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int), greatest(c.reltuples, 0)::bigint \
+           FROM ekm.registered_column r JOIN pg_class c ON c.oid = r.tbl JOIN ekm.rotation_job j ON j.job_id = $1 \
            WHERE NOT EXISTS (SELECT 1 FROM ekm.rotation_cursor c WHERE c.job_id = $1 AND c.tbl = r.tbl AND c.col = r.col) \
            RETURNING 1) SELECT count(*) FROM a",
         vec![job_id.into()],
@@ -885,7 +893,8 @@ fn another_pass(
         return Ok(false);
     }
     catalog::exec(
-        "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n \
+        "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n, \
+                blocks_total = pg_relation_size(c.tbl) / current_setting('block_size')::bigint \
          FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
          WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
         vec![job_id.into(), tbl.into(), cols.into(), n.into()],
