@@ -38,7 +38,7 @@ struct Cache {
 
 thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
-    static RNG: RefCell<Option<(i32, StdRng)>> = const { RefCell::new(None) };
+    static RNG: RefCell<Option<Nonces>> = const { RefCell::new(None) };
 }
 
 /// Set by the invalidation callback; starts set so the first use loads.
@@ -193,19 +193,39 @@ pub fn with_decrypt_key<R>(
     })
 }
 
-/// A fresh nonce from a CSPRNG seeded from the OS in this process (reseeded
-/// if the process is a fork of the one that seeded it).
+/// Nonces drawn from a CSPRNG seeded from the OS in this process, 16 at a
+/// time (one generator call per 16 values on the per-row paths).
+struct Nonces {
+    pid: i32,
+    rng: StdRng,
+    buf: [u8; NONCE_LEN * 16],
+    used: usize,
+}
+
+/// A fresh nonce (the generator is reseeded, and unused nonces dropped, if
+/// the process is a fork of the one that seeded it).
 fn nonce() -> Result<[u8; NONCE_LEN]> {
     let pid = unsafe { pg_sys::MyProcPid };
     RNG.with(|r| {
         let mut r = r.borrow_mut();
-        if r.as_ref().is_none_or(|(p, _)| *p != pid) {
+        if r.as_ref().is_none_or(|g| g.pid != pid) {
             let rng = StdRng::try_from_rng(&mut SysRng)
                 .map_err(|e| EkmError::Internal(format!("OS random source failed: {e}")))?;
-            *r = Some((pid, rng));
+            *r = Some(Nonces {
+                pid,
+                rng,
+                buf: [0; NONCE_LEN * 16],
+                used: NONCE_LEN * 16,
+            });
+        }
+        let g = r.as_mut().expect("seeded above");
+        if g.used == g.buf.len() {
+            g.rng.fill_bytes(&mut g.buf);
+            g.used = 0;
         }
         let mut n = [0u8; NONCE_LEN];
-        r.as_mut().expect("seeded above").1.fill_bytes(&mut n);
+        n.copy_from_slice(&g.buf[g.used..g.used + NONCE_LEN]);
+        g.used += NONCE_LEN;
         Ok(n)
     })
 }
