@@ -275,9 +275,14 @@ pub fn with_rotation<R>(
         if c.active.is_none() {
             c.reload()?;
         }
-        let a = c.active.ok_or(EkmError::NoActiveKey)?;
-        // the rotating key again: a reload may have moved it
+        // Looked up again after any reload (which reorders the entries):
+        // find reloads no further once the key is found, so the index, its
+        // state and the active key's index below all come from one load.
         let i = c.find(key_ref)?;
+        if c.entries[i].state != KeyState::Rotating {
+            return Ok(None);
+        }
+        let a = c.active.ok_or(EkmError::NoActiveKey)?;
         let old = usable(&c.entries[i], "decrypt")?;
         let new = usable(&c.entries[a], "encrypt")?;
         let r = f(old, new, &nonce()?)?;

@@ -506,6 +506,23 @@ fn kept<R>(
     .map_err(spi_err)
 }
 
+/// A table's schema-qualified, quoted name, read from the system caches
+/// (None if it no longer exists).
+fn table_name(oid: pg_sys::Oid) -> Option<String> {
+    unsafe {
+        let rel = pg_sys::get_rel_name(oid);
+        if rel.is_null() {
+            return None;
+        }
+        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(oid));
+        if nsp.is_null() {
+            return None;
+        }
+        let q = pg_sys::quote_qualified_identifier(nsp, rel);
+        Some(std::ffi::CStr::from_ptr(q).to_string_lossy().into_owned())
+    }
+}
+
 /// `SET LOCAL name = value`, without a statement.
 fn set_local(name: &str, value: &str) {
     let name = std::ffi::CString::new(name).expect("no NUL in a setting name");
@@ -603,6 +620,14 @@ fn step(job_id: i64) -> Result<Step, String> {
         };
         (kind, group)
     };
+    let mut group = group;
+    if let Some(g) = group.as_mut() {
+        // the table's current name (the group may be cached from an earlier
+        // batch, and a table can be renamed between batches)
+        if let Some(name) = table_name(g.tbl) {
+            g.table = name;
+        }
+    }
     let encrypt = kind == "encrypt";
 
     if let Some(g) = group {
@@ -769,7 +794,9 @@ fn step(job_id: i64) -> Result<Step, String> {
     let added = one_i64(
         "WITH a AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
            SELECT $1, r.tbl, r.col, r.context, pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
-                  greatest(1, (j.batch_size::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int), greatest(c.reltuples, 0)::bigint \
+                  CASE WHEN c.reltuples < 0 THEN 1 \
+                       ELSE greatest(1, (j.batch_size::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int) END, \
+                  greatest(c.reltuples, 0)::bigint \
            FROM ekm.registered_column r JOIN pg_class c ON c.oid = r.tbl JOIN ekm.rotation_job j ON j.job_id = $1 \
            WHERE NOT EXISTS (SELECT 1 FROM ekm.rotation_cursor c WHERE c.job_id = $1 AND c.tbl = r.tbl AND c.col = r.col) \
            RETURNING 1) SELECT count(*) FROM a",
