@@ -524,6 +524,8 @@ fn table_name(oid: pg_sys::Oid) -> Option<String> {
 }
 
 /// `SET LOCAL name = value`, without a statement.
+/// The worker runs as the bootstrap superuser, so superuser-only settings
+/// (deadlock_timeout) may be set too.
 fn set_local(name: &str, value: &str) {
     let name = std::ffi::CString::new(name).expect("no NUL in a setting name");
     let value = std::ffi::CString::new(value).expect("no NUL in a setting value");
@@ -531,7 +533,7 @@ fn set_local(name: &str, value: &str) {
         pg_sys::set_config_option(
             name.as_ptr(),
             value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_LOCAL,
             true,
@@ -563,11 +565,18 @@ fn step(job_id: i64) -> Result<Step, String> {
     // Below deadlock_timeout: in a lock cycle with an application
     // transaction, the batch gives up before the application's deadlock
     // check could abort the application's transaction.
-    let lock_timeout = format!(
-        "{}ms",
-        crate::gucs::rotation_lock_timeout_ms()
-            .min(unsafe { pg_sys::DeadlockTimeout } / 2)
-            .max(1)
+    let lock_timeout_ms = crate::gucs::rotation_lock_timeout_ms()
+        .min(unsafe { pg_sys::DeadlockTimeout } / 2)
+        .max(1);
+    let lock_timeout = format!("{lock_timeout_ms}ms");
+    // A batch may wait for several application locks in turn (each at most
+    // lock_timeout) before it closes a lock cycle with an application that
+    // has been waiting for it all along. The worker therefore runs its own
+    // deadlock check soon after it starts waiting: in a cycle, the batch is
+    // the transaction that gets aborted (and redone), never the application.
+    set_local(
+        "deadlock_timeout",
+        &format!("{}ms", (lock_timeout_ms / 5).max(10)),
     );
     let cached = GROUP.with(|c| c.borrow_mut().take());
     let (kind, group) = if let Some((kind, g)) = cached {
