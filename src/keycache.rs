@@ -169,6 +169,36 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// `find`, with a key this database does not have as None.
+    fn find_known(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<Option<usize>> {
+        match self.find(key_ref) {
+            Ok(i) => Ok(Some(i)),
+            Err(EkmError::UnknownKey(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The entry of `key_ref` if that key is `rotating`.
+    fn rotating(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<Option<usize>> {
+        Ok(self
+            .find_known(key_ref)?
+            .filter(|&i| self.entries[i].state == KeyState::Rotating))
+    }
+}
+
+impl Entry {
+    /// Counts one encryption under this key in shared memory.
+    fn count_encryption(&mut self) {
+        if self.counter.is_none() {
+            self.counter = shmem::counter(&self.key_ref);
+        }
+        if let Some(ctr) = self.counter {
+            ctr.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 fn usable<'e>(e: &'e Entry, action: &'static str) -> Result<&'e DataKey> {
     match &e.key {
         Some(Ok(k)) => Ok(k),
@@ -244,12 +274,7 @@ pub fn with_encrypt_key<R>(f: impl FnOnce(&DataKey, &[u8; NONCE_LEN]) -> Result<
         let k = usable(e, "encrypt")?;
         let n = nonce()?;
         let r = f(k, &n)?;
-        if e.counter.is_none() {
-            e.counter = shmem::counter(&e.key_ref);
-        }
-        if let Some(ctr) = e.counter {
-            ctr.fetch_add(1, Ordering::Relaxed);
-        }
+        e.count_encryption();
         Ok(r)
     })
 }
@@ -264,12 +289,7 @@ pub fn with_rotation<R>(
 ) -> Result<Option<R>> {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        let i = match c.find(key_ref) {
-            Ok(i) => i,
-            Err(EkmError::UnknownKey(_)) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if c.entries[i].state != KeyState::Rotating {
+        if c.rotating(key_ref)?.is_none() {
             return Ok(None);
         }
         if c.active.is_none() {
@@ -278,21 +298,14 @@ pub fn with_rotation<R>(
         // Looked up again after any reload (which reorders the entries):
         // find reloads no further once the key is found, so the index, its
         // state and the active key's index below all come from one load.
-        let i = c.find(key_ref)?;
-        if c.entries[i].state != KeyState::Rotating {
+        let Some(i) = c.rotating(key_ref)? else {
             return Ok(None);
-        }
+        };
         let a = c.active.ok_or(EkmError::NoActiveKey)?;
         let old = usable(&c.entries[i], "decrypt")?;
         let new = usable(&c.entries[a], "encrypt")?;
         let r = f(old, new, &nonce()?)?;
-        let e = &mut c.entries[a];
-        if e.counter.is_none() {
-            e.counter = shmem::counter(&e.key_ref);
-        }
-        if let Some(ctr) = e.counter {
-            ctr.fetch_add(1, Ordering::Relaxed);
-        }
+        c.entries[a].count_encryption();
         Ok(Some(r))
     })
 }
@@ -310,10 +323,6 @@ pub fn active_key_and_owner() -> Result<(Option<KeyId>, pg_sys::Oid)> {
 pub fn state_of(key_ref: &[u8; KEY_REF_LEN]) -> Result<Option<KeyState>> {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        match c.find(key_ref) {
-            Ok(i) => Ok(Some(c.entries[i].state)),
-            Err(EkmError::UnknownKey(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(c.find_known(key_ref)?.map(|i| c.entries[i].state))
     })
 }

@@ -470,7 +470,6 @@ thread_local! {
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-const TEXT: pg_sys::Oid = pg_sys::TEXTOID;
 const INT8: pg_sys::Oid = pg_sys::INT8OID;
 
 /// Runs `sql` (prepared on first use, then reused) with `args` of `types`;
@@ -561,6 +560,50 @@ struct Group {
     contexts: Vec<String>,
 }
 
+/// The job's kind (None if it no longer runs) and its first unfinished
+/// cursor group, with where the group's pass ends, in one statement.
+fn read_group(job_id: i64) -> Result<Option<(String, Option<Group>)>, String> {
+    kept(
+        "SELECT j.kind, g.tbl, g.state, g.next_block, g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
+         FROM ekm.rotation_job j \
+         LEFT JOIN LATERAL ( \
+           SELECT f.tbl::oid AS tbl, f.state, f.next_block, f.blocks_per_batch, \
+                  least(pg_relation_size(f.tbl) / current_setting('block_size')::bigint, f.blocks_total) AS nblocks, \
+                  array_agg(quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
+                  array_agg(c.context ORDER BY c.col) AS contexts \
+           FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total FROM ekm.rotation_cursor \
+                 WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
+           JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
+           GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch, f.blocks_total) g ON true \
+         WHERE j.job_id = $1 AND j.state = 'running'",
+        &[INT8],
+        false,
+        &[job_id.into()],
+        |t| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            let kind = r.get::<String>(1)?.unwrap_or_default();
+            let group = match r.get::<pg_sys::Oid>(2)? {
+                None => None,
+                Some(tbl) => Some(Group {
+                    tbl,
+                    table: String::new(), // set by the caller, at every batch
+                    state: r.get::<String>(3)?.unwrap_or_default(),
+                    next_block: r.get::<i64>(4)?.unwrap_or(0),
+                    blocks_per_batch: r.get::<i32>(5)?.unwrap_or(1),
+                    nblocks: r.get::<i64>(6)?.unwrap_or(0),
+                    quoted: r.get::<Vec<String>>(7)?.unwrap_or_default(),
+                    names: r.get::<Vec<String>>(8)?.unwrap_or_default(),
+                    contexts: r.get::<Vec<String>>(9)?.unwrap_or_default(),
+                }),
+            };
+            Ok(Some((kind, group)))
+        },
+    )
+}
+
 fn step(job_id: i64) -> Result<Step, String> {
     // Below deadlock_timeout: in a lock cycle with an application
     // transaction, the batch gives up before the application's deadlock
@@ -568,7 +611,7 @@ fn step(job_id: i64) -> Result<Step, String> {
     let lock_timeout_ms = crate::gucs::rotation_lock_timeout_ms()
         .min(unsafe { pg_sys::DeadlockTimeout } / 2)
         .max(1);
-    let lock_timeout = format!("{lock_timeout_ms}ms");
+    set_local("lock_timeout", &format!("{lock_timeout_ms}ms"));
     // A batch may wait for several application locks in turn (each at most
     // lock_timeout) before it closes a lock cycle with an application that
     // has been waiting for it all along. The worker therefore runs its own
@@ -579,63 +622,17 @@ fn step(job_id: i64) -> Result<Step, String> {
         &format!("{}ms", (lock_timeout_ms / 5).max(10)),
     );
     let cached = GROUP.with(|c| c.borrow_mut().take());
-    let (kind, group) = if let Some((kind, g)) = cached {
-        set_local("lock_timeout", &lock_timeout);
-        (kind, Some(g))
-    } else {
-        // One statement: the job's kind (if it is still running), the next
-        // cursor group and its table's size; sets this transaction's lock_timeout.
-        let head = kept(
-                "SELECT set_config('lock_timeout', $2, true), j.kind, g.tbl, g.table_name, g.state, g.next_block, \
-                        g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
-                 FROM ekm.rotation_job j \
-                 LEFT JOIN LATERAL ( \
-                   SELECT f.tbl::oid AS tbl, f.tbl::regclass::text AS table_name, f.state, f.next_block, f.blocks_per_batch, \
-                          least(pg_relation_size(f.tbl) / current_setting('block_size')::bigint, f.blocks_total) AS nblocks, \
-                          array_agg(quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
-                          array_agg(c.context ORDER BY c.col) AS contexts \
-                   FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total FROM ekm.rotation_cursor \
-                         WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
-                   JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
-                   GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch, f.blocks_total) g ON true \
-                 WHERE j.job_id = $1 AND j.state = 'running'",
-                &[INT8, TEXT],
-                false,
-                &[job_id.into(), lock_timeout.clone().into()],
-                |t| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
-            if t.is_empty() {
-                return Ok(None);
-            }
-            let r = t.first();
-            let kind = r.get::<String>(2)?.unwrap_or_default();
-            let group = match r.get::<pg_sys::Oid>(3)? {
-                None => None,
-                Some(tbl) => Some(Group {
-                    tbl,
-                    table: r.get::<String>(4)?.unwrap_or_default(),
-                    state: r.get::<String>(5)?.unwrap_or_default(),
-                    next_block: r.get::<i64>(6)?.unwrap_or(0),
-                    blocks_per_batch: r.get::<i32>(7)?.unwrap_or(1),
-                    nblocks: r.get::<i64>(8)?.unwrap_or(0),
-                    quoted: r.get::<Vec<String>>(9)?.unwrap_or_default(),
-                    names: r.get::<Vec<String>>(10)?.unwrap_or_default(),
-                    contexts: r.get::<Vec<String>>(11)?.unwrap_or_default(),
-                }),
-            };
-            Ok(Some((kind, group)))
-        })?;
-        let Some((kind, group)) = head else {
-            return Ok(Step::Stop);
-        };
-        (kind, group)
+    let (kind, mut group) = match cached {
+        Some((kind, g)) => (kind, Some(g)),
+        None => match read_group(job_id)? {
+            Some(head) => head,
+            None => return Ok(Step::Stop),
+        },
     };
-    let mut group = group;
     if let Some(g) = group.as_mut() {
         // the table's current name (the group may be cached from an earlier
         // batch, and a table can be renamed between batches)
-        if let Some(name) = table_name(g.tbl) {
-            g.table = name;
-        }
+        g.table = table_name(g.tbl).unwrap_or_else(|| g.tbl.to_u32().to_string());
     }
     let encrypt = kind == "encrypt";
 

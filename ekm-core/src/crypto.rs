@@ -105,22 +105,26 @@ impl SecretBuf {
         if n <= StackSecret::LEN {
             self.stack.take(n)
         } else {
-            zeroize::Zeroize::zeroize(&mut self.heap);
+            self.wipe_heap();
             self.heap.resize(n, 0);
             &mut self.heap[..]
+        }
+    }
+
+    /// Wipes the heap buffer, if it was ever used: zeroize of an empty Vec
+    /// still calls memset on its dangling pointer, and glibc's AVX-512
+    /// memset then takes a masked store on an unmapped page (a microcode
+    /// assist that cost more than the whole cipher, per value).
+    fn wipe_heap(&mut self) {
+        if self.heap.capacity() > 0 {
+            zeroize::Zeroize::zeroize(&mut self.heap);
         }
     }
 }
 
 impl Drop for SecretBuf {
     fn drop(&mut self) {
-        // Only a used heap buffer: zeroize of an empty Vec still calls
-        // memset on its dangling pointer, and glibc's AVX-512 memset then
-        // takes a masked store on an unmapped page (a microcode assist that
-        // cost more than the whole cipher, per value).
-        if self.heap.capacity() > 0 {
-            zeroize::Zeroize::zeroize(&mut self.heap);
-        }
+        self.wipe_heap();
     }
 }
 
