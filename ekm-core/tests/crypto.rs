@@ -199,11 +199,18 @@ fn data_cipher_matches_reference_aes_gcm() {
     let id = key_id(0x0102);
     let dk = ekm_core::DataKey::new(id, &key);
     let reference = aes_gcm::Aes256Gcm::new(&key.into());
-    for (pt, ctx) in [
+    // every context length across the associated data's 16-byte blocks and
+    // its stack/heap boundary (contexts of 53 bytes and more)
+    let long_ctx: Vec<u8> = (0..70u8).map(|i| b'a' + i % 26).collect();
+    let mut cases: Vec<(&[u8], &[u8])> = vec![
         (&b""[..], &b""[..]),
         (b"alice@example.com", b"public.people.email"),
         (&[7u8; 300][..], b"x"),
-    ] {
+    ];
+    for n in 0..=long_ctx.len() {
+        cases.push((b"+910000000001", &long_ctx[..n]));
+    }
+    for (pt, ctx) in cases {
         let nonce = [9u8; 12];
         let ct = dk.seal(&nonce, pt, ctx).unwrap();
         let mut bin = vec![0u8; format::decoded_len(&ct).unwrap()];
@@ -217,6 +224,7 @@ fn data_cipher_matches_reference_aes_gcm() {
             .unwrap();
         assert_eq!(&bin[19..19 + pt.len()], &body[..]);
         assert_eq!(&bin[19 + pt.len()..], &tag[..]);
+        assert_eq!(dk.open(&ct, ctx).unwrap().as_slice(), pt);
     }
 }
 
