@@ -733,30 +733,33 @@ fn step(job_id: i64) -> Result<Step, String> {
             let ns = crate::fastpath::moved(g.names.len());
             let total: i64 = ns.iter().sum();
             // Counts and cursors move with the batch, in its transaction, if
-            // the job still runs (its row is locked until the batch commits:
-            // a cancel waits for it) and its cursors still stand where the
-            // batch began; else the batch is rolled back and redone after a
-            // fresh read.
-            let running = kept(
-                "UPDATE ekm.rotation_job SET rows_done = rows_done + $2 WHERE job_id = $1 AND state = 'running'",
-                &[INT8, INT8],
+            // the job still runs (its row is updated first and stays locked
+            // until the batch commits: a cancel waits for it) and its cursors
+            // still stand where the batch began; else the batch is rolled
+            // back and redone after a fresh read. One statement, on a generic
+            // plan (primary-key lookups whatever the values): re-planning it
+            // for each batch cost more than running it.
+            set_local("plan_cache_mode", "force_generic_plan");
+            let moved = kept(
+                "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $7 \
+                            WHERE job_id = $1 AND state = 'running' RETURNING 1) \
+                 UPDATE ekm.rotation_cursor \
+                 SET next_block = $4, rows_done = rows_done + ($5::bigint[])[array_position($3::name[], col)] \
+                 WHERE job_id = $1 AND tbl = $2 AND col = ANY($3::name[]) AND state = 'scanning' AND next_block = $6 \
+                   AND EXISTS (SELECT FROM j)",
+                &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8, INT8],
                 true,
-                &[job_id.into(), total.into()],
+                &[
+                    job_id.into(),
+                    g.tbl.into(),
+                    g.names.clone().into(),
+                    hi.into(),
+                    ns.into(),
+                    g.next_block.into(),
+                    total.into(),
+                ],
                 |t| Ok(t.len()),
             )?;
-            let moved = if running == 1 {
-                kept(
-                    "UPDATE ekm.rotation_cursor \
-                     SET next_block = $4, rows_done = rows_done + ($5::bigint[])[array_position($3::name[], col)] \
-                     WHERE job_id = $1 AND tbl = $2 AND col = ANY($3::name[]) AND state = 'scanning' AND next_block = $6",
-                    &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8],
-                    true,
-                    &[job_id.into(), g.tbl.into(), g.names.clone().into(), hi.into(), ns.into(), g.next_block.into()],
-                    |t| Ok(t.len()),
-                )?
-            } else {
-                0
-            };
             if moved != g.names.len() {
                 return Err(STALE_GROUP.to_string());
             }

@@ -149,7 +149,9 @@ unsafe fn le_bytes(p: *const u8, n: usize) -> u64 {
             let hi = ((p.add(n - 4) as *const u32).read_unaligned() as u64) >> ((8 - n) * 8);
             lo | (hi << 32)
         } else if n > 0 {
-            (*p as u64) | ((*p.add(n / 2) as u64) << (n / 2 * 8)) | ((*p.add(n - 1) as u64) << ((n - 1) * 8))
+            (*p as u64)
+                | ((*p.add(n / 2) as u64) << (n / 2 * 8))
+                | ((*p.add(n - 1) as u64) << ((n - 1) * 8))
         } else {
             0
         }
@@ -167,8 +169,7 @@ unsafe fn write_aad(p: *mut u8, key_ref: &[u8; KEY_REF_LEN], context: &[u8]) {
     const _: () = assert!(VERSION_TAG.len() + KEY_REF_LEN == 11);
     unsafe {
         let first = context.len().min(5);
-        let lo = u32::from_le_bytes(*VERSION_TAG) as u64
-            | (le_bytes(key_ref.as_ptr(), 4) << 32);
+        let lo = u32::from_le_bytes(*VERSION_TAG) as u64 | (le_bytes(key_ref.as_ptr(), 4) << 32);
         let hi = le_bytes(key_ref.as_ptr().add(4), 3) | (le_bytes(context.as_ptr(), first) << 24);
         _mm_storeu_si128(p as *mut __m128i, _mm_set_epi64x(hi as i64, lo as i64));
         let (mut at, mut src) = (16, first);
@@ -177,7 +178,10 @@ unsafe fn write_aad(p: *mut u8, key_ref: &[u8; KEY_REF_LEN], context: &[u8]) {
             let c = context.as_ptr().add(src);
             let lo = le_bytes(c, n.min(8));
             let hi = if n > 8 { le_bytes(c.add(8), n - 8) } else { 0 };
-            _mm_storeu_si128(p.add(at) as *mut __m128i, _mm_set_epi64x(hi as i64, lo as i64));
+            _mm_storeu_si128(
+                p.add(at) as *mut __m128i,
+                _mm_set_epi64x(hi as i64, lo as i64),
+            );
             at += 16;
             src += n;
         }
@@ -306,10 +310,12 @@ impl DataKey {
     }
 
     /// Re-encrypts a decoded value of `old` under this key, in place: `bin`
-    /// (`key_ref | nonce | ciphertext | tag` of `old`) is decrypted, then
-    /// encrypted with `nonce`, and its text form is written into `out`
-    /// (exactly `format::encoded_len(plaintext length)` bytes, the length of
-    /// the old text). `bin` held the plaintext in between: the caller wipes it.
+    /// (`key_ref | nonce | ciphertext | tag` of `old`) is authenticated, then
+    /// turned into this key's ciphertext with `nonce`, and its text form is
+    /// written into `out` (exactly `format::encoded_len(plaintext length)`
+    /// bytes, the length of the old text). With AES-NI the plaintext is never
+    /// formed (both keystreams are applied at once); elsewhere `bin` holds it
+    /// in between, so the caller wipes `bin` either way.
     pub fn reseal(
         &self,
         old: &DataKey,
@@ -318,18 +324,41 @@ impl DataKey {
         nonce: &[u8; NONCE_LEN],
         out: &mut [u8],
     ) -> Result<()> {
-        let pt = old.open_decoded(bin, context)?;
-        if out.len() != format::encoded_len(pt.len()) {
+        let n = bin.len();
+        if n < OVERHEAD {
+            return Err(EkmError::Malformed("too short"));
+        }
+        if bin[..KEY_REF_LEN] != old.key_ref {
+            return Err(EkmError::Internal(
+                "ciphertext opened with a key it does not name".into(),
+            ));
+        }
+        if out.len() != format::encoded_len(n - OVERHEAD) {
             return Err(EkmError::Internal(
                 "re-encryption output buffer of the wrong size".into(),
             ));
         }
+        let mut old_nonce = [0u8; NONCE_LEN];
+        old_nonce.copy_from_slice(&bin[KEY_REF_LEN..HEADER_LEN]);
+        let mut old_tag = [0u8; TAG_LEN];
+        old_tag.copy_from_slice(&bin[n - TAG_LEN..]);
+        let old_aad = Aad::new(&old.key_ref, context);
+        let aad = Aad::new(&self.key_ref, context);
+        let tag = self
+            .cipher
+            .reseal_in_place(
+                &old.cipher,
+                &old_nonce,
+                old_aad.as_slice(),
+                &old_tag,
+                nonce,
+                aad.as_slice(),
+                &mut bin[HEADER_LEN..n - TAG_LEN],
+            )
+            .map_err(|_| EkmError::AuthenticationFailed(old.id.to_string()))?;
         bin[..KEY_REF_LEN].copy_from_slice(&self.key_ref);
         bin[KEY_REF_LEN..HEADER_LEN].copy_from_slice(nonce);
-        let (body, tag_out) = bin[HEADER_LEN..].split_at_mut(pt.len());
-        let aad = Aad::new(&self.key_ref, context);
-        let tag = self.cipher.seal_in_place(nonce, aad.as_slice(), body);
-        tag_out.copy_from_slice(&tag);
+        bin[n - TAG_LEN..].copy_from_slice(&tag);
         format::encode_into(bin, out);
         Ok(())
     }

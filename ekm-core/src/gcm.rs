@@ -361,22 +361,91 @@ mod imp {
         #[inline(always)]
         unsafe fn first_blocks(&self, nonce: &[u8; NONCE_LEN]) -> ([__m128i; 4], __m128i) {
             unsafe {
-                // 8 + 4 bytes, the shape in which a 12-byte array is copied
-                // (a load straddling those two stores would stall)
-                let p = nonce.as_ptr();
-                let base = _mm_set_epi64x(
-                    (p.add(8) as *const u32).read_unaligned() as i64,
-                    (p as *const u64).read_unaligned() as i64,
-                );
+                let base = load_nonce(nonce);
+                (self.encrypt4(counters(base, 1)), base)
+            }
+        }
+
+        /// Four blocks under each of two keys, all eight interleaved.
+        #[inline(always)]
+        unsafe fn encrypt4x2(
+            a: &Gcm,
+            xa: [__m128i; 4],
+            b: &Gcm,
+            xb: [__m128i; 4],
+        ) -> ([__m128i; 4], [__m128i; 4]) {
+            unsafe {
+                let mut x = xa.map(|v| _mm_xor_si128(v, a.rk[0]));
+                let mut y = xb.map(|v| _mm_xor_si128(v, b.rk[0]));
+                for r in 1..14 {
+                    let (ka, kb) = (a.rk[r], b.rk[r]);
+                    x = x.map(|v| _mm_aesenc_si128(v, ka));
+                    y = y.map(|v| _mm_aesenc_si128(v, kb));
+                }
+                let (la, lb) = (a.rk[14], b.rk[14]);
                 (
-                    self.encrypt4([
-                        counter(base, 1),
-                        counter(base, 2),
-                        counter(base, 3),
-                        counter(base, 4),
-                    ]),
-                    base,
+                    x.map(|v| _mm_aesenclast_si128(v, la)),
+                    y.map(|v| _mm_aesenclast_si128(v, lb)),
                 )
+            }
+        }
+
+        /// Re-encrypts `buf`, a ciphertext under `old` with `old_nonce` and
+        /// `old_aad`, under this key with `nonce` and `aad`, in place, and
+        /// returns the new tag. `old_tag` is verified (in constant time)
+        /// first; on failure `buf` is untouched. The plaintext is never
+        /// formed: each block is XORed with both keystreams at once, and the
+        /// two keys' counter blocks go through AES in one interleaved pass.
+        #[allow(clippy::too_many_arguments)]
+        pub fn reseal_in_place(
+            &self,
+            old: &Gcm,
+            old_nonce: &[u8; NONCE_LEN],
+            old_aad: &[u8],
+            old_tag: &[u8; TAG_LEN],
+            nonce: &[u8; NONCE_LEN],
+            aad: &[u8],
+            buf: &mut [u8],
+        ) -> Result<[u8; TAG_LEN], Unauthentic> {
+            unsafe {
+                let (ob, nb) = (load_nonce(old_nonce), load_nonce(nonce));
+                let (of, nf) = Self::encrypt4x2(old, counters(ob, 1), self, counters(nb, 1));
+                let mut g = Ghash::new(&old.h, old_aad.len(), buf.len());
+                g.data(old_aad);
+                g.data(buf);
+                let expect = _mm_xor_si128(g.finish(old_aad.len(), buf.len()), of[0]);
+                let got = _mm_loadu_si128(old_tag.as_ptr() as *const __m128i);
+                if _mm_movemask_epi8(_mm_cmpeq_epi8(expect, got)) != 0xffff {
+                    return Err(Unauthentic);
+                }
+                let mut at = 0usize;
+                for i in 1..4 {
+                    if at >= buf.len() {
+                        break;
+                    }
+                    xor_block(buf, at, _mm_xor_si128(of[i], nf[i]));
+                    at += 16;
+                }
+                let mut next = 5u32;
+                while at < buf.len() {
+                    let (ko, kn) =
+                        Self::encrypt4x2(old, counters(ob, next), self, counters(nb, next));
+                    next += 4;
+                    for i in 0..4 {
+                        if at >= buf.len() {
+                            break;
+                        }
+                        xor_block(buf, at, _mm_xor_si128(ko[i], kn[i]));
+                        at += 16;
+                    }
+                }
+                let mut g = Ghash::new(&self.h, aad.len(), buf.len());
+                g.data(aad);
+                g.data(buf);
+                let s = g.finish(aad.len(), buf.len());
+                let mut tag = [0u8; TAG_LEN];
+                _mm_storeu_si128(tag.as_mut_ptr() as *mut __m128i, _mm_xor_si128(s, nf[0]));
+                Ok(tag)
             }
         }
 
@@ -395,12 +464,7 @@ mod imp {
                 }
                 let mut next = 5u32;
                 while at < buf.len() {
-                    let ks = self.encrypt4([
-                        counter(base, next),
-                        counter(base, next + 1),
-                        counter(base, next + 2),
-                        counter(base, next + 3),
-                    ]);
+                    let ks = self.encrypt4(counters(base, next));
                     next += 4;
                     for k in ks {
                         if at >= buf.len() {
@@ -461,6 +525,33 @@ mod imp {
     #[inline(always)]
     unsafe fn counter(base: __m128i, i: u32) -> __m128i {
         unsafe { _mm_insert_epi32(base, i.swap_bytes() as i32, 3) }
+    }
+
+    /// Counter blocks `i` to `i + 3`.
+    #[inline(always)]
+    unsafe fn counters(base: __m128i, i: u32) -> [__m128i; 4] {
+        unsafe {
+            [
+                counter(base, i),
+                counter(base, i + 1),
+                counter(base, i + 2),
+                counter(base, i + 3),
+            ]
+        }
+    }
+
+    /// The nonce as a counter block with a zero counter, read as 8 + 4
+    /// bytes, the shape in which a 12-byte array is copied (a load
+    /// straddling those two stores would stall).
+    #[inline(always)]
+    unsafe fn load_nonce(nonce: &[u8; NONCE_LEN]) -> __m128i {
+        unsafe {
+            let p = nonce.as_ptr();
+            _mm_set_epi64x(
+                (p.add(8) as *const u32).read_unaligned() as i64,
+                (p as *const u64).read_unaligned() as i64,
+            )
+        }
     }
 
     #[inline(always)]
@@ -530,6 +621,23 @@ mod imp {
             self.0
                 .decrypt_inout_detached(nonce.into(), aad, buf.into(), tag.into())
                 .map_err(|_| Unauthentic)
+        }
+
+        /// Opens `buf` under `old`, then seals it under this key (the
+        /// plaintext is in `buf` in between: the caller's buffer is wiped).
+        #[allow(clippy::too_many_arguments)]
+        pub fn reseal_in_place(
+            &self,
+            old: &Gcm,
+            old_nonce: &[u8; NONCE_LEN],
+            old_aad: &[u8],
+            old_tag: &[u8; TAG_LEN],
+            nonce: &[u8; NONCE_LEN],
+            aad: &[u8],
+            buf: &mut [u8],
+        ) -> Result<[u8; TAG_LEN], Unauthentic> {
+            old.open_in_place(old_nonce, old_aad, buf, old_tag)?;
+            Ok(self.seal_in_place(nonce, aad, buf))
         }
     }
 }

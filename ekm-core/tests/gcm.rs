@@ -142,6 +142,38 @@ proptest! {
         prop_assert_eq!(&buf, &pt);
     }
 
+    /// The one-pass re-encryption equals opening under the old key and
+    /// sealing under the new one, and leaves a value that fails to
+    /// authenticate untouched.
+    #[test]
+    fn reseal_equals_open_then_seal(
+        k1 in any::<[u8; 32]>(),
+        k2 in any::<[u8; 32]>(),
+        n1 in any::<[u8; 12]>(),
+        n2 in any::<[u8; 12]>(),
+        aad1 in proptest::collection::vec(any::<u8>(), 0..70),
+        aad2 in proptest::collection::vec(any::<u8>(), 0..70),
+        pt in proptest::collection::vec(any::<u8>(), 0..300),
+        flip in any::<Option<(usize, u8)>>(),
+    ) {
+        let (old, new) = (Gcm::new(&k1), Gcm::new(&k2));
+        let mut ct = pt.clone();
+        let mut tag = old.seal_in_place(&n1, &aad1, &mut ct);
+        if let Some((pos, bit)) = flip {
+            tag[pos % 16] ^= 1 << (bit % 8);
+            let mut buf = ct.clone();
+            prop_assert_eq!(new.reseal_in_place(&old, &n1, &aad1, &tag, &n2, &aad2, &mut buf), Err(Unauthentic));
+            prop_assert_eq!(&buf, &ct);
+        } else {
+            let mut buf = ct.clone();
+            let t2 = new.reseal_in_place(&old, &n1, &aad1, &tag, &n2, &aad2, &mut buf).unwrap();
+            let mut expect = pt.clone();
+            let et = new.seal_in_place(&n2, &aad2, &mut expect);
+            prop_assert_eq!(&buf, &expect);
+            prop_assert_eq!(t2, et);
+        }
+    }
+
     #[test]
     fn any_change_fails_authentication(
         key in any::<[u8; 32]>(),
