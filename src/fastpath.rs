@@ -207,8 +207,8 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
             return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
         };
         let ctx = context_arg(fcinfo);
-        // decoded into wiped scratch (it holds the plaintext in between),
-        // decrypted and re-encrypted in place, encoded into the result
+        // decoded into wiped scratch, re-encrypted there in place (without
+        // AES-NI the plaintext is in it in between), encoded into the result
         let r = keycache::with_rotation(&key_ref, |old, new, nonce| {
             let body = format::body_bytes(v)?;
             let mut scratch = SecretBuf::new();
