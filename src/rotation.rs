@@ -586,12 +586,43 @@ fn ekm_rotation_wait(
             Some("its worker starts when this transaction commits: commit, then call ekm_rotation_wait".into()),
         );
     }
+    // A rotation's final check waits for the transactions that were running
+    // when its passes ended (they may hold copies of old-key values), except
+    // the sessions waiting here, which have written nothing.
+    let wrote = catalog::one::<bool>(
+        "SELECT pg_current_xact_id_if_assigned() IS NOT NULL",
+        vec![],
+    )
+    .or_raise()
+    .unwrap_or(false);
+    struct WaiterSlot;
+    impl Drop for WaiterSlot {
+        fn drop(&mut self) {
+            crate::shmem::unregister_waiter();
+        }
+    }
+    if !wrote && !crate::shmem::register_waiter() {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!(
+                "more than {} sessions are waiting for rotation jobs",
+                crate::shmem::WAITER_SLOTS
+            ),
+            Some("follow the job with SELECT * FROM ekm.rotation_progress instead".into()),
+        );
+    }
+    let _slot = WaiterSlot;
     let start = std::time::Instant::now();
     let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
     let mut last_rows = -1i64;
     loop {
-        let r = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, String, i64)>> {
-            let t = c.update(
+        // Each poll reads with a fresh snapshot (READ COMMITTED), pushed
+        // here: pgrx's mutating SPI calls would take one too, but assign the
+        // transaction an xid, and a rotation waits for transactions with an
+        // xid before it retires the old key.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+        let r = Spi::connect(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, String, i64)>> {
+            let t = c.select(
                 "SELECT j.state, j.rows_done, j.error, j.kind, coalesce((SELECT (100 * sum(CASE WHEN c.state = 'done' THEN greatest(c.blocks_total, 1) ELSE least(c.next_block, c.blocks_total) END) / greatest(sum(greatest(c.blocks_total, 1)), 1)) FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id), 0)::bigint \
                  FROM ekm.rotation_job j WHERE j.job_id = $1",
                 None,
@@ -605,6 +636,7 @@ fn ekm_rotation_wait(
         })
         .map_err(internal)
         .or_raise();
+        unsafe { pg_sys::PopActiveSnapshot() };
         let Some((state, rows, error, kind, pct)) = r else {
             raise_with(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
@@ -625,6 +657,13 @@ fn ekm_rotation_wait(
         if state != "running" {
             pgrx::notice!("ekm: {what} job {job} {state}: {rows} values {verb}");
             return TableIterator::once((job, state, rows, error));
+        }
+        if wrote {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("ekm_rotation_wait cannot wait for job {job} in a transaction that has written data"),
+                Some("a rotation retires the old key only after such transactions end, so this wait would not end: commit, then call ekm_rotation_wait".into()),
+            );
         }
         if rows != last_rows && last_notice.elapsed() >= std::time::Duration::from_secs(1) {
             pgrx::notice!(

@@ -1,11 +1,12 @@
 //! Live encryption counters per (database, key) in shared memory, so
 //! `ekm_encrypt` counts toward the 2^32 random-nonce bound with one atomic
 //! add and no table write. The table (`ekm.key.encryptions`) is the truth;
-//! these are pending additions, flushed by key management calls.
+//! these are pending additions, flushed by key management calls. Also the
+//! pids of the sessions waiting in `ekm_rotation_wait`.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 pub const SLOTS: usize = 1024;
 
@@ -21,9 +22,54 @@ unsafe impl PGRXSharedMemory for SlotKey {}
 static SLOT_KEYS: PgLwLock<[SlotKey; SLOTS]> = unsafe { PgLwLock::new(c"ekm_counter_keys") };
 static SLOT_COUNTS: PgAtomic<[AtomicU64; SLOTS]> = unsafe { PgAtomic::new(c"ekm_counter_counts") };
 
+/// Backends waiting in `ekm_rotation_wait` (their pids; 0 = free slot). A
+/// rotation's final check waits for the transactions that were running when
+/// its passes ended, except these: they only poll the job (and may not have
+/// written anything), and they wait for the job themselves.
+pub const WAITER_SLOTS: usize = 64;
+static WAITERS: PgAtomic<[AtomicI32; WAITER_SLOTS]> =
+    unsafe { PgAtomic::new(c"ekm_rotation_waiters") };
+
 pub fn init() {
     pg_shmem_init!(SLOT_KEYS = [SlotKey::default(); SLOTS]);
     pg_shmem_init!(SLOT_COUNTS = std::array::from_fn(|_| AtomicU64::new(0)));
+    pg_shmem_init!(WAITERS = std::array::from_fn(|_| AtomicI32::new(0)));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn unregister_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    unregister_waiter();
+}
+
+/// Records this backend as waiting for a rotation job; false if every slot
+/// is taken. The slot is freed by `unregister_waiter`, and at backend exit.
+pub fn register_waiter() -> bool {
+    static EXIT_HOOK: std::sync::Once = std::sync::Once::new();
+    EXIT_HOOK.call_once(|| unsafe {
+        pg_sys::before_shmem_exit(Some(unregister_at_exit), pg_sys::Datum::from(0));
+    });
+    let pid = unsafe { pg_sys::MyProcPid };
+    WAITERS.get().iter().any(|s| {
+        s.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    })
+}
+
+pub fn unregister_waiter() {
+    let pid = unsafe { pg_sys::MyProcPid };
+    for s in WAITERS.get().iter() {
+        let _ = s.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// The pids of the backends waiting in `ekm_rotation_wait`.
+pub fn waiters() -> Vec<i32> {
+    WAITERS
+        .get()
+        .iter()
+        .map(|s| s.load(Ordering::Acquire))
+        .filter(|&p| p != 0)
+        .collect()
 }
 
 fn my_db() -> u32 {

@@ -460,6 +460,14 @@ thread_local! {
     static GROUP: std::cell::RefCell<Option<(String, Group)>> = const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// The fence of the final check (the first transaction id not yet
+    /// assigned when the passes ended), taken when the worker first finds
+    /// every cursor done; dropped when anything sends a column back for
+    /// another pass.
+    static FENCE: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
 /// A batch found the job or its cursors changed under it: rolled back, redone
 /// after re-reading them.
 const STALE_GROUP: &str = "ekm: the job or its cursors changed; batch redone";
@@ -637,6 +645,7 @@ fn step(job_id: i64) -> Result<Step, String> {
     let encrypt = kind == "encrypt";
 
     if let Some(g) = group {
+        FENCE.with(|f| f.set(None));
         // What the job moves: values on a rotating key, or plaintext.
         let (pred, func) = if encrypt {
             ("ekm._ekm_is_plaintext", "ekm._ekm_encrypt_plain")
@@ -812,36 +821,50 @@ fn step(job_id: i64) -> Result<Step, String> {
         vec![job_id.into()],
     )?;
     if added > 0 {
+        FENCE.with(|f| f.set(None));
         return Ok(Step::Again);
     }
-    // No transaction that began before the switch committed may still run:
-    // it could still hold the old key as active. Such a transaction has an
-    // xid or a snapshot xmin not newer than the switching transaction's xid.
-    let old = one_i64(
-        "SELECT count(*) FROM pg_stat_activity a, ekm.rotation_job j \
-         WHERE j.job_id = $1 AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-           AND a.pid <> pg_backend_pid() \
-           AND (age(a.backend_xid) >= age(xid(j.switch_xid)) OR age(a.backend_xmin) >= age(xid(j.switch_xid)))",
-        vec![job_id.into()],
-    )?;
-    if old > 0 {
-        let pids = Spi::connect(|c| -> pgrx::spi::SpiResult<String> {
-            let t = c.select(
-                "SELECT string_agg(a.pid::text, ', ' ORDER BY a.pid) FROM pg_stat_activity a, ekm.rotation_job j \
-                 WHERE j.job_id = $1 AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND a.pid <> pg_backend_pid() \
-                   AND (age(a.backend_xid) >= age(xid(j.switch_xid)) OR age(a.backend_xmin) >= age(xid(j.switch_xid)))",
-                Some(1),
-                &[job_id.into()],
+    // The fence: no transaction that was running when the passes ended may
+    // still run. Those that began before the switch may still encrypt with
+    // the old key; any of them may have copied a value on the old key (read
+    // before its row moved: INSERT ... SELECT, an update from another row)
+    // and not committed it yet, invisible to the check below. Once they have
+    // all ended, what they wrote is committed and the check sees it. Not
+    // waited for: sessions in ekm_rotation_wait (they have written nothing
+    // and wait for this job) and autovacuum (it writes no values).
+    let fence = match FENCE.with(|f| f.get()) {
+        Some(x) => x,
+        None => {
+            let x = one_i64(
+                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+                vec![],
             )?;
-            Ok(t.first().get::<String>(1)?.unwrap_or_default())
-        })
-        .map_err(spi_err)?;
+            FENCE.with(|f| f.set(Some(x)));
+            x
+        }
+    };
+    let running_then = "FROM pg_stat_activity a \
+         WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \
+           AND NOT (a.pid = ANY($2::int[]) AND a.backend_xid IS NULL) \
+           AND (age(a.backend_xid) > age(xid($1::text::xid8)) OR age(a.backend_xmin) > age(xid($1::text::xid8)))";
+    let waiters = crate::shmem::waiters();
+    let (old, pids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String)> {
+        let t = c.select(
+            &format!("SELECT count(*), coalesce(string_agg(a.pid::text, ', ' ORDER BY a.pid), '') {running_then}"),
+            Some(1),
+            &[fence.into(), waiters.into()],
+        )?;
+        let r = t.first();
+        Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default()))
+    })
+    .map_err(spi_err)?;
+    if old > 0 {
         catalog::exec(
             "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND waiting_for IS DISTINCT FROM $2",
             vec![
                 job_id.into(),
-                format!("{old} transactions that began before the key switch (pids {pids}): they may still encrypt with the old key; the job retires it when they end").into(),
+                format!("{old} transactions that were running when the last pass ended (pids {pids}): they may still write values on the old key; the job retires it when they end").into(),
             ],
         )
         .map_err(|e| e.to_string())?;
