@@ -612,14 +612,15 @@ fn ekm_rotation_wait(
         );
     }
     let _slot = WaiterSlot;
+    let mut read_only = false;
     let start = std::time::Instant::now();
     let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
     let mut last_rows = -1i64;
     loop {
         // Each poll reads with a fresh snapshot (READ COMMITTED), pushed
-        // here: pgrx's mutating SPI calls would take one too, but assign the
-        // transaction an xid, and a rotation waits for transactions with an
-        // xid before it retires the old key.
+        // here: pgrx's `update()` would take one too, but it first assigns
+        // the transaction an xid (`Spi::mark_mutable`), and a rotation waits
+        // for transactions with an xid before it retires the old key.
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
         let r = Spi::connect(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, String, i64)>> {
             let t = c.select(
@@ -665,6 +666,17 @@ fn ekm_rotation_wait(
                 Some("a rotation retires the old key only after such transactions end, so this wait would not end: commit, then call ekm_rotation_wait".into()),
             );
         }
+        if !read_only {
+            // The job does not wait for this session before it retires the
+            // old key, so this transaction must not write afterwards what it
+            // may have read before (values on that key): it is read-only
+            // from here on. In autocommit it ends with this statement.
+            read_only = true;
+            set_transaction_read_only();
+            if unsafe { pg_sys::IsTransactionBlock() } {
+                pgrx::notice!("ekm: this transaction is read-only from here on: the rotation retires the old key without waiting for it, so it must not write what it read before; write in a new transaction");
+            }
+        }
         if rows != last_rows && last_notice.elapsed() >= std::time::Duration::from_secs(1) {
             pgrx::notice!(
                 "ekm: {what} job {job}: {rows} values {verb}, {pct}% of the table blocks scanned"
@@ -687,6 +699,23 @@ fn ekm_rotation_wait(
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }
         pgrx::check_for_interrupts!();
+    }
+}
+
+/// `SET LOCAL transaction_read_only = on` (always allowed: only the way back
+/// to read-write is restricted).
+fn set_transaction_read_only() {
+    unsafe {
+        pg_sys::set_config_option(
+            c"transaction_read_only".as_ptr(),
+            c"on".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
     }
 }
 

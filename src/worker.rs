@@ -461,7 +461,7 @@ thread_local! {
 }
 
 thread_local! {
-    /// The fence of the final check (the first transaction id not yet
+    /// The fence of the final check (the next transaction id to be
     /// assigned when the passes ended), taken when the worker first finds
     /// every cursor done; dropped when anything sends a column back for
     /// another pass.
@@ -830,41 +830,59 @@ fn step(job_id: i64) -> Result<Step, String> {
     // before its row moved: INSERT ... SELECT, an update from another row)
     // and not committed it yet, invisible to the check below. Once they have
     // all ended, what they wrote is committed and the check sees it. Not
-    // waited for: sessions in ekm_rotation_wait (they have written nothing
-    // and wait for this job) and autovacuum (it writes no values).
+    // waited for: sessions in ekm_rotation_wait (they have written nothing,
+    // cannot write for the rest of their transaction, and wait for this
+    // job) and autovacuum (it writes no values). Prepared transactions are.
     let fence = match FENCE.with(|f| f.get()) {
         Some(x) => x,
         None => {
-            let x = one_i64(
-                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
-                vec![],
-            )?;
+            // the next transaction id to be assigned: every xid below it was
+            // assigned before now (a snapshot's xmax is not that: running
+            // transactions may hold xids at or above it)
+            let x = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
             FENCE.with(|f| f.set(Some(x)));
             x
         }
     };
-    let running_then = "FROM pg_stat_activity a \
-         WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-           AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \
-           AND NOT (a.pid = ANY($2::int[]) AND a.backend_xid IS NULL) \
-           AND (age(a.backend_xid) > age(xid($1::text::xid8)) OR age(a.backend_xmin) > age(xid($1::text::xid8)))";
     let waiters = crate::shmem::waiters();
-    let (old, pids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String)> {
+    let (old, pids, prepared, gids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String, i64, String)> {
         let t = c.select(
-            &format!("SELECT count(*), coalesce(string_agg(a.pid::text, ', ' ORDER BY a.pid), '') {running_then}"),
+            "WITH a AS (SELECT a.pid FROM pg_stat_activity a \
+                 WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \
+                   AND NOT (a.pid = ANY($2::int[]) AND a.backend_xid IS NULL) \
+                   AND (age(a.backend_xid) > age(xid($1::text::xid8)) OR age(a.backend_xmin) > age(xid($1::text::xid8)))), \
+                  p AS (SELECT p.gid FROM pg_prepared_xacts p \
+                 WHERE p.database = current_database() AND age(p.transaction) > age(xid($1::text::xid8))) \
+             SELECT (SELECT count(*) FROM a), (SELECT coalesce(string_agg(pid::text, ', ' ORDER BY pid), '') FROM a), \
+                    (SELECT count(*) FROM p), (SELECT coalesce(string_agg(quote_literal(gid), ', ' ORDER BY gid), '') FROM p)",
             Some(1),
             &[fence.into(), waiters.into()],
         )?;
         let r = t.first();
-        Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default()))
+        Ok((
+            r.get::<i64>(1)?.unwrap_or(0),
+            r.get::<String>(2)?.unwrap_or_default(),
+            r.get::<i64>(3)?.unwrap_or(0),
+            r.get::<String>(4)?.unwrap_or_default(),
+        ))
     })
     .map_err(spi_err)?;
-    if old > 0 {
+    if old > 0 || prepared > 0 {
+        let mut what = Vec::new();
+        if old > 0 {
+            what.push(format!(
+                "{old} transactions that were running when the last pass ended (pids {pids})"
+            ));
+        }
+        if prepared > 0 {
+            what.push(format!("{prepared} prepared transactions (gids {gids}; COMMIT PREPARED or ROLLBACK PREPARED them)"));
+        }
         catalog::exec(
             "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND waiting_for IS DISTINCT FROM $2",
             vec![
                 job_id.into(),
-                format!("{old} transactions that were running when the last pass ended (pids {pids}): they may still write values on the old key; the job retires it when they end").into(),
+                format!("{}: they may still write values on the old key; the job retires it when they end", what.join(" and ")).into(),
             ],
         )
         .map_err(|e| e.to_string())?;

@@ -15,7 +15,7 @@ cleanup() {
   cluster_stop "$dir" immediate >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" || exit 1
+cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "max_prepared_transactions = 5" || exit 1
 q() { local db=$1; shift; cpsql "$dir" "$port" -d "$db" -At -q -c "$1" 2>&1; }
 qerr() { cpsql "$dir" "$port" -d "$1" -At -q -v VERBOSITY=verbose -c "$2" 2>&1 | grep -E '^ERROR' | head -n 1 | sed -E 's/key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}/key_X/g'; }
 wait_job() { # db job timeout_s -> final state
@@ -114,16 +114,42 @@ IFS= read -r -t 60 copied <&"${COPIER[0]}"
 # writers, and be moved before the copy reads them)
 check_match "the open transaction copied values still on the old key" "$copied" '^[1-9][0-9]{2,}$'
 q postgres "ALTER SYSTEM SET ekm.rotation_batch_pause = 0" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null
-for _ in $(seq 1 300); do [ -n "$(q app "SELECT waiting_for FROM ekm.rotation_job WHERE job_id = $job")" ] && break; sleep 0.1; done
+# (other sessions' statements may be counted too while the copy runs: their
+# snapshots are older than the fence; wait until only the copy is left)
+waiting_until() { # job regex -> waiting_for, once it matches (30 s at most)
+  local w=""
+  for _ in $(seq 1 300); do
+    w=$(q app "SELECT waiting_for FROM ekm.rotation_job WHERE job_id = $1")
+    [[ "$w" =~ $2 ]] && break; sleep 0.1
+  done
+  echo "$w"
+}
+copier_pid=$(q app "SELECT pid FROM pg_stat_activity WHERE datname = 'app' AND backend_xid IS NOT NULL AND state = 'idle in transaction'")
+check_match "the job waits for the transaction that was running when the passes ended" "$(waiting_until "$job" "^1 transactions that were running when the last pass ended \\(pids $copier_pid\\)")" "^1 transactions that were running when the last pass ended \(pids $copier_pid\)"
 check "every column's pass is done" "$(q app "SELECT bool_and(state = 'done') FROM ekm.rotation_cursor WHERE job_id = $job")" t
-check_match "the job waits for the transaction that was running when the passes ended" "$(q app "SELECT DISTINCT waiting_for FROM ekm.rotation_progress WHERE job_id = $job")" '^1 transactions that were running when the last pass ended \(pids [0-9]+\)'
 check "the old key is still rotating (it decrypts)" "$(q app "SELECT rotation_status FROM ekm.keys WHERE key_id = '$old_key'")" rotating
 echo "COMMIT;" >&"${COPIER[1]}"; exec {COPIER[1]}>&-; wait "$COPIER_PID" 2>/dev/null
 check "when it commits the job moves the copies and finishes" "$(wait_job app "$job" 120)" done
 check_match "every copy is on the new key and decrypts to its original" "$(q app "SELECT count(*) || ':' || count(*) FILTER (WHERE ekm_key_id(a.email) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_decrypt(a.email, 'public.people.email') = p.email_shadow) FROM archive a JOIN people p USING (id)")" '^([0-9]{3,}):\1$'
 check "the old key is retired" "$(q app "SELECT rotation_status FROM ekm.keys WHERE key_id = '$old_key'")" retired
+# The same copy in a prepared transaction (not a session any more).
 q postgres "ALTER SYSTEM SET ekm.rotation_batch_pause = 300" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
 job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 10000, force => true) LIMIT 1")
+old_key=$(q app "SELECT from_key FROM ekm.rotation_job WHERE job_id = $job")
+cpsql "$dir" "$port" -d app -At -q -c "BEGIN" -c "INSERT INTO archive SELECT id, email FROM people WHERE id BETWEEN $ROWS - 1999 AND $ROWS - 1000" -c "PREPARE TRANSACTION 'ekm_copy'" >/dev/null 2>&1
+check "a prepared transaction holds copies" "$(q app "SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'ekm_copy'")" 1
+q postgres "ALTER SYSTEM SET ekm.rotation_batch_pause = 0" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null
+check_match "the job waits for the prepared transaction and names it" "$(waiting_until "$job" "^1 prepared transactions")" "^1 prepared transactions \(gids 'ekm_copy'; COMMIT PREPARED or ROLLBACK PREPARED them\)"
+check "the old key is still rotating" "$(q app "SELECT rotation_status FROM ekm.keys WHERE key_id = '$old_key'")" rotating
+q app "COMMIT PREPARED 'ekm_copy'" >/dev/null
+check "when it is committed the job moves its copies and finishes" "$(wait_job app "$job" 120)" done
+check_match "every copy is on the new key and decrypts" "$(q app "SELECT count(*) || ':' || count(*) FILTER (WHERE ekm_key_id(a.email) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_decrypt(a.email, 'public.people.email') = p.email_shadow) FROM archive a JOIN people p USING (id)")" '^([0-9]{3,}):\1$'
+# Sessions waiting in ekm_rotation_wait are not waited for: so they may not
+# write afterwards what they read before.
+q postgres "ALTER SYSTEM SET ekm.rotation_batch_pause = 300" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 10000, force => true) LIMIT 1")
+out=$(cpsql "$dir" "$port" -d app -At -q -v VERBOSITY=verbose -c "BEGIN" -c "SELECT email FROM people WHERE id = 1" -c "SELECT state FROM ekm_rotation_wait($job, 1)" -c "INSERT INTO archive VALUES (-1, 'x')" 2>&1)
+check_match "a wait inside a transaction block makes the rest of it read-only, and says so" "$(echo "$out" | grep -E '^(NOTICE|ERROR)' | grep -v 'values re-encrypted' | tr '\n' '|')" '^NOTICE:  00000: ekm: this transaction is read-only from here on.*\|ERROR:  25006: cannot execute INSERT in a read-only transaction\|$'
 check_match "waiting in a transaction that has written data is refused (the job would wait for that transaction)" \
   "$(cpsql "$dir" "$port" -d app -At -q -v VERBOSITY=verbose -c "BEGIN" -c "UPDATE archive SET id = id WHERE id = $ROWS" -c "SELECT ekm_rotation_wait($job, 5)" 2>&1 | grep -E '^ERROR' | head -n 1)" \
   "^ERROR:  55000: ekm_rotation_wait cannot wait for job $job in a transaction that has written data"
