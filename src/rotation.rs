@@ -588,7 +588,8 @@ fn ekm_rotation_wait(
     }
     // A rotation's final check waits for the transactions that were running
     // when its passes ended (they may hold copies of old-key values), except
-    // the sessions waiting here, which have written nothing.
+    // the sessions waiting here: they have written nothing, and their
+    // transaction may not commit a write afterwards (`waiter_guard`).
     let wrote = catalog::one::<bool>(
         "SELECT pg_current_xact_id_if_assigned() IS NOT NULL",
         vec![],
@@ -601,18 +602,7 @@ fn ekm_rotation_wait(
             crate::shmem::unregister_waiter();
         }
     }
-    if !wrote && !crate::shmem::register_waiter() {
-        raise_with(
-            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            format!(
-                "more than {} sessions are waiting for rotation jobs",
-                crate::shmem::WAITER_SLOTS
-            ),
-            Some("follow the job with SELECT * FROM ekm.rotation_progress instead".into()),
-        );
-    }
-    let _slot = WaiterSlot;
-    let mut read_only = false;
+    let mut slot: Option<WaiterSlot> = None;
     let start = std::time::Instant::now();
     let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
     let mut last_rows = -1i64;
@@ -666,16 +656,22 @@ fn ekm_rotation_wait(
                 Some("a rotation retires the old key only after such transactions end, so this wait would not end: commit, then call ekm_rotation_wait".into()),
             );
         }
-        if !read_only {
-            // The job does not wait for this session before it retires the
-            // old key, so this transaction must not write afterwards what it
-            // may have read before (values on that key): it is read-only
-            // from here on. In autocommit it ends with this statement.
-            read_only = true;
-            set_transaction_read_only();
-            if unsafe { pg_sys::IsTransactionBlock() } {
-                pgrx::notice!("ekm: this transaction is read-only from here on: the rotation retires the old key without waiting for it, so it must not write what it read before; write in a new transaction");
+        if slot.is_none() {
+            // From here on the job does not wait for this session, so this
+            // transaction must not commit a write (it could write back values
+            // it read before, on the key being retired): checked at commit.
+            crate::shmem::guard_waiter_transaction();
+            if !crate::shmem::register_waiter() {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                    format!(
+                        "more than {} sessions are waiting for rotation jobs",
+                        crate::shmem::WAITER_SLOTS
+                    ),
+                    Some("follow the job with SELECT * FROM ekm.rotation_progress instead".into()),
+                );
             }
+            slot = Some(WaiterSlot);
         }
         if rows != last_rows && last_notice.elapsed() >= std::time::Duration::from_secs(1) {
             pgrx::notice!(
@@ -699,23 +695,6 @@ fn ekm_rotation_wait(
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }
         pgrx::check_for_interrupts!();
-    }
-}
-
-/// `SET LOCAL transaction_read_only = on` (always allowed: only the way back
-/// to read-write is restricted).
-fn set_transaction_read_only() {
-    unsafe {
-        pg_sys::set_config_option(
-            c"transaction_read_only".as_ptr(),
-            c"on".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            pg_sys::PGERROR as i32,
-            false,
-        );
     }
 }
 

@@ -62,6 +62,51 @@ pub fn unregister_waiter() {
     }
 }
 
+/// Set while the current transaction has waited in `ekm_rotation_wait` for a
+/// running job (the job may have retired a key without waiting for it).
+static GUARDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn waiter_xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE
+            if GUARDED.load(Ordering::Relaxed)
+                && unsafe { pg_sys::GetTopTransactionIdIfAny() }
+                    != pg_sys::TransactionId::INVALID =>
+        {
+            GUARDED.store(false, Ordering::Relaxed);
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "a transaction that waited in ekm_rotation_wait cannot write data",
+                "a rotation does not wait for such a transaction before it retires the old key, so a value it read before the wait could be written on the retired key; the transaction is rolled back: write in a new transaction"
+            );
+        }
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PREPARE
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_PARALLEL_ABORT => {
+            GUARDED.store(false, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+/// Marks the current transaction as one that waited for a running rotation
+/// job: committing (or preparing) it with an xid, i.e. a write, fails.
+pub fn guard_waiter_transaction() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| unsafe {
+        pg_sys::RegisterXactCallback(Some(waiter_xact_callback), std::ptr::null_mut());
+    });
+    GUARDED.store(true, Ordering::Relaxed);
+}
+
 /// The pids of the backends waiting in `ekm_rotation_wait`.
 pub fn waiters() -> Vec<i32> {
     WAITERS

@@ -461,11 +461,18 @@ thread_local! {
 }
 
 thread_local! {
-    /// The fence of the final check (the next transaction id to be
-    /// assigned when the passes ended), taken when the worker first finds
+    /// The fence of the final check, taken when the worker first finds
     /// every cursor done; dropped when anything sends a column back for
-    /// another pass.
-    static FENCE: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+    /// another pass (or adds a cursor).
+    static FENCE: std::cell::RefCell<Option<Fence>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What the final check waits for: the virtual transaction ids of the
+/// transactions that were running when every cursor was done, then the
+/// prepared transactions there were once those had ended.
+struct Fence {
+    vxids: Vec<String>,
+    gids: Option<Vec<String>>,
 }
 
 /// A batch found the job or its cursors changed under it: rolled back, redone
@@ -645,7 +652,7 @@ fn step(job_id: i64) -> Result<Step, String> {
     let encrypt = kind == "encrypt";
 
     if let Some(g) = group {
-        FENCE.with(|f| f.set(None));
+        FENCE.with(|f| *f.borrow_mut() = None);
         // What the job moves: values on a rotating key, or plaintext.
         let (pred, func) = if encrypt {
             ("ekm._ekm_is_plaintext", "ekm._ekm_encrypt_plain")
@@ -821,7 +828,7 @@ fn step(job_id: i64) -> Result<Step, String> {
         vec![job_id.into()],
     )?;
     if added > 0 {
-        FENCE.with(|f| f.set(None));
+        FENCE.with(|f| *f.borrow_mut() = None);
         return Ok(Step::Again);
     }
     // The fence: no transaction that was running when the passes ended may
@@ -829,60 +836,91 @@ fn step(job_id: i64) -> Result<Step, String> {
     // the old key; any of them may have copied a value on the old key (read
     // before its row moved: INSERT ... SELECT, an update from another row)
     // and not committed it yet, invisible to the check below. Once they have
-    // all ended, what they wrote is committed and the check sees it. Not
-    // waited for: sessions in ekm_rotation_wait (they have written nothing,
-    // cannot write for the rest of their transaction, and wait for this
-    // job) and autovacuum (it writes no values). Prepared transactions are.
-    let fence = match FENCE.with(|f| f.get()) {
-        Some(x) => x,
+    // all ended (or prepared: then the prepared transactions too), what they
+    // wrote is committed and the check sees it. They are identified by their
+    // virtual transaction ids, not by a comparison of xids: one may take its
+    // xid after the fence, and an idle one shows no xmin. Not waited for:
+    // autovacuum (it writes no values) and sessions waiting in
+    // ekm_rotation_wait without an xid (their transaction cannot commit a
+    // write: shmem::guard_waiter_transaction).
+    let waiters = crate::shmem::waiters();
+    let mut fence = match FENCE.with(|f| f.borrow_mut().take()) {
+        Some(f) => f,
         None => {
-            // the next transaction id to be assigned: every xid below it was
-            // assigned before now (a snapshot's xmax is not that: running
-            // transactions may hold xids at or above it)
-            let x = unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64;
-            FENCE.with(|f| f.set(Some(x)));
-            x
+            // every transaction of this database in progress now (each holds
+            // the lock on its own virtual transaction id until it ends)
+            let vxids = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
+                let t = c.select(
+                    "SELECT coalesce(array_agg(l.virtualxid), '{}') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction \
+                       AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                       AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker'",
+                    Some(1),
+                    &[],
+                )?;
+                Ok(t.first().get::<Vec<String>>(1)?.unwrap_or_default())
+            })
+            .map_err(spi_err)?;
+            Fence { vxids, gids: None }
         }
     };
-    let waiters = crate::shmem::waiters();
-    let (old, pids, prepared, gids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String, i64, String)> {
+    // Of those, the ones still running, but sessions waiting in
+    // ekm_rotation_wait without an xid (they cannot commit a write).
+    let (old, pids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String)> {
         let t = c.select(
-            "WITH a AS (SELECT a.pid FROM pg_stat_activity a \
-                 WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \
-                   AND NOT (a.pid = ANY($2::int[]) AND a.backend_xid IS NULL) \
-                   AND (age(a.backend_xid) > age(xid($1::text::xid8)) OR age(a.backend_xmin) > age(xid($1::text::xid8)))), \
-                  p AS (SELECT p.gid FROM pg_prepared_xacts p \
-                 WHERE p.database = current_database() AND age(p.transaction) > age(xid($1::text::xid8))) \
-             SELECT (SELECT count(*) FROM a), (SELECT coalesce(string_agg(pid::text, ', ' ORDER BY pid), '') FROM a), \
-                    (SELECT count(*) FROM p), (SELECT coalesce(string_agg(quote_literal(gid), ', ' ORDER BY gid), '') FROM p)",
+            "SELECT count(*), coalesce(string_agg(l.pid::text, ', ' ORDER BY l.pid), '') FROM pg_locks l \
+             WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction AND l.virtualxid = ANY($1) \
+               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.pid = ANY($2) AND a.backend_xid IS NULL)",
             Some(1),
-            &[fence.into(), waiters.into()],
+            &[fence.vxids.clone().into(), waiters.into()],
         )?;
         let r = t.first();
-        Ok((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<String>(2)?.unwrap_or_default(),
-            r.get::<i64>(3)?.unwrap_or(0),
-            r.get::<String>(4)?.unwrap_or_default(),
-        ))
+        Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default()))
     })
     .map_err(spi_err)?;
-    if old > 0 || prepared > 0 {
-        let mut what = Vec::new();
-        if old > 0 {
-            what.push(format!(
-                "{old} transactions that were running when the last pass ended (pids {pids})"
-            ));
+    let mut waiting = Vec::new();
+    if old > 0 {
+        waiting.push(format!(
+            "{old} transactions that were running when the last pass ended (pids {pids})"
+        ));
+    } else {
+        // Then the prepared transactions there are now: some of those may
+        // have been prepared by them.
+        if fence.gids.is_none() {
+            fence.gids = Some(
+                Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
+                    let t = c.select(
+                        "SELECT coalesce(array_agg(gid), '{}') FROM pg_prepared_xacts WHERE database = current_database()",
+                        Some(1),
+                        &[],
+                    )?;
+                    Ok(t.first().get::<Vec<String>>(1)?.unwrap_or_default())
+                })
+                .map_err(spi_err)?,
+            );
         }
+        let (prepared, gids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String)> {
+            let t = c.select(
+                "SELECT count(*), coalesce(string_agg(quote_literal(gid), ', ' ORDER BY gid), '') FROM pg_prepared_xacts \
+                 WHERE database = current_database() AND gid = ANY($1)",
+                Some(1),
+                &[fence.gids.clone().unwrap_or_default().into()],
+            )?;
+            let r = t.first();
+            Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default()))
+        })
+        .map_err(spi_err)?;
         if prepared > 0 {
-            what.push(format!("{prepared} prepared transactions (gids {gids}; COMMIT PREPARED or ROLLBACK PREPARED them)"));
+            waiting.push(format!("{prepared} prepared transactions (gids {gids}; COMMIT PREPARED or ROLLBACK PREPARED them)"));
         }
+    }
+    FENCE.with(|f| *f.borrow_mut() = Some(fence));
+    if !waiting.is_empty() {
         catalog::exec(
             "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND waiting_for IS DISTINCT FROM $2",
             vec![
                 job_id.into(),
-                format!("{}: they may still write values on the old key; the job retires it when they end", what.join(" and ")).into(),
+                format!("{}: they may still write values on the old key; the job retires it when they end", waiting.join(" and ")).into(),
             ],
         )
         .map_err(|e| e.to_string())?;
