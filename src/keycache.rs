@@ -289,18 +289,19 @@ pub fn with_rotation<R>(
 ) -> Result<Option<R>> {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.rotating(key_ref)?.is_none() {
-            return Ok(None);
-        }
-        if c.active.is_none() {
-            c.reload()?;
-        }
-        // Looked up again after any reload (which reorders the entries):
-        // find reloads no further once the key is found, so the index, its
-        // state and the active key's index below all come from one load.
-        let Some(i) = c.rotating(key_ref)? else {
+        let Some(mut i) = c.rotating(key_ref)? else {
             return Ok(None);
         };
+        if c.active.is_none() {
+            c.reload()?;
+            // looked up again after the reload (which reorders the entries):
+            // find reloads no further once the key is found, so the index,
+            // its state and the active key's index all come from one load
+            let Some(j) = c.rotating(key_ref)? else {
+                return Ok(None);
+            };
+            i = j;
+        }
         let a = c.active.ok_or(EkmError::NoActiveKey)?;
         let old = usable(&c.entries[i], "decrypt")?;
         let new = usable(&c.entries[a], "encrypt")?;

@@ -589,7 +589,7 @@ fn ekm_rotation_wait(
     // A rotation's final check waits for the transactions that were running
     // when its passes ended (they may hold copies of old-key values), except
     // the sessions waiting here: they have written nothing, and their
-    // transaction may not commit a write afterwards (`waiter_guard`).
+    // transaction may not commit a write afterwards (`shmem::register_waiter`).
     let wrote = catalog::one::<bool>(
         "SELECT pg_current_xact_id_if_assigned() IS NOT NULL",
         vec![],
@@ -660,7 +660,6 @@ fn ekm_rotation_wait(
             // From here on the job does not wait for this session, so this
             // transaction must not commit a write (it could write back values
             // it read before, on the key being retired): checked at commit.
-            crate::shmem::guard_waiter_transaction();
             if !crate::shmem::register_waiter() {
                 raise_with(
                     PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,

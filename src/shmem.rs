@@ -41,13 +41,17 @@ unsafe extern "C-unwind" fn unregister_at_exit(_code: i32, _arg: pg_sys::Datum) 
     unregister_waiter();
 }
 
-/// Records this backend as waiting for a rotation job; false if every slot
-/// is taken. The slot is freed by `unregister_waiter`, and at backend exit.
+/// Records this backend as waiting for a running rotation job, which will
+/// not wait for it: from now on its transaction cannot commit a write
+/// (checked at commit). False if every slot is taken. The slot is freed by
+/// `unregister_waiter`, and at backend exit.
 pub fn register_waiter() -> bool {
-    static EXIT_HOOK: std::sync::Once = std::sync::Once::new();
-    EXIT_HOOK.call_once(|| unsafe {
+    static HOOKS: std::sync::Once = std::sync::Once::new();
+    HOOKS.call_once(|| unsafe {
         pg_sys::before_shmem_exit(Some(unregister_at_exit), pg_sys::Datum::from(0));
+        pg_sys::RegisterXactCallback(Some(waiter_xact_callback), std::ptr::null_mut());
     });
+    GUARDED.store(true, Ordering::Relaxed);
     let pid = unsafe { pg_sys::MyProcPid };
     WAITERS.get().iter().any(|s| {
         s.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed)
@@ -95,16 +99,6 @@ unsafe extern "C-unwind" fn waiter_xact_callback(
         }
         _ => {}
     }
-}
-
-/// Marks the current transaction as one that waited for a running rotation
-/// job: committing (or preparing) it with an xid, i.e. a write, fails.
-pub fn guard_waiter_transaction() {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| unsafe {
-        pg_sys::RegisterXactCallback(Some(waiter_xact_callback), std::ptr::null_mut());
-    });
-    GUARDED.store(true, Ordering::Relaxed);
 }
 
 /// The pids of the backends waiting in `ekm_rotation_wait`.

@@ -842,42 +842,35 @@ fn step(job_id: i64) -> Result<Step, String> {
     // xid after the fence, and an idle one shows no xmin. Not waited for:
     // autovacuum (it writes no values) and sessions waiting in
     // ekm_rotation_wait without an xid (their transaction cannot commit a
-    // write: shmem::guard_waiter_transaction).
-    let waiters = crate::shmem::waiters();
+    // write: shmem::register_waiter).
+    let e = |e: ekm_core::EkmError| e.to_string();
     let mut fence = match FENCE.with(|f| f.borrow_mut().take()) {
         Some(f) => f,
-        None => {
+        None => Fence {
             // every transaction of this database in progress now (each holds
             // the lock on its own virtual transaction id until it ends)
-            let vxids = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
-                let t = c.select(
-                    "SELECT coalesce(array_agg(l.virtualxid), '{}') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                     WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction \
-                       AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                       AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker'",
-                    Some(1),
-                    &[],
-                )?;
-                Ok(t.first().get::<Vec<String>>(1)?.unwrap_or_default())
-            })
-            .map_err(spi_err)?;
-            Fence { vxids, gids: None }
-        }
+            vxids: catalog::one::<Vec<String>>(
+                "SELECT coalesce(array_agg(l.virtualxid), '{}') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction \
+                   AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker'",
+                vec![],
+            )
+            .map_err(e)?
+            .unwrap_or_default(),
+            gids: None,
+        },
     };
     // Of those, the ones still running, but sessions waiting in
     // ekm_rotation_wait without an xid (they cannot commit a write).
-    let (old, pids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String)> {
-        let t = c.select(
-            "SELECT count(*), coalesce(string_agg(l.pid::text, ', ' ORDER BY l.pid), '') FROM pg_locks l \
-             WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction AND l.virtualxid = ANY($1) \
-               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.pid = ANY($2) AND a.backend_xid IS NULL)",
-            Some(1),
-            &[fence.vxids.clone().into(), waiters.into()],
-        )?;
-        let r = t.first();
-        Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default()))
-    })
-    .map_err(spi_err)?;
+    let (old, pids) = catalog::two::<i64, String>(
+        "SELECT count(*), coalesce(string_agg(l.pid::text, ', ' ORDER BY l.pid), '') FROM pg_locks l \
+         WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction AND l.virtualxid = ANY($1) \
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.pid = ANY($2) AND a.backend_xid IS NULL)",
+        vec![fence.vxids.clone().into(), crate::shmem::waiters().into()],
+    )
+    .map_err(e)?;
+    let (old, pids) = (old.unwrap_or(0), pids.unwrap_or_default());
     let mut waiting = Vec::new();
     if old > 0 {
         waiting.push(format!(
@@ -888,30 +881,26 @@ fn step(job_id: i64) -> Result<Step, String> {
         // have been prepared by them.
         if fence.gids.is_none() {
             fence.gids = Some(
-                Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
-                    let t = c.select(
-                        "SELECT coalesce(array_agg(gid), '{}') FROM pg_prepared_xacts WHERE database = current_database()",
-                        Some(1),
-                        &[],
-                    )?;
-                    Ok(t.first().get::<Vec<String>>(1)?.unwrap_or_default())
-                })
-                .map_err(spi_err)?,
+                catalog::one::<Vec<String>>(
+                    "SELECT coalesce(array_agg(gid), '{}') FROM pg_prepared_xacts WHERE database = current_database()",
+                    vec![],
+                )
+                .map_err(e)?
+                .unwrap_or_default(),
             );
         }
-        let (prepared, gids) = Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, String)> {
-            let t = c.select(
-                "SELECT count(*), coalesce(string_agg(quote_literal(gid), ', ' ORDER BY gid), '') FROM pg_prepared_xacts \
-                 WHERE database = current_database() AND gid = ANY($1)",
-                Some(1),
-                &[fence.gids.clone().unwrap_or_default().into()],
-            )?;
-            let r = t.first();
-            Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default()))
-        })
-        .map_err(spi_err)?;
-        if prepared > 0 {
-            waiting.push(format!("{prepared} prepared transactions (gids {gids}; COMMIT PREPARED or ROLLBACK PREPARED them)"));
+        let (prepared, gids) = catalog::two::<i64, String>(
+            "SELECT count(*), coalesce(string_agg(quote_literal(gid), ', ' ORDER BY gid), '') FROM pg_prepared_xacts \
+             WHERE database = current_database() AND gid = ANY($1)",
+            vec![fence.gids.clone().unwrap_or_default().into()],
+        )
+        .map_err(e)?;
+        if prepared.unwrap_or(0) > 0 {
+            waiting.push(format!(
+                "{} prepared transactions (gids {}; COMMIT PREPARED or ROLLBACK PREPARED them)",
+                prepared.unwrap_or(0),
+                gids.unwrap_or_default()
+            ));
         }
     }
     FENCE.with(|f| *f.borrow_mut() = Some(fence));

@@ -286,11 +286,10 @@ impl DataKey {
         self.open_decoded(&mut buf[..n], context)
     }
 
-    /// Decrypts an already decoded body (`key_ref | nonce | ciphertext | tag`)
-    /// in place and returns where the plaintext is.
-    pub fn open_decoded(&self, bin: &mut [u8], context: &[u8]) -> Result<Range<usize>> {
-        let n = bin.len();
-        if n < OVERHEAD {
+    /// The length of a decoded body (`key_ref | nonce | ciphertext | tag`)
+    /// that names this key and is long enough to hold a value.
+    fn check_decoded(&self, bin: &[u8]) -> Result<usize> {
+        if bin.len() < OVERHEAD {
             return Err(EkmError::Malformed("too short"));
         }
         if bin[..KEY_REF_LEN] != self.key_ref {
@@ -298,6 +297,13 @@ impl DataKey {
                 "ciphertext opened with a key it does not name".into(),
             ));
         }
+        Ok(bin.len())
+    }
+
+    /// Decrypts an already decoded body (`key_ref | nonce | ciphertext | tag`)
+    /// in place and returns where the plaintext is.
+    pub fn open_decoded(&self, bin: &mut [u8], context: &[u8]) -> Result<Range<usize>> {
+        let n = self.check_decoded(bin)?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&bin[KEY_REF_LEN..HEADER_LEN]);
         let aad = Aad::new(&self.key_ref, context);
@@ -324,15 +330,7 @@ impl DataKey {
         nonce: &[u8; NONCE_LEN],
         out: &mut [u8],
     ) -> Result<()> {
-        let n = bin.len();
-        if n < OVERHEAD {
-            return Err(EkmError::Malformed("too short"));
-        }
-        if bin[..KEY_REF_LEN] != old.key_ref {
-            return Err(EkmError::Internal(
-                "ciphertext opened with a key it does not name".into(),
-            ));
-        }
+        let n = old.check_decoded(bin)?;
         if out.len() != format::encoded_len(n - OVERHEAD) {
             return Err(EkmError::Internal(
                 "re-encryption output buffer of the wrong size".into(),
