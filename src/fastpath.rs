@@ -212,7 +212,7 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
         let r = keycache::with_rotation(&key_ref, |old, new, nonce| {
             let body = format::body_bytes(v)?;
             let mut scratch = SecretBuf::new();
-            let bin = scratch.take(format::decoded_len_of_body(body.len())?);
+            let bin = scratch.take(format::decoded_len_of_body(body.len())?)?;
             format::b64_decode(body, bin)?;
             let n = format::encoded_len(bin.len().saturating_sub(format::OVERHEAD));
             let (out, bytes) = new_text(n);

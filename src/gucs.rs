@@ -1,5 +1,7 @@
-//! ekm's settings. Master key sources are superuser-only (hidden from
-//! `SHOW ALL` for everyone else) and change only with a reload.
+//! ekm's settings. The master key sources change only with a reload, are
+//! left out of `SHOW ALL` and `pg_settings`, and show as `(hidden)` to
+//! everyone, `pg_read_all_settings` included (a show hook): their value
+//! (a command may carry a token) is only in the configuration file.
 
 use ekm_core::Policy;
 use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
@@ -18,24 +20,64 @@ static AUTO_ROTATE: GucSetting<bool> = GucSetting::<bool>::new(false);
 static AUTO_ROTATE_DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 static AUTO_ROTATE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+static MASTER_KEY_COMMAND_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+
+/// What `SHOW`, `current_setting()` and every other reader of a master key
+/// setting see: `(hidden)` when it is set, nothing when it is not.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_master_key_command() -> *const std::ffi::c_char {
+    hidden(&MASTER_KEY_COMMAND)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_master_key_file() -> *const std::ffi::c_char {
+    hidden(&MASTER_KEY_FILE)
+}
+
+fn hidden(s: &GucSetting<Option<CString>>) -> *const std::ffi::c_char {
+    if non_empty(s).is_some() {
+        c"(hidden)".as_ptr()
+    } else {
+        c"".as_ptr()
+    }
+}
 
 pub fn init() {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
-    GucRegistry::define_string_guc(
-        c"ekm.master_key_command",
-        c"Command whose standard output is the 256-bit master key (64 hex digits or base64).",
-        c"Run by the server, like ssl_passphrase_command. Takes precedence over ekm.master_key_file.",
-        &MASTER_KEY_COMMAND,
+    // SAFETY: the hooks are 'static functions that only read the settings.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"ekm.master_key_command",
+            c"Command whose standard output is the 256-bit master key (64 hex digits or base64).",
+            c"Run by the server, like ssl_passphrase_command. Takes precedence over ekm.master_key_file. Shown as (hidden).",
+            &MASTER_KEY_COMMAND,
+            GucContext::Sighup,
+            secret,
+            None,
+            None,
+            Some(show_master_key_command),
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"ekm.master_key_file",
+            c"File holding the 256-bit master key (64 hex digits or base64).",
+            c"With neither this nor ekm.master_key_command set, a development key file is created in the data directory. Shown as (hidden).",
+            &MASTER_KEY_FILE,
+            GucContext::Sighup,
+            secret,
+            None,
+            None,
+            Some(show_master_key_file),
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"ekm.master_key_command_timeout",
+        c"Seconds ekm.master_key_command may run before it is stopped and the key counts as unavailable.",
+        c"",
+        &MASTER_KEY_COMMAND_TIMEOUT_S,
+        1,
+        3600,
         GucContext::Sighup,
-        secret,
-    );
-    GucRegistry::define_string_guc(
-        c"ekm.master_key_file",
-        c"File holding the 256-bit master key (64 hex digits or base64).",
-        c"With neither this nor ekm.master_key_command set, a development key file is created in the data directory.",
-        &MASTER_KEY_FILE,
-        GucContext::Sighup,
-        secret,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"ekm.key_lifetime_days",
@@ -158,6 +200,10 @@ pub fn master_key_source() -> MasterKeySource {
     } else {
         MasterKeySource::DevDefault
     }
+}
+
+pub fn master_key_command_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(MASTER_KEY_COMMAND_TIMEOUT_S.get().max(1) as u64)
 }
 
 pub fn policy() -> Policy {

@@ -142,6 +142,30 @@ impl Cache {
         Ok(())
     }
 
+    /// `find`, loading once more if the key's material failed to unwrap at
+    /// the last load (the master key command failed, a wrong key file): a
+    /// fixed cause is seen at the next call that needs the key, while calls
+    /// that use other keys pay nothing.
+    fn find_usable(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<usize> {
+        let i = self.find(key_ref)?;
+        if failed(&self.entries[i]) {
+            self.reload()?;
+            return self.find(key_ref);
+        }
+        Ok(i)
+    }
+
+    /// The active key's entry, loading once more if there is none or its
+    /// material failed to unwrap at the last load.
+    fn active_usable(&mut self) -> Result<usize> {
+        self.fresh()?;
+        if self.active.is_none_or(|a| failed(&self.entries[a])) {
+            // e.g. a key was activated but this backend loaded before the commit
+            self.reload()?;
+        }
+        self.active.ok_or(EkmError::NoActiveKey)
+    }
+
     fn find(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<usize> {
         self.fresh()?;
         // consecutive values are mostly on the same key
@@ -187,6 +211,11 @@ impl Cache {
     }
 }
 
+/// Whether the entry's material failed to unwrap at the last load.
+fn failed(e: &Entry) -> bool {
+    matches!(e.key, Some(Err(_)))
+}
+
 impl Entry {
     /// Counts one encryption under this key in shared memory.
     fn count_encryption(&mut self) {
@@ -218,7 +247,7 @@ pub fn with_decrypt_key<R>(
 ) -> Result<R> {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        let i = c.find(key_ref)?;
+        let i = c.find_usable(key_ref)?;
         f(usable(&c.entries[i], "decrypt")?)
     })
 }
@@ -264,12 +293,7 @@ fn nonce() -> Result<[u8; NONCE_LEN]> {
 pub fn with_encrypt_key<R>(f: impl FnOnce(&DataKey, &[u8; NONCE_LEN]) -> Result<R>) -> Result<R> {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        c.fresh()?;
-        if c.active.is_none() {
-            // e.g. a key was activated but this backend loaded before the commit
-            c.reload()?;
-        }
-        let i = c.active.ok_or(EkmError::NoActiveKey)?;
+        let i = c.active_usable()?;
         let e = &mut c.entries[i];
         let k = usable(e, "encrypt")?;
         let n = nonce()?;
@@ -292,7 +316,7 @@ pub fn with_rotation<R>(
         let Some(mut i) = c.rotating(key_ref)? else {
             return Ok(None);
         };
-        if c.active.is_none() {
+        if c.active.is_none_or(|a| failed(&c.entries[a])) || failed(&c.entries[i]) {
             c.reload()?;
             // looked up again after the reload (which reorders the entries):
             // find reloads no further once the key is found, so the index,

@@ -60,7 +60,9 @@ fn main() {
     per_value("rotate (decode + reseal, wiped)", n, |i| {
         let mut scratch = SecretBuf::new();
         let body = format::body_bytes(black_box(ct.as_bytes())).unwrap();
-        let bin = scratch.take(format::decoded_len_of_body(body.len()).unwrap());
+        let bin = scratch
+            .take(format::decoded_len_of_body(body.len()).unwrap())
+            .unwrap();
         format::b64_decode(body, bin).unwrap();
         k2.reseal(&k, bin, b"", &nonce(i), &mut out).unwrap();
         black_box(&out);

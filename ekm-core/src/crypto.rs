@@ -20,6 +20,18 @@ pub const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 /// Bytes of the master key check value stored with each wrapped key.
 pub const KCV_LEN: usize = 8;
 
+/// `n` zeroed bytes on the heap, or `OutOfMemory`: sizes that come from
+/// input (a value, a context) are never allocated infallibly, because a
+/// failed Rust allocation aborts the process, and in a PostgreSQL backend
+/// that takes the whole server into crash recovery.
+pub fn try_zeroed(n: usize) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| EkmError::OutOfMemory(n))?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
 /// Fills `buf` from the operating system's random source.
 pub fn os_random(buf: &mut [u8]) -> Result<()> {
     SysRng
@@ -99,15 +111,19 @@ impl SecretBuf {
         }
     }
 
-    /// `n` zeroed bytes.
+    /// `n` zeroed bytes (`OutOfMemory` if the heap cannot hold them).
     #[inline]
-    pub fn take(&mut self, n: usize) -> &mut [u8] {
+    pub fn take(&mut self, n: usize) -> Result<&mut [u8]> {
         if n <= StackSecret::LEN {
-            self.stack.take(n)
+            Ok(self.stack.take(n))
         } else {
             self.wipe_heap();
+            self.heap.clear();
+            self.heap
+                .try_reserve_exact(n)
+                .map_err(|_| EkmError::OutOfMemory(n))?;
             self.heap.resize(n, 0);
-            &mut self.heap[..]
+            Ok(&mut self.heap[..])
         }
     }
 
@@ -200,7 +216,7 @@ unsafe fn write_aad(p: *mut u8, key_ref: &[u8; KEY_REF_LEN], context: &[u8]) {
 
 impl Aad {
     #[inline(always)]
-    fn new(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Self {
+    fn new(key_ref: &[u8; KEY_REF_LEN], context: &[u8]) -> Result<Self> {
         let len = VERSION_TAG.len() + KEY_REF_LEN + context.len();
         let mut a = Aad {
             stack: [const { MaybeUninit::uninit() }; 64],
@@ -213,11 +229,14 @@ impl Aad {
             // here (on x86-64, in whole 16-byte blocks within the 64).
             unsafe { write_aad(p, key_ref, context) };
         } else {
+            a.heap
+                .try_reserve_exact(len)
+                .map_err(|_| EkmError::OutOfMemory(len))?;
             a.heap.extend_from_slice(VERSION_TAG);
             a.heap.extend_from_slice(key_ref);
             a.heap.extend_from_slice(context);
         }
-        a
+        Ok(a)
     }
 
     #[inline(always)]
@@ -253,14 +272,20 @@ impl DataKey {
         context: &[u8],
         out: &mut [u8],
     ) -> Result<()> {
+        if plaintext.len() > crate::gcm::MAX_PLAINTEXT {
+            return Err(EkmError::TooLong(plaintext.len()));
+        }
         let mut scratch = SecretBuf::new();
-        let bin = scratch.take(OVERHEAD + plaintext.len());
+        let bin = scratch.take(OVERHEAD + plaintext.len())?;
         bin[..KEY_REF_LEN].copy_from_slice(&self.key_ref);
         bin[KEY_REF_LEN..HEADER_LEN].copy_from_slice(nonce);
         let (body, tag_out) = bin[HEADER_LEN..].split_at_mut(plaintext.len());
         body.copy_from_slice(plaintext);
-        let aad = Aad::new(&self.key_ref, context);
-        let tag = self.cipher.seal_in_place(nonce, aad.as_slice(), body);
+        let aad = Aad::new(&self.key_ref, context)?;
+        let tag = self
+            .cipher
+            .seal_in_place(nonce, aad.as_slice(), body)
+            .map_err(|_| EkmError::TooLong(plaintext.len()))?;
         tag_out.copy_from_slice(&tag);
         let n = format::encode_into(bin, out);
         debug_assert_eq!(n, out.len());
@@ -274,7 +299,7 @@ impl DataKey {
         plaintext: &[u8],
         context: &[u8],
     ) -> Result<String> {
-        let mut out = vec![0u8; format::encoded_len(plaintext.len())];
+        let mut out = try_zeroed(format::encoded_len(plaintext.len()))?;
         self.seal_into(nonce, plaintext, context, &mut out)?;
         Ok(String::from_utf8(out).expect("base64 is ASCII"))
     }
@@ -306,7 +331,7 @@ impl DataKey {
         let n = self.check_decoded(bin)?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&bin[KEY_REF_LEN..HEADER_LEN]);
-        let aad = Aad::new(&self.key_ref, context);
+        let aad = Aad::new(&self.key_ref, context)?;
         let (body, tag) = bin[HEADER_LEN..].split_at_mut(n - HEADER_LEN - TAG_LEN);
         let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("16-byte tag");
         self.cipher
@@ -319,9 +344,9 @@ impl DataKey {
     /// (`key_ref | nonce | ciphertext | tag` of `old`) is authenticated, then
     /// turned into this key's ciphertext with `nonce`, and its text form is
     /// written into `out` (exactly `format::encoded_len(plaintext length)`
-    /// bytes, the length of the old text). With AES-NI the plaintext is never
-    /// formed (both keystreams are applied at once); elsewhere `bin` holds it
-    /// in between, so the caller wipes `bin` either way.
+    /// bytes, the length of the old text). `bin` holds the plaintext in
+    /// between (opened, then sealed in place): the caller's buffer is wiped
+    /// scratch (`SecretBuf`).
     pub fn reseal(
         &self,
         old: &DataKey,
@@ -340,8 +365,8 @@ impl DataKey {
         old_nonce.copy_from_slice(&bin[KEY_REF_LEN..HEADER_LEN]);
         let mut old_tag = [0u8; TAG_LEN];
         old_tag.copy_from_slice(&bin[n - TAG_LEN..]);
-        let old_aad = Aad::new(&old.key_ref, context);
-        let aad = Aad::new(&self.key_ref, context);
+        let old_aad = Aad::new(&old.key_ref, context)?;
+        let aad = Aad::new(&self.key_ref, context)?;
         let tag = self
             .cipher
             .reseal_in_place(
@@ -363,9 +388,11 @@ impl DataKey {
 
     /// Convenience form of [`open_in`](Self::open_in).
     pub fn open(&self, text: &str, context: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
-        let mut buf = Zeroizing::new(vec![0u8; format::decoded_len(text)?]);
+        let mut buf = Zeroizing::new(try_zeroed(format::decoded_len(text)?)?);
         let r = self.open_in(text, context, &mut buf)?;
-        Ok(Zeroizing::new(buf[r].to_vec()))
+        buf.copy_within(r.clone(), 0);
+        buf.truncate(r.len());
+        Ok(buf)
     }
 }
 

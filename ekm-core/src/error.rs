@@ -42,6 +42,10 @@ pub enum EkmError {
     MasterKeyMismatch(String),
     #[error("wrapped material of key {0} failed authentication")]
     WrappedKeyCorrupt(String),
+    #[error("value of {0} bytes is too long to encrypt (AES-GCM allows at most {max} bytes per value)", max = crate::gcm::MAX_PLAINTEXT)]
+    TooLong(usize),
+    #[error("out of memory: ekm could not allocate {0} bytes")]
+    OutOfMemory(usize),
     #[error("ekm internal error: {0}")]
     Internal(String),
 }
@@ -65,6 +69,8 @@ impl EkmError {
             EkmError::MasterKeyInvalid(_) => "F0000",     // config_file_error
             EkmError::MasterKeyMismatch(_) => "28000",    // invalid_authorization_specification
             EkmError::WrappedKeyCorrupt(_) => "XX001",
+            EkmError::TooLong(_) => "54000", // program_limit_exceeded
+            EkmError::OutOfMemory(_) => "53200", // out_of_memory
             EkmError::Internal(_) => "XX000",
         }
     }
@@ -103,6 +109,8 @@ impl EkmError {
                 "configure the master key this database's keys were created with (ekm.master_key_command / ekm.master_key_file); nothing was changed".into()
             }
             EkmError::WrappedKeyCorrupt(_) => "restore ekm.key_material from a backup".into(),
+            EkmError::TooLong(_) => "store values this large outside the database, or split them".into(),
+            EkmError::OutOfMemory(_) => "retry with fewer or smaller values at a time".into(),
             EkmError::Internal(_) => return None,
         })
     }

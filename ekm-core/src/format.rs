@@ -46,21 +46,56 @@ pub fn b64_decode(src: &[u8], out: &mut [u8]) -> Result<usize> {
         return Err(EkmError::Internal("base64 output buffer too small".into()));
     }
     // 16 characters -> 12 bytes at a time while a whole block remains (SIMD
-    // where the build has SSSE3), then the rest (and the final group) here.
+    // where the CPU has SSSE3: detected at run time), then the rest (and
+    // the final group) here.
     let done = simd::decode_blocks(src, out)?;
     let n = b64_decode_scalar(&src[done..], &mut out[done / 4 * 3..])?;
     Ok(done / 4 * 3 + n)
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "ssse3"))]
+/// base64url 16 characters at a time with SSSE3, chosen at run time (the
+/// build itself targets baseline x86-64, so it runs on every x86-64 CPU).
+/// Not cryptography: an encoding, checked against the `base64` crate by
+/// property tests.
+#[cfg(target_arch = "x86_64")]
 mod simd {
     use crate::error::{EkmError, Result};
     use std::arch::x86_64::*;
 
+    /// Whether this CPU has SSSE3 (std caches the detection: one load).
+    #[inline(always)]
+    fn ssse3() -> bool {
+        std::is_x86_feature_detected!("ssse3")
+    }
+
     /// Decodes the whole 16-character blocks at the start of `src` (12 bytes
     /// each) and returns the characters consumed (a multiple of 16); any
-    /// character outside the alphabet in them is an error.
+    /// character outside the alphabet in them is an error. 0 without SSSE3.
+    #[inline]
     pub fn decode_blocks(src: &[u8], out: &mut [u8]) -> Result<usize> {
+        if ssse3() {
+            // SAFETY: the CPU has SSSE3.
+            unsafe { decode_blocks_ssse3(src, out) }
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// Encodes 12 bytes into 16 characters at a time while 16 bytes remain
+    /// readable (a block loads 16, uses 12) and returns the bytes consumed (a
+    /// multiple of 12). `out` needs 4/3 of them. 0 without SSSE3.
+    #[inline]
+    pub fn encode_blocks(src: &[u8], out: &mut [u8]) -> usize {
+        if ssse3() {
+            // SAFETY: the CPU has SSSE3.
+            unsafe { encode_blocks_ssse3(src, out) }
+        } else {
+            0
+        }
+    }
+
+    #[target_feature(enable = "ssse3")]
+    unsafe fn decode_blocks_ssse3(src: &[u8], out: &mut [u8]) -> Result<usize> {
         let blocks = src.len() / 16;
         let mut bad = 0i32;
         unsafe {
@@ -114,10 +149,8 @@ mod simd {
         Ok(blocks * 16)
     }
 
-    /// Encodes 12 bytes into 16 characters at a time while 16 bytes remain
-    /// readable (a block loads 16, uses 12) and returns the bytes consumed (a
-    /// multiple of 12). `out` needs 4/3 of them.
-    pub fn encode_blocks(src: &[u8], out: &mut [u8]) -> usize {
+    #[target_feature(enable = "ssse3")]
+    unsafe fn encode_blocks_ssse3(src: &[u8], out: &mut [u8]) -> usize {
         if src.len() < 16 {
             return 0;
         }
@@ -154,7 +187,7 @@ mod simd {
     }
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_feature = "ssse3")))]
+#[cfg(not(target_arch = "x86_64"))]
 mod simd {
     pub fn decode_blocks(_src: &[u8], _out: &mut [u8]) -> crate::error::Result<usize> {
         Ok(0)

@@ -376,3 +376,40 @@ proptest! {
         prop_assert_eq!(&moved, &new.seal(&n2, &pt, &ctx).unwrap());
     }
 }
+
+/// Sizes that come from input are allocated fallibly: an impossible size is
+/// an `OutOfMemory` error (53200), never an abort of the process.
+#[test]
+fn impossible_allocations_are_errors() {
+    assert!(matches!(
+        ekm_core::crypto::try_zeroed(usize::MAX),
+        Err(EkmError::OutOfMemory(_))
+    ));
+    let mut s = ekm_core::crypto::SecretBuf::new();
+    assert!(matches!(s.take(usize::MAX), Err(EkmError::OutOfMemory(_))));
+    assert_eq!(EkmError::OutOfMemory(1).sqlstate(), "53200");
+    assert_eq!(EkmError::TooLong(1).sqlstate(), "54000");
+}
+
+/// The test command also runs these tests under `qemu-x86_64 -cpu Nehalem`
+/// (no AES-NI, no CLMUL, no AVX) with `EKM_EXPECT_CPU=nehalem`: this proves
+/// the emulated CPU really lacks them, so the suite's passing there shows
+/// one build runs on such CPUs (fast paths are chosen at run time).
+#[test]
+fn runs_on_the_cpu_it_expects() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (aes, clmul, avx, ssse3) = (
+            std::is_x86_feature_detected!("aes"),
+            std::is_x86_feature_detected!("pclmulqdq"),
+            std::is_x86_feature_detected!("avx"),
+            std::is_x86_feature_detected!("ssse3"),
+        );
+        eprintln!("cpu: aes={aes} pclmulqdq={clmul} avx={avx} ssse3={ssse3}");
+        match std::env::var("EKM_EXPECT_CPU").as_deref() {
+            Ok("nehalem") => assert!(!aes && !clmul && !avx && ssse3, "not a Nehalem-class CPU"),
+            Ok("qemu64") => assert!(!aes && !avx && !ssse3, "not a baseline x86-64 CPU"),
+            _ => {}
+        }
+    }
+}
