@@ -7,13 +7,9 @@ CREATE FUNCTION @extschema@.ekm_decrypt(ciphertext text) RETURNS text
     AS 'MODULE_PATHNAME', 'ekm_decrypt_v1' LANGUAGE c STABLE STRICT PARALLEL SAFE;
 CREATE FUNCTION @extschema@.ekm_decrypt(ciphertext text, context text) RETURNS text
     AS 'MODULE_PATHNAME', 'ekm_decrypt_v1' LANGUAGE c STABLE CALLED ON NULL INPUT PARALLEL SAFE;
--- The rotation worker's per-value functions (src/fastpath.rs; not granted to applications).
-CREATE FUNCTION ekm._ekm_on_rotating_key(value text) RETURNS boolean
-    AS 'MODULE_PATHNAME', 'ekm_on_rotating_key_v1' LANGUAGE c STABLE STRICT PARALLEL SAFE;
-CREATE FUNCTION ekm._ekm_rotate_value(value text, context text, col_position integer) RETURNS text
-    AS 'MODULE_PATHNAME', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT;
-CREATE FUNCTION ekm._ekm_encrypt_plain(value text, context text, col_position integer) RETURNS text
-    AS 'MODULE_PATHNAME', 'ekm_encrypt_plain_v1' LANGUAGE c VOLATILE STRICT;
+-- The rotation worker's per-value functions are not part of the extension:
+-- each worker creates them in its own temporary schema (src/worker.rs,
+-- create_batch_functions), because its batches run as each table's owner.
 COMMENT ON FUNCTION @extschema@.ekm_encrypt(text) IS 'Encrypts under the active ekm key (AES-256-GCM).';
 COMMENT ON FUNCTION @extschema@.ekm_encrypt(text, text) IS 'Encrypts under the active ekm key, bound to a context (associated data).';
 COMMENT ON FUNCTION @extschema@.ekm_decrypt(text) IS 'Decrypts an ekm ciphertext with the key it names.';
@@ -130,7 +126,7 @@ GRANT EXECUTE ON FUNCTION
 GRANT EXECUTE ON FUNCTION
     @extschema@.ekm_register_column(regclass, name, text), @extschema@.ekm_unregister_column(regclass, name),
     ekm._ekm_register_column(oid, text, text), ekm._ekm_unregister_column(oid, text),
-    ekm._ekm_column_key_counts(oid, text), ekm._ekm_value_class(text), ekm._ekm_on_rotating_key(text),
+    ekm._ekm_column_key_counts(oid, text),
     @extschema@.ekm_rotate(integer, boolean, boolean), @extschema@.ekm_rotation_wait(bigint, double precision),
     @extschema@.ekm_rotation_cancel(bigint), @extschema@.ekm_rotation_resume(bigint),
     @extschema@.ekm_rollback(integer), @extschema@.ekm_cleanup_old_keys(integer, boolean),

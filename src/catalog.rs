@@ -42,18 +42,35 @@ pub fn key_table() -> Result<(pg_sys::Oid, pg_sys::Oid)> {
 }
 
 /// Runs `f` as `owner` with `search_path = pg_catalog, pg_temp`, restoring
-/// the caller's identity and settings afterwards (also on error).
+/// the caller's identity and settings afterwards (also on error). For ekm's
+/// own tables: like a SECURITY DEFINER function owned by ekm's owner.
 pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    switch_identity(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32, true, f)
+}
+
+/// Runs `f` as `owner` of an application table the way VACUUM, ANALYZE and
+/// REFRESH MATERIALIZED VIEW do: inside a security-restricted operation
+/// (`SECURITY_RESTRICTED_OPERATION`: no SET ROLE, no temporary tables), in a
+/// GUC nest level of its own with `search_path = pg_catalog, pg_temp`, whose
+/// settings are discarded on exit. Triggers, constraints, index expressions
+/// and generated columns of the table then run as its owner, never with the
+/// rights of whoever runs ekm (a superuser, for the workers).
+pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    switch_identity(owner, pg_sys::SECURITY_RESTRICTED_OPERATION as i32, false, f)
+}
+
+fn switch_identity<R>(owner: pg_sys::Oid, flags: i32, keep_gucs: bool, f: impl FnOnce() -> R) -> R {
     struct Restore {
         uid: pg_sys::Oid,
         sec: i32,
         nest: i32,
+        keep_gucs: bool,
         prev_acting: Option<pg_sys::Oid>,
     }
     impl Drop for Restore {
         fn drop(&mut self) {
             unsafe {
-                pg_sys::AtEOXact_GUC(true, self.nest);
+                pg_sys::AtEOXact_GUC(self.keep_gucs, self.nest);
                 pg_sys::SetUserIdAndSecContext(self.uid, self.sec);
             }
             ACTING_ROLE.with(|a| a.set(self.prev_acting));
@@ -63,15 +80,22 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let mut sec = 0i32;
     unsafe { pg_sys::GetUserIdAndSecContext(&mut uid, &mut sec) };
     let prev_acting = ACTING_ROLE.with(|a| a.replace(Some(a.get().unwrap_or(uid))));
+    unsafe { pg_sys::SetUserIdAndSecContext(owner, sec | flags) };
     let nest = unsafe { pg_sys::NewGUCNestLevel() };
     let _restore = Restore {
         uid,
         sec,
         nest,
+        keep_gucs,
         prev_acting,
     };
+    set_safe_search_path();
+    f()
+}
+
+/// `search_path = pg_catalog, pg_temp` in the current GUC nest level.
+fn set_safe_search_path() {
     unsafe {
-        pg_sys::SetUserIdAndSecContext(owner, sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
             c"pg_catalog, pg_temp".as_ptr(),
@@ -83,7 +107,148 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
             false,
         );
     }
+}
+
+/// Runs `f` with `search_path = pg_catalog, pg_temp` (nothing else
+/// changes): for the statements ekm runs as its caller, so that nothing
+/// planted in the caller's search_path is picked up by them.
+pub fn with_safe_search_path<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
+        }
+    }
+    let _restore = Restore(unsafe { pg_sys::NewGUCNestLevel() });
+    set_safe_search_path();
     f()
+}
+
+/// An application table ekm was asked to work on.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub owner: pg_sys::Oid,
+    /// `pg_class.relkind`
+    pub kind: char,
+    /// schema-qualified and quoted, for SQL text
+    pub qualified: String,
+}
+
+/// What `relkind` is, for messages.
+fn kind_name(kind: char) -> &'static str {
+    match kind {
+        'r' => "a table",
+        'p' => "a partitioned table",
+        'v' => "a view",
+        'm' => "a materialized view",
+        'f' => "a foreign table",
+        'S' => "a sequence",
+        'i' | 'I' => "an index",
+        'c' => "a composite type",
+        't' => "a TOAST table",
+        _ => "a relation",
+    }
+}
+
+impl Table {
+    /// The relation `oid`, if it exists (from the system caches: no query,
+    /// cheap enough for every batch, and current after a rename or an
+    /// ownership change).
+    pub fn lookup(oid: pg_sys::Oid) -> Option<Table> {
+        unsafe {
+            let tup = pg_sys::SearchSysCache1(
+                pg_sys::SysCacheIdentifier::RELOID as i32,
+                pg_sys::Datum::from(oid),
+            );
+            if tup.is_null() {
+                return None;
+            }
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup);
+            let owner = (*form).relowner;
+            let kind = (*form).relkind as u8 as char;
+            let nsp = pg_sys::get_namespace_name((*form).relnamespace);
+            let q = (!nsp.is_null())
+                .then(|| pg_sys::quote_qualified_identifier(nsp, (*form).relname.data.as_ptr()));
+            pg_sys::ReleaseSysCache(tup);
+            let qualified = std::ffi::CStr::from_ptr(q?).to_string_lossy().into_owned();
+            Some(Table {
+                owner,
+                kind,
+                qualified,
+            })
+        }
+    }
+
+    /// Whether ekm may work on it: an ordinary or a partitioned table.
+    pub fn is_table(&self) -> bool {
+        matches!(self.kind, 'r' | 'p')
+    }
+
+    /// What it is, with its article ("a view", "an index").
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.kind)
+    }
+
+    /// `oid` as a table ekm may work on, or the error to raise: 42P01 if
+    /// it does not exist, 42809 for a view, materialized view, foreign
+    /// table or anything else that is not an ordinary or partitioned table.
+    pub fn require(oid: pg_sys::Oid) -> Result<Table> {
+        let t = Table::lookup(oid).ok_or(EkmError::NoSuchTable(oid.to_u32()))?;
+        if !t.is_table() {
+            return Err(EkmError::NotATable {
+                name: display_name(oid),
+                kind: t.kind_name(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Runs `f` as the table's owner (see [`as_table_owner`]).
+    pub fn as_owner<R>(&self, f: impl FnOnce() -> R) -> R {
+        as_table_owner(self.owner, f)
+    }
+}
+
+/// A relation's name as the caller would write it (schema-qualified only
+/// when not visible in the caller's search_path), like `regclass` output.
+pub fn display_name(oid: pg_sys::Oid) -> String {
+    unsafe {
+        let rel = pg_sys::get_rel_name(oid);
+        if rel.is_null() {
+            return oid.to_u32().to_string();
+        }
+        let q = if pg_sys::RelationIsVisible(oid) {
+            pg_sys::quote_identifier(rel)
+        } else {
+            let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(oid));
+            if nsp.is_null() {
+                pg_sys::quote_identifier(rel)
+            } else {
+                pg_sys::quote_qualified_identifier(nsp, rel)
+            }
+        };
+        std::ffi::CStr::from_ptr(q).to_string_lossy().into_owned()
+    }
+}
+
+/// An identifier quoted for SQL text, as PostgreSQL's `quote_ident` does.
+pub fn quote_ident(name: &str) -> String {
+    let c = std::ffi::CString::new(name).unwrap_or_default();
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Whether the role that called ekm may SELECT column `col` of `tbl`.
+pub fn caller_may_read(tbl: pg_sys::Oid, col: &str) -> Result<bool> {
+    let role = ACTING_ROLE
+        .with(|a| a.get())
+        .unwrap_or_else(|| unsafe { pg_sys::GetUserId() });
+    Ok(one::<bool>(
+        "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'SELECT')",
+        vec![role.into(), tbl.into(), col.into()],
+    )?
+    .unwrap_or(false))
 }
 
 /// The role that called ekm (not the owner ekm acts as).

@@ -124,7 +124,55 @@ pub unsafe extern "C-unwind" fn ekm_decrypt_v1(fcinfo: pg_sys::FunctionCallInfo)
     }
 }
 
-// ---- the rotation worker's per-value functions (ekm._ekm_*; not granted) ----
+// ---- the rotation worker's per-value functions ----
+//
+// The worker creates them in its own temporary schema (pg_temp._ekm_*) and
+// calls them in its batches, which run as each table's owner. They act only
+// while the worker has a batch open (`BatchGate`), and only with the
+// contexts of that batch's columns: anything else that reaches them (a
+// trigger running during the batch) gets an error.
+
+/// The contexts of the batch the worker is running now; None outside one.
+struct Gate {
+    contexts: Vec<Vec<u8>>,
+}
+
+thread_local! {
+    static GATE: std::cell::RefCell<Option<Gate>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Open while the worker runs a batch (or a count) whose per-value
+/// functions use `contexts`; closed when dropped.
+pub struct BatchGate(());
+
+impl BatchGate {
+    pub fn open(contexts: &[String]) -> BatchGate {
+        let contexts = contexts.iter().map(|c| c.as_bytes().to_vec()).collect();
+        GATE.with(|g| *g.borrow_mut() = Some(Gate { contexts }));
+        BatchGate(())
+    }
+}
+
+impl Drop for BatchGate {
+    fn drop(&mut self) {
+        GATE.with(|g| *g.borrow_mut() = None);
+    }
+}
+
+/// Raises 42501 unless a batch is open (and, for `ctx`, uses that context).
+fn check_gate(ctx: Option<&[u8]>) {
+    let ok = GATE.with(|g| match &*g.borrow() {
+        None => false,
+        Some(gate) => ctx.is_none_or(|c| gate.contexts.iter().any(|x| x.as_slice() == c)),
+    });
+    if !ok {
+        crate::error::raise_with(
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "this ekm function works only inside ekm's own batches".into(),
+            Some("encrypt and decrypt with ekm_encrypt, ekm_decrypt and ekm_reencrypt".into()),
+        );
+    }
+}
 
 thread_local! {
     /// Values moved per column position by `_ekm_rotate_value` /
@@ -179,6 +227,21 @@ macro_rules! v1_finfo {
 v1_finfo!(pg_finfo_ekm_on_rotating_key_v1);
 v1_finfo!(pg_finfo_ekm_rotate_value_v1);
 v1_finfo!(pg_finfo_ekm_encrypt_plain_v1);
+v1_finfo!(pg_finfo_ekm_is_plaintext_v1);
+
+/// `pg_temp._ekm_is_plaintext(value text) -> bool` (STRICT): what a column
+/// encryption moves (not an ekm ciphertext, not another scheme's).
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ekm_is_plaintext_v1(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    check_gate(None);
+    unsafe {
+        let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        pg_sys::Datum::from(is_plaintext(v))
+    }
+}
 
 /// `ekm._ekm_on_rotating_key(value text) -> bool` (STRICT): whether a stored
 /// value is on a `rotating` key (what a rotation moves).
@@ -187,6 +250,7 @@ v1_finfo!(pg_finfo_ekm_encrypt_plain_v1);
 pub unsafe extern "C-unwind" fn ekm_on_rotating_key_v1(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
+    check_gate(None);
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         pg_sys::Datum::from(on_rotating_key(v))
@@ -203,10 +267,11 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
 ) -> pg_sys::Datum {
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        let ctx = context_arg(fcinfo);
+        check_gate(Some(ctx));
         let Some(key_ref) = format::key_ref_of_bytes(v) else {
             return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
         };
-        let ctx = context_arg(fcinfo);
         // decoded into wiped scratch, re-encrypted there in place (without
         // AES-NI the plaintext is in it in between), encoded into the result
         let r = keycache::with_rotation(&key_ref, |old, new, nonce| {
@@ -240,10 +305,11 @@ pub unsafe extern "C-unwind" fn ekm_encrypt_plain_v1(
 ) -> pg_sys::Datum {
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        let ctx = context_arg(fcinfo);
+        check_gate(Some(ctx));
         if !is_plaintext(v) {
             return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
         }
-        let ctx = context_arg(fcinfo);
         let (out, bytes) = new_text(format::encoded_len(v.len()));
         if let Err(e) = keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, v, ctx, bytes)) {
             raise(e);

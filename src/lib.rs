@@ -16,6 +16,7 @@ mod keycache;
 mod masterkey;
 mod ops;
 mod rotation;
+mod scan;
 mod shmem;
 mod worker;
 

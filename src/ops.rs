@@ -5,8 +5,9 @@ use crate::api::{activate, chrono_to_ts};
 use crate::catalog::{self, as_owner};
 use crate::error::{raise_with, OrRaise};
 use crate::rotation::{
-    check_batch_size, dynamic, lock_key_changes, refuse_on_standby, start_job, supersede_unfinished,
+    check_batch_size, lock_key_changes, refuse_on_standby, start_job, supersede_unfinished,
 };
+use crate::scan;
 use crate::{gucs, keycache, masterkey, worker};
 use ekm_core::lifecycle::NONCE_BOUND;
 use ekm_core::EkmError;
@@ -167,29 +168,22 @@ fn cleanup(days: i32, dry_run: bool) -> EkmResult<Vec<CleanupRow>> {
     let ids: Vec<String> = candidates.iter().map(|c| c.0.clone()).collect();
     let mut in_use = vec![0i64; ids.len()];
     let cols = registered_columns()?;
+    // As each table's owner (security-restricted), whatever the caller may
+    // read: these are counts that keep a key alive, not data for the caller.
     for (tbl, col, _, exists) in &cols {
         if !exists {
             continue;
         }
-        let sql = dynamic(
-            "SELECT k, count(*) FROM (SELECT ekm._ekm_key_of(@C@) AS k FROM @T@) s WHERE k = ANY($1) GROUP BY k",
-            *tbl,
-            col,
-        )?;
-        let counts = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(String, i64)>> {
-            let mut v = Vec::new();
-            for r in c.select(&sql, None, &[ids.clone().into()])? {
-                v.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<i64>(2)?.unwrap_or(0),
-                ));
-            }
-            Ok(v)
-        })
-        .map_err(internal)?;
-        for (k, n) in counts {
-            if let Some(i) = ids.iter().position(|x| *x == k) {
-                in_use[i] += n;
+        let t = match scan::readable(*tbl, col, false)? {
+            Ok(t) => t,
+            Err(_) => continue, // gone meanwhile: refused below
+        };
+        let n = scan::census(&t, &[(col.clone(), String::new())], false)?
+            .pop()
+            .unwrap_or_default();
+        for (k, (_, count)) in &n.by_key {
+            if let Some(i) = ids.iter().position(|x| *x == k.to_string()) {
+                in_use[i] += count;
             }
         }
     }
@@ -409,7 +403,15 @@ fn check_master_key(owner: pg_sys::Oid) -> EkmResult<HealthRow> {
             }
         }
     }
-    Ok(if bad.is_empty() {
+    Ok(if bad.is_empty() && gucs::master_key_source() == gucs::MasterKeySource::DevDefault {
+        row(
+            "master_key",
+            "warning",
+            format!(
+                "the DEVELOPMENT DEFAULT key ({source}) unwraps all {n} keys with material, but it sits beside the data it protects and base backups copy it: set ekm.master_key_command or ekm.master_key_file"
+            ),
+        )
+    } else if bad.is_empty() {
         row(
             "master_key",
             "ok",
@@ -613,61 +615,74 @@ fn check_decrypt_keys() -> EkmResult<HealthRow> {
 
 fn check_values(cols: &[(pg_sys::Oid, String, String, bool)]) -> EkmResult<HealthRow> {
     let mut bad = Vec::new();
+    let mut unchecked = Vec::new();
     let mut scanned = 0;
     for (tbl, col, name, exists) in cols {
         if !exists {
             continue;
         }
+        // read as the table's owner, for a caller who may read the column
+        let t = match scan::readable(*tbl, col, true)? {
+            Ok(t) => t,
+            Err(why) => {
+                unchecked.push(format!("{name} ({why})"));
+                continue;
+            }
+        };
         scanned += 1;
-        // values on keys that cannot decrypt, and values that do not decrypt
-        // with the column's registered context (a rotation would stop at them)
-        let sql = dynamic(
-            "SELECT c, count(*) FROM (SELECT CASE WHEN k IN ('active', 'rotating') AND NOT ekm._ekm_decrypts(v, $1) \
-                                              THEN 'wrong-context' ELSE k END AS c \
-                                      FROM (SELECT ekm._ekm_value_class(@C@::text) AS k, @C@::text AS v FROM @T@) s0) s \
-             WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed', 'wrong-context') GROUP BY c ORDER BY c",
-            *tbl,
-            col,
-        )?;
         let context = catalog::one::<String>(
             "SELECT context FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2",
             vec![(*tbl).into(), col.clone().into()],
         )?
         .unwrap_or_default();
-        let counts = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
-            let mut v = Vec::new();
-            for r in c.select(&sql, None, &[context.clone().into()])? {
-                v.push(format!(
-                    "{} on {} keys",
-                    r.get::<i64>(2)?.unwrap_or(0),
-                    r.get::<String>(1)?.unwrap_or_default()
-                ));
+        // values on keys that cannot decrypt, and values that do not decrypt
+        // with the column's registered context (a rotation would stop at them)
+        let n = scan::census(&t, &[(col.clone(), context)], true)?
+            .pop()
+            .unwrap_or_default();
+        let mut counts = Vec::new();
+        for class in ["created", "destroyed", "malformed", "retired", "unknown"] {
+            let c = n.count(&[class]);
+            if c > 0 {
+                counts.push(if class == "malformed" {
+                    format!("{c} malformed")
+                } else {
+                    format!("{c} on {class} keys")
+                });
             }
-            Ok(v)
-        })
-        .map_err(internal)?;
+        }
+        if n.wrong_context > 0 {
+            counts.push(format!(
+                "{} not decrypting with the registered context",
+                n.wrong_context
+            ));
+        }
         if !counts.is_empty() {
-            bad.push(
-                format!("{name}: {}", counts.join(", "))
-                    .replace("on malformed keys", "malformed")
-                    .replace(
-                        "on wrong-context keys",
-                        "not decrypting with the registered context",
-                    ),
-            );
+            bad.push(format!("{name}: {}", counts.join(", ")));
         }
     }
-    Ok(if bad.is_empty() {
+    let not_checked = if unchecked.is_empty() {
+        String::new()
+    } else {
+        format!("; not checked: {}", unchecked.join("; "))
+    };
+    Ok(if !bad.is_empty() {
+        row("unusable_values", "failed", format!(
+            "values that cannot be decrypted: {}; find them with SELECT ekm_key_id(col) ... and see docs/runbook.md, troubleshooting{not_checked}",
+            bad.join("; ")
+        ))
+    } else if !unchecked.is_empty() {
+        row(
+            "unusable_values",
+            "warning",
+            format!("every value in {scanned} registered columns is on a key that decrypts{not_checked}"),
+        )
+    } else {
         row(
             "unusable_values",
             "ok",
             format!("every value in {scanned} registered columns is on a key that decrypts"),
         )
-    } else {
-        row("unusable_values", "failed", format!(
-            "values that cannot be decrypted: {}; find them with SELECT ekm_key_id(col) ... and see docs/runbook.md, troubleshooting",
-            bad.join("; ")
-        ))
     })
 }
 
@@ -710,12 +725,6 @@ type EncryptColumnRow = (
 mod ekm {
     use super::*;
 
-    /// The key id an ekm ciphertext names; NULL for anything else. Never raises.
-    #[pg_extern(immutable, strict, parallel_safe)]
-    fn _ekm_key_of(value: &str) -> Option<String> {
-        ekm_core::format::key_of(value).ok().map(|k| k.to_string())
-    }
-
     /// The runbook's `migrate_secure_encryption`: encrypts a plaintext column in
     /// place in batches (background worker), skipping values already encrypted,
     /// and registers it. The dry run counts plaintext, encrypted and foreign values.
@@ -755,8 +764,23 @@ fn encrypt_column(
     dry_run: bool,
     context: Option<&str>,
 ) -> EkmResult<EncryptColumnRow> {
-    let name =
-        catalog::one::<String>("SELECT $1::regclass::text", vec![tbl.into()])?.unwrap_or_default();
+    // the name as the caller writes it (before the search_path changes)
+    let name = catalog::display_name(tbl);
+    catalog::with_safe_search_path(|| {
+        encrypt_column_as_caller(tbl, col, batch_size, dry_run, context, name)
+    })
+}
+
+fn encrypt_column_as_caller(
+    tbl: pg_sys::Oid,
+    col: &str,
+    batch_size: i32,
+    dry_run: bool,
+    context: Option<&str>,
+    name: String,
+) -> EkmResult<EncryptColumnRow> {
+    // Only ordinary and partitioned tables (42809 for a view, ...).
+    let t = catalog::Table::require(tbl)?;
     let (_, owner) = catalog::key_table()?;
     let registered = as_owner(owner, || {
         catalog::one::<String>(
@@ -769,49 +793,36 @@ fn encrypt_column(
         .or(registered)
         .unwrap_or_default();
     if dry_run {
-        // Checks the column like registering would, without registering.
-        let ok = catalog::one::<bool>(
-            "SELECT has_column_privilege($1, $2, 'SELECT') FROM pg_catalog.pg_attribute \
-             WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-            vec![tbl.into(), col.into()],
-        )?;
-        match ok {
-            None => raise_with(
+        // Checks the column like registering would, without registering;
+        // the caller must be allowed to read it.
+        if scan::column_type(tbl, col)?.is_none() {
+            raise_with(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
                 format!("column \"{col}\" of {name} does not exist"),
                 None,
-            ),
-            Some(false) => raise_with(
+            );
+        }
+        if !catalog::caller_may_read(tbl, col)? {
+            raise_with(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("permission denied to read column \"{col}\" of {name}"),
-                None,
-            ),
-            Some(true) => {}
+                Some(format!(
+                    "a dry run reads the column as its table's owner for a role that may read it: GRANT SELECT ({}) ON {name} TO {}",
+                    catalog::quote_ident(col),
+                    catalog::quote_ident(&catalog::acting_role_name())
+                )),
+            );
         }
-        let (p, e, f, n, x) = as_owner(owner, || -> EkmResult<(i64, i64, i64, i64, i64)> {
-            // built as the owner: table names qualified for its search_path
-            let sql = dynamic(
-                "SELECT count(*) FILTER (WHERE c = 'plaintext'), \
-                        count(*) FILTER (WHERE c IN ('active', 'rotating', 'retired', 'created', 'destroyed', 'unknown')), \
-                        count(*) FILTER (WHERE c IN ('foreign', 'malformed')), count(*) FILTER (WHERE c = 'null'), \
-                        count(*) FILTER (WHERE c IN ('active', 'rotating') AND NOT ekm._ekm_decrypts(v, $1)) \
-                 FROM (SELECT ekm._ekm_value_class(@C@::text) AS c, @C@::text AS v FROM @T@) s",
-                tbl,
-                col,
-            )?;
-            Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, i64, i64, i64, i64)> {
-                let t = c.select(&sql, Some(1), &[context.clone().into()])?;
-                let r = t.first();
-                Ok((
-                    r.get::<i64>(1)?.unwrap_or(0),
-                    r.get::<i64>(2)?.unwrap_or(0),
-                    r.get::<i64>(3)?.unwrap_or(0),
-                    r.get::<i64>(4)?.unwrap_or(0),
-                    r.get::<i64>(5)?.unwrap_or(0),
-                ))
-            })
-            .map_err(internal)
-        })?;
+        let n = scan::census(&t, &[(col.to_string(), context.clone())], true)?
+            .pop()
+            .unwrap_or_default();
+        let (p, e, f, n, x) = (
+            n.count(&["plaintext"]),
+            n.count(&["active", "rotating", "retired", "created", "destroyed", "unknown"]),
+            n.count(&["foreign", "malformed"]),
+            n.count(&["null"]),
+            n.wrong_context,
+        );
         let mut note = format!("dry run: {p} plaintext values would be encrypted");
         if x > 0 {
             note.push_str(&format!(
@@ -836,7 +847,7 @@ fn encrypt_column(
         ));
     }
     // Registering checks the column (exists, text, the caller may update it).
-    crate::rotation::register(tbl, col, &context)?;
+    crate::rotation::register_as_caller(tbl, col, &context, &name)?;
     let job = as_owner(owner, || -> EkmResult<i64> {
         lock_key_changes()?;
         supersede_unfinished(false, "a column encryption")?;

@@ -4,7 +4,7 @@
 use crate::api::{activate, create_key, ts_to_chrono};
 use crate::catalog::{self, as_owner};
 use crate::error::{raise_with, OrRaise};
-use crate::{gucs, keycache, worker};
+use crate::{gucs, worker};
 use ekm_core::{format, EkmError, KeyState};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -19,35 +19,6 @@ fn internal(e: impl std::fmt::Display) -> EkmError {
     EkmError::Internal(e.to_string())
 }
 
-/// The class of a stored value: null, plaintext, malformed, unknown, or the
-/// state of the key it names.
-pub fn value_class(v: Option<&str>) -> EkmResult<&'static str> {
-    let Some(v) = v else { return Ok("null") };
-    if !format::looks_encrypted(v) {
-        return Ok(if format::looks_foreign(v) {
-            "foreign"
-        } else {
-            "plaintext"
-        });
-    }
-    let Ok(k) = format::key_of(v) else {
-        return Ok("malformed");
-    };
-    Ok(match keycache::state_of(&k.to_ref())? {
-        None => "unknown",
-        Some(s) => s.as_str(),
-    })
-}
-
-/// The statement text with `@T@` (table) and `@C@` (column) quoted by PostgreSQL.
-pub(crate) fn dynamic(template: &str, tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
-    catalog::one::<String>(
-        "SELECT replace(replace($1, '@T@', $2::regclass::text), '@C@', quote_ident($3))",
-        vec![template.into(), tbl.into(), col.into()],
-    )?
-    .ok_or_else(|| internal("cannot build statement"))
-}
-
 #[pg_schema]
 mod ekm {
     use super::*;
@@ -57,22 +28,6 @@ mod ekm {
     #[pg_extern(immutable, strict, parallel_safe)]
     fn _ekm_is_plaintext(value: &str) -> bool {
         !format::looks_encrypted(value) && !format::looks_foreign(value)
-    }
-
-    /// Whether a stored ekm value decrypts with `context` (dry runs: a value
-    /// bound to another context would stop a rotation). Never raises.
-    #[pg_extern(stable, strict, parallel_safe)]
-    fn _ekm_decrypts(value: &str, context: &str) -> bool {
-        let Ok(k) = format::key_of(value) else {
-            return false;
-        };
-        keycache::with_decrypt_key(&k.to_ref(), |key| key.open(value, context.as_bytes())).is_ok()
-    }
-
-    /// What a stored value is: null, plaintext, foreign, malformed, unknown, or its key's state.
-    #[pg_extern(stable, parallel_safe)]
-    fn _ekm_value_class(value: Option<&str>) -> &'static str {
-        value_class(value).or_raise()
     }
 
     #[pg_extern(volatile)]
@@ -85,7 +40,11 @@ mod ekm {
         unregister(tbl, col).or_raise()
     }
 
-    /// Values per key class in a registered column (a full scan, as the owner).
+    /// Values per key class in a column (a full scan, as the table's owner
+    /// in a security-restricted operation), for `ekm.registered_columns`.
+    /// Only tables: anything else is refused (42809). A column the caller
+    /// may not SELECT (or that no longer exists) gives one row saying why it
+    /// was not checked, so the view still shows every other column.
     #[pg_extern(volatile)]
     fn _ekm_column_key_counts(
         tbl: pg_sys::Oid,
@@ -95,69 +54,73 @@ mod ekm {
         (
             name!(key_id, Option<String>),
             name!(key_state, String),
-            name!(values, i64),
+            name!(values, Option<i64>),
         ),
     > {
-        let (_, owner) = catalog::key_table().or_raise();
-        let rows = as_owner(owner, || -> EkmResult<Vec<(Option<String>, String, i64)>> {
-            let sql = dynamic(
-                "SELECT CASE WHEN ekm._ekm_value_class(@C@) IN ('null', 'plaintext', 'foreign', 'malformed') THEN NULL ELSE @S@.ekm_key_id(@C@) END, \
-                        ekm._ekm_value_class(@C@), count(*) FROM @T@ GROUP BY 1, 2 ORDER BY 1, 2",
-                tbl,
-                col,
-            )?
-            .replace("@S@", &ext_schema()?);
-            Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(Option<String>, String, i64)>> {
-                let mut v = Vec::new();
-                for r in c.select(&sql, None, &[])? {
-                    v.push((r.get::<String>(1)?, r.get::<String>(2)?.unwrap_or_default(), r.get::<i64>(3)?.unwrap_or(0)));
-                }
-                Ok(v)
-            })
-            .map_err(internal)
-        })
-        .or_raise();
+        let rows = catalog::with_safe_search_path(|| column_key_counts(tbl, col)).or_raise();
         TableIterator::new(rows)
     }
 }
 
-pub(crate) fn ext_schema() -> EkmResult<String> {
-    catalog::one::<String>(
-        "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'ekm'",
-        vec![],
-    )?
-    .ok_or_else(|| internal("ekm is not installed"))
+type KeyCountRow = (Option<String>, String, Option<i64>);
+
+fn column_key_counts(tbl: pg_sys::Oid, col: &str) -> EkmResult<Vec<KeyCountRow>> {
+    catalog::Table::require(tbl)?;
+    let t = match crate::scan::readable(tbl, col, true)? {
+        Ok(t) => t,
+        Err(why) => return Ok(vec![(None, format!("not checked: {why}"), None)]),
+    };
+    let n = crate::scan::census(&t, &[(col.to_string(), String::new())], false)?
+        .pop()
+        .unwrap_or_default();
+    // values on keys, by key; then the other classes (null, plaintext, ...)
+    let mut rows: Vec<KeyCountRow> = n
+        .by_key
+        .iter()
+        .map(|(k, (class, count))| (Some(k.to_string()), class.to_string(), Some(*count)))
+        .collect();
+    for (class, count) in &n.by_class {
+        if matches!(*class, "null" | "plaintext" | "foreign" | "malformed") {
+            rows.push((None, class.to_string(), Some(*count)));
+        }
+    }
+    Ok(rows)
 }
 
 pub(crate) fn register(tbl: pg_sys::Oid, col: &str, context: &str) -> EkmResult<String> {
+    // the name as the caller writes it (before the search_path changes)
+    let name = catalog::display_name(tbl);
+    catalog::with_safe_search_path(|| register_as_caller(tbl, col, context, &name))
+}
+
+pub(crate) fn register_as_caller(tbl: pg_sys::Oid, col: &str, context: &str, name: &str) -> EkmResult<String> {
+    // Only ordinary and partitioned tables (42809 for a view, ...).
+    catalog::Table::require(tbl)?;
     // As the caller: the column must exist, hold text, and be theirs to update.
-    let info = Spi::get_three_with_args::<String, bool, bool>(
-        "SELECT format_type(a.atttypid, a.atttypmod), a.atttypid IN ('text'::regtype, 'varchar'::regtype), \
-                has_column_privilege($1, a.attname, 'UPDATE') \
-         FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-        &[tbl.into(), col.into()],
-    )
-    .unwrap_or((None, None, None)); // no row: no such column
-    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
-        .map_err(internal)?
-        .unwrap_or_default();
-    match info {
-        (None, _, _) => raise_with(
+    match crate::scan::column_type(tbl, col)? {
+        None => raise_with(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
             format!("column \"{col}\" of {name} does not exist"),
             None,
         ),
-        (Some(t), Some(false), _) => raise_with(
+        Some((t, false)) => raise_with(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
             format!("column \"{col}\" of {name} is {t}; ekm ciphertexts are stored in text or varchar columns"),
             None,
         ),
-        (_, _, Some(false)) => raise_with(
+        Some(_) => {}
+    }
+    let may_update = catalog::one::<bool>(
+        "SELECT pg_catalog.has_column_privilege($1, $2::pg_catalog.text, 'UPDATE')",
+        vec![tbl.into(), col.into()],
+    )?
+    .unwrap_or(false);
+    if !may_update {
+        raise_with(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("permission denied to register column \"{col}\" of {name}"),
             Some("registering a column needs the UPDATE privilege on it".into()),
-        ),
-        _ => {}
+        );
     }
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || {
@@ -400,15 +363,19 @@ pub(crate) fn start_job(
     .map_err(internal)?;
     for (t, blocks) in unknown {
         let sample = blocks.min(32);
-        let rows = catalog::one::<i64>(
-            &dynamic(
-                "SELECT count(*) FROM @T@ WHERE ctid >= '(0,0)'::tid AND ctid < $1::tid",
-                t,
-                "",
-            )?,
-            vec![format!("({sample},0)").into()],
-        )?
-        .unwrap_or(0);
+        // read as the table's owner, like every statement on an application table
+        let table = catalog::Table::require(t)?;
+        let rows = table
+            .as_owner(|| {
+                catalog::one::<i64>(
+                    &format!(
+                        "SELECT pg_catalog.count(*) FROM {} WHERE ctid OPERATOR(pg_catalog.<) $1::pg_catalog.tid",
+                        table.qualified
+                    ),
+                    vec![format!("({sample},0)").into()],
+                )
+            })?
+            .unwrap_or(0);
         let per_block = (rows as f64 / sample as f64).max(1.0);
         catalog::exec(
             "UPDATE ekm.rotation_cursor SET blocks_per_batch = greatest(1, ($3::float8 / $4::float8)::int), \
@@ -464,26 +431,23 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
         if dry_run {
             let mut out = Vec::new();
             for (oid, tname, col, context) in &cols {
-                let sql = dynamic(
-                    "SELECT count(*) FILTER (WHERE c IN ('active', 'rotating')), count(*) FILTER (WHERE c IN ('plaintext', 'foreign')), \
-                            count(*) FILTER (WHERE c IN ('unknown', 'retired', 'destroyed', 'created', 'malformed')), \
-                            count(*) FILTER (WHERE c IN ('active', 'rotating') AND NOT ekm._ekm_decrypts(v, $1)) \
-                     FROM (SELECT ekm._ekm_value_class(@C@) AS c, @C@::text AS v FROM @T@) s",
-                    *oid,
-                    col,
-                )?;
-                let (m, p, u, x) =
-                    Spi::connect(|c| -> pgrx::spi::SpiResult<(i64, i64, i64, i64)> {
-                        let t = c.select(&sql, Some(1), &[context.clone().into()])?;
-                        let r = t.first();
-                        Ok((
-                            r.get::<i64>(1)?.unwrap_or(0),
-                            r.get::<i64>(2)?.unwrap_or(0),
-                            r.get::<i64>(3)?.unwrap_or(0),
-                            r.get::<i64>(4)?.unwrap_or(0),
-                        ))
-                    })
-                    .map_err(internal)?;
+                // read as the table's owner, for a caller who may read the column
+                let t = match crate::scan::readable(*oid, col, true)? {
+                    Ok(t) => t,
+                    Err(why) => {
+                        out.push((None, tname.clone(), col.clone(), None, None, None, None, Some(format!("not checked: {why}"))));
+                        continue;
+                    }
+                };
+                let n = crate::scan::census(&t, &[(col.clone(), context.clone())], true)?
+                    .pop()
+                    .unwrap_or_default();
+                let (m, p, u, x) = (
+                    n.count(&["active", "rotating"]),
+                    n.count(&["plaintext", "foreign"]),
+                    n.count(&["unknown", "retired", "destroyed", "created", "malformed"]),
+                    n.wrong_context,
+                );
                 let mut notes = Vec::new();
                 if x > 0 {
                     notes.push(format!(
@@ -567,6 +531,11 @@ fn ekm_rotation_wait(
         name!(error, Option<String>),
     ),
 > {
+    let r = catalog::with_safe_search_path(|| rotation_wait(job, timeout_seconds));
+    TableIterator::once(r)
+}
+
+fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, Option<String>) {
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         raise_with(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -647,7 +616,7 @@ fn ekm_rotation_wait(
         };
         if state != "running" {
             pgrx::notice!("ekm: {what} job {job} {state}: {rows} values {verb}");
-            return TableIterator::once((job, state, rows, error));
+            return (job, state, rows, error);
         }
         if wrote {
             raise_with(
@@ -681,7 +650,7 @@ fn ekm_rotation_wait(
         }
         if let Some(t) = timeout_seconds {
             if start.elapsed().as_secs_f64() >= t {
-                return TableIterator::once((job, state, rows, error));
+                return (job, state, rows, error);
             }
         }
         unsafe {

@@ -229,6 +229,11 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
+    // The worker is a superuser: nothing planted in a schema of the
+    // database's or the role's search_path may be picked up by its SQL.
+    if transaction(|| Spi::run("SET search_path = pg_catalog, pg_temp").map_err(spi_err)).is_err() {
+        return;
+    }
     let mut job_id = arg.value() as i64;
     if job_id == MAINTENANCE_JOB {
         let r = transaction(|| {
@@ -326,6 +331,10 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     .unwrap_or(false);
     if !locked {
         return; // another worker runs this job
+    }
+    if let Err((_, msg)) = transaction(create_batch_functions) {
+        pgrx::warning!("ekm: rotation job {job_id}: cannot create the batch functions: {msg}");
+        return;
     }
     pgrx::log!("ekm: rotation job {job_id}: worker started");
     // Batches commit without waiting for their WAL to reach disk: a crash
@@ -433,6 +442,33 @@ fn notify(job_id: i64, kind: &str, outcome: &str) -> Result<(), String> {
     .map_err(spi_err)
 }
 
+/// The per-value functions the batches call, created in this worker's own
+/// temporary schema. Batches run as the owner of each table
+/// (`catalog::as_table_owner`), who needs EXECUTE on what the batch calls:
+/// a function in this backend's temporary schema can be called by every
+/// role of this backend and by no other backend, so nothing of ekm is
+/// granted to PUBLIC or to table owners. The functions also refuse to act
+/// outside a batch of this worker (`fastpath::BatchGate`), so a trigger
+/// that runs during a batch cannot use them for anything but the batch's
+/// own columns. They disappear with the worker.
+fn create_batch_functions() -> Result<(), String> {
+    Spi::run(
+        "CREATE FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4) RETURNS pg_catalog.text \
+           AS '$libdir/ekm', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_on_rotating_key(pg_catalog.text) RETURNS pg_catalog.bool \
+           AS '$libdir/ekm', 'ekm_on_rotating_key_v1' LANGUAGE c STABLE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4) RETURNS pg_catalog.text \
+           AS '$libdir/ekm', 'ekm_encrypt_plain_v1' LANGUAGE c VOLATILE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_is_plaintext(pg_catalog.text) RETURNS pg_catalog.bool \
+           AS '$libdir/ekm', 'ekm_is_plaintext_v1' LANGUAGE c IMMUTABLE STRICT; \
+         GRANT EXECUTE ON FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4), \
+           pg_temp._ekm_on_rotating_key(pg_catalog.text), \
+           pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4), \
+           pg_temp._ekm_is_plaintext(pg_catalog.text) TO PUBLIC",
+    )
+    .map_err(spi_err)
+}
+
 fn one_i64(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<i64, String> {
     Spi::connect_mut(|c| {
         let t = c.update(sql, Some(1), &args)?;
@@ -520,23 +556,6 @@ fn kept<R>(
     .map_err(spi_err)
 }
 
-/// A table's schema-qualified, quoted name, read from the system caches
-/// (None if it no longer exists).
-fn table_name(oid: pg_sys::Oid) -> Option<String> {
-    unsafe {
-        let rel = pg_sys::get_rel_name(oid);
-        if rel.is_null() {
-            return None;
-        }
-        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(oid));
-        if nsp.is_null() {
-            return None;
-        }
-        let q = pg_sys::quote_qualified_identifier(nsp, rel);
-        Some(std::ffi::CStr::from_ptr(q).to_string_lossy().into_owned())
-    }
-}
-
 /// `SET LOCAL name = value`, without a statement.
 /// The worker runs as the bootstrap superuser, so superuser-only settings
 /// (deadlock_timeout) may be set too.
@@ -562,7 +581,8 @@ fn set_local(name: &str, value: &str) {
 #[derive(Clone)]
 struct Group {
     tbl: pg_sys::Oid,
-    table: String,
+    /// the table's current name and owner, looked up at every batch
+    table: Option<catalog::Table>,
     state: String,
     next_block: i64,
     blocks_per_batch: i32,
@@ -584,7 +604,7 @@ fn read_group(job_id: i64) -> Result<Option<(String, Option<Group>)>, String> {
          LEFT JOIN LATERAL ( \
            SELECT f.tbl::oid AS tbl, f.state, f.next_block, f.blocks_per_batch, \
                   least(pg_relation_size(f.tbl) / current_setting('block_size')::bigint, f.blocks_total) AS nblocks, \
-                  array_agg(quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
+                  array_agg(pg_catalog.quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
                   array_agg(c.context ORDER BY c.col) AS contexts \
            FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total FROM ekm.rotation_cursor \
                  WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
@@ -604,7 +624,7 @@ fn read_group(job_id: i64) -> Result<Option<(String, Option<Group>)>, String> {
                 None => None,
                 Some(tbl) => Some(Group {
                     tbl,
-                    table: String::new(), // set by the caller, at every batch
+                    table: None, // set by the caller, at every batch
                     state: r.get::<String>(3)?.unwrap_or_default(),
                     next_block: r.get::<i64>(4)?.unwrap_or(0),
                     blocks_per_batch: r.get::<i32>(5)?.unwrap_or(1),
@@ -645,19 +665,21 @@ fn step(job_id: i64) -> Result<Step, String> {
         },
     };
     if let Some(g) = group.as_mut() {
-        // the table's current name (the group may be cached from an earlier
-        // batch, and a table can be renamed between batches)
-        g.table = table_name(g.tbl).unwrap_or_else(|| g.tbl.to_u32().to_string());
+        // the table's current name and owner (the group may be cached from
+        // an earlier batch, and a table can be renamed or change hands
+        // between batches)
+        g.table = Some(catalog::Table::require(g.tbl).map_err(|e| e.to_string())?);
     }
     let encrypt = kind == "encrypt";
 
     if let Some(g) = group {
         FENCE.with(|f| *f.borrow_mut() = None);
+        let table = g.table.as_ref().expect("looked up above");
         // What the job moves: values on a rotating key, or plaintext.
         let (pred, func) = if encrypt {
-            ("ekm._ekm_is_plaintext", "ekm._ekm_encrypt_plain")
+            ("pg_temp._ekm_is_plaintext", "pg_temp._ekm_encrypt_plain")
         } else {
-            ("ekm._ekm_on_rotating_key", "ekm._ekm_rotate_value")
+            ("pg_temp._ekm_on_rotating_key", "pg_temp._ekm_rotate_value")
         };
         let any = |prefix: &str| {
             g.quoted
@@ -697,31 +719,33 @@ fn step(job_id: i64) -> Result<Step, String> {
                 return Ok(Step::Again);
             }
             let hi = g.next_block + g.blocks_per_batch as i64;
-            // Identifiers are quoted by PostgreSQL (regclass output,
-            // quote_ident); values are bound. Each function returns the
-            // value unchanged unless it moves it.
+            // Identifiers are quoted by PostgreSQL (quote_identifier), every
+            // function and operator is qualified; values are bound. Each
+            // function returns the value unchanged unless it moves it.
             let sets = g
                 .quoted
                 .iter()
                 .enumerate()
-                .map(|(i, q)| format!("{q} = {func}(t.{q}, ${}, {i})", i + 3))
+                .map(|(i, q)| format!("{q} = {func}(t.{q}, ${}::pg_catalog.text, {i})", i + 3))
                 .collect::<Vec<_>>()
                 .join(", ");
             let skip_locked = SKIP_LOCKED_NEXT.with(|s| s.replace(false));
             let sql = if skip_locked {
                 // Rows an application holds are skipped, not waited for.
                 format!(
-                    "WITH c AS (SELECT ctid FROM {t} WHERE ctid >= $1::tid AND ctid < $2::tid AND ({a}) FOR UPDATE SKIP LOCKED) \
-                     UPDATE {t} t SET {sets} FROM c WHERE t.ctid = c.ctid",
-                    t = g.table,
+                    "WITH c AS (SELECT ctid FROM {t} WHERE ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid \
+                                  AND ctid OPERATOR(pg_catalog.<) $2::pg_catalog.tid AND ({a}) FOR UPDATE SKIP LOCKED) \
+                     UPDATE {t} t SET {sets} FROM c WHERE t.ctid OPERATOR(pg_catalog.=) c.ctid",
+                    t = table.qualified,
                     a = any(""),
                 )
             } else {
                 // A plain UPDATE: a row an application holds is waited for at
                 // most lock_timeout, then the batch is retried skipping locked rows.
                 format!(
-                    "UPDATE {t} t SET {sets} WHERE t.ctid >= $1::tid AND t.ctid < $2::tid AND ({a})",
-                    t = g.table,
+                    "UPDATE {t} t SET {sets} WHERE t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid \
+                       AND t.ctid OPERATOR(pg_catalog.<) $2::pg_catalog.tid AND ({a})",
+                    t = table.qualified,
                     a = any("t."),
                 )
             };
@@ -733,19 +757,25 @@ fn step(job_id: i64) -> Result<Step, String> {
                 args.push(ctx.clone().into());
             }
             crate::fastpath::reset_moved();
-            BATCH_PLAN
-                .with(|p| -> pgrx::spi::SpiResult<()> {
-                    let mut p = p.borrow_mut();
-                    Spi::connect_mut(|c| {
-                        if p.as_ref().map(|(s, _)| s != &sql).unwrap_or(true) {
-                            let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
-                            *p = Some((sql.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
-                        }
-                        c.update(&p.as_ref().expect("prepared").1, None, &args)?;
-                        Ok(())
+            // As the table's owner, security-restricted: its triggers,
+            // constraints and index expressions run as that owner.
+            let _gate = crate::fastpath::BatchGate::open(&g.contexts);
+            table
+                .as_owner(|| {
+                    BATCH_PLAN.with(|p| -> pgrx::spi::SpiResult<()> {
+                        let mut p = p.borrow_mut();
+                        Spi::connect_mut(|c| {
+                            if p.as_ref().map(|(s, _)| s != &sql).unwrap_or(true) {
+                                let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
+                                *p = Some((sql.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
+                            }
+                            c.update(&p.as_ref().expect("prepared").1, None, &args)?;
+                            Ok(())
+                        })
                     })
                 })
                 .map_err(spi_err)?;
+            drop(_gate);
             let ns = crate::fastpath::moved(g.names.len());
             let total: i64 = ns.iter().sum();
             // Counts and cursors move with the batch, in its transaction, if
@@ -788,7 +818,7 @@ fn step(job_id: i64) -> Result<Step, String> {
             return Ok(Step::Again);
         }
         // sweeping: what is left in these columns, in one scan
-        let left = count_left(&g.table, &g.quoted, pred)?;
+        let left = count_left(table, &g.quoted, pred)?;
         let done: Vec<String> = g
             .names
             .iter()
@@ -890,7 +920,7 @@ fn step(job_id: i64) -> Result<Step, String> {
             );
         }
         let (prepared, gids) = catalog::two::<i64, String>(
-            "SELECT count(*), coalesce(string_agg(quote_literal(gid), ', ' ORDER BY gid), '') FROM pg_prepared_xacts \
+            "SELECT count(*), coalesce(string_agg(pg_catalog.quote_literal(gid), ', ' ORDER BY gid), '') FROM pg_prepared_xacts \
              WHERE database = current_database() AND gid = ANY($1)",
             vec![fence.gids.clone().unwrap_or_default().into()],
         )
@@ -925,7 +955,7 @@ fn step(job_id: i64) -> Result<Step, String> {
     let tables = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String, Vec<String>, Vec<String>)>> {
         let mut v = Vec::new();
         for r in c.select(
-            "SELECT tbl::oid, tbl::regclass::text, array_agg(quote_ident(col) ORDER BY col), array_agg(col::text ORDER BY col) \
+            "SELECT tbl::oid, tbl::regclass::text, array_agg(pg_catalog.quote_ident(col) ORDER BY col), array_agg(col::text ORDER BY col) \
              FROM ekm.registered_column GROUP BY tbl ORDER BY 1",
             None,
             &[],
@@ -940,8 +970,9 @@ fn step(job_id: i64) -> Result<Step, String> {
         Ok(v)
     })
     .map_err(spi_err)?;
-    for (tbl, table, quoted, names) in &tables {
-        let left = count_left(table, quoted, "ekm._ekm_on_rotating_key")?;
+    for (tbl, _, quoted, names) in &tables {
+        let t = catalog::Table::require(*tbl).map_err(|e| e.to_string())?;
+        let left = count_left(&t, quoted, "pg_temp._ekm_on_rotating_key")?;
         if another_pass(job_id, *tbl, names, &left)? {
             return Ok(Step::Later);
         }
@@ -962,21 +993,27 @@ fn step(job_id: i64) -> Result<Step, String> {
 }
 
 /// How many values in each of `quoted` (identifiers quoted by PostgreSQL)
-/// the predicate function `pred` still matches in `table`: one scan.
-fn count_left(table: &str, quoted: &[String], pred: &str) -> Result<Vec<i64>, String> {
+/// the predicate function `pred` still matches in `table`: one scan, as the
+/// table's owner (security-restricted), like the batches.
+fn count_left(table: &catalog::Table, quoted: &[String], pred: &str) -> Result<Vec<i64>, String> {
     let counts = quoted
         .iter()
-        .map(|q| format!("count(*) FILTER (WHERE {pred}({q}))"))
+        .map(|q| format!("pg_catalog.count(*) FILTER (WHERE {pred}({q}))"))
         .collect::<Vec<_>>()
         .join(", ");
-    Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
-        let t = c.select(&format!("SELECT {counts} FROM {table}"), Some(1), &[])?;
-        let r = t.first();
-        (1..=quoted.len())
-            .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
-            .collect()
-    })
-    .map_err(spi_err)
+    let sql = format!("SELECT {counts} FROM {}", table.qualified);
+    let _gate = crate::fastpath::BatchGate::open(&[]);
+    table
+        .as_owner(|| {
+            Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
+                let t = c.select(&sql, Some(1), &[])?;
+                let r = t.first();
+                (1..=quoted.len())
+                    .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
+                    .collect()
+            })
+        })
+        .map_err(spi_err)
 }
 
 /// Sends the columns of `tbl` with values left (skipped locked rows, rows

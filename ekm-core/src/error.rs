@@ -46,6 +46,10 @@ pub enum EkmError {
     TooLong(usize),
     #[error("out of memory: ekm could not allocate {0} bytes")]
     OutOfMemory(usize),
+    #[error("relation with OID {0} does not exist")]
+    NoSuchTable(u32),
+    #[error("\"{name}\" is {kind}, not a table")]
+    NotATable { name: String, kind: &'static str },
     #[error("ekm internal error: {0}")]
     Internal(String),
 }
@@ -71,6 +75,8 @@ impl EkmError {
             EkmError::WrappedKeyCorrupt(_) => "XX001",
             EkmError::TooLong(_) => "54000", // program_limit_exceeded
             EkmError::OutOfMemory(_) => "53200", // out_of_memory
+            EkmError::NoSuchTable(_) => "42P01", // undefined_table
+            EkmError::NotATable { .. } => "42809", // wrong_object_type
             EkmError::Internal(_) => "XX000",
         }
     }
@@ -111,6 +117,8 @@ impl EkmError {
             EkmError::WrappedKeyCorrupt(_) => "restore ekm.key_material from a backup".into(),
             EkmError::TooLong(_) => "store values this large outside the database, or split them".into(),
             EkmError::OutOfMemory(_) => "retry with fewer or smaller values at a time".into(),
+            EkmError::NoSuchTable(_) => return None,
+            EkmError::NotATable { .. } => "ekm works on columns of ordinary and partitioned tables: name the table that holds the values".into(),
             EkmError::Internal(_) => return None,
         })
     }

@@ -33,7 +33,7 @@ SELECT try($$SELECT ekm_create_key()$$) AS app_create_key;
 SELECT try($$SELECT * FROM ekm_key_status()$$) AS app_status;
 SELECT try($$SHOW ekm.master_key_file$$) AS app_show_key_file;
 SELECT try($$SHOW ekm.master_key_command$$) AS app_show_key_command;
-SELECT count(*) AS app_sees_master_key_settings FROM pg_settings WHERE name LIKE 'ekm.master_key%';
+SELECT count(*) AS app_sees_master_key_settings FROM pg_settings WHERE name IN ('ekm.master_key_command', 'ekm.master_key_file');
 SELECT try($$SET ekm.master_key_file = '/tmp/x'$$) AS app_set_key_file;
 RESET ROLE;
 

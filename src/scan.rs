@@ -1,0 +1,167 @@
+//! Reading the values of registered columns for the caller: counts by key
+//! and class for `ekm.registered_columns`, the dry runs, `ekm_health()` and
+//! `ekm_cleanup_old_keys`. The rows are read as the table's owner in a
+//! security-restricted operation (`catalog::as_table_owner`) and classified
+//! here, in Rust: the SQL ekm runs against the table names only the table,
+//! its columns and `pg_catalog`, and no ekm function has to be executable by
+//! the table's owner.
+
+use crate::catalog::{self, Table};
+use crate::keycache;
+use ekm_core::crypto::SecretBuf;
+use ekm_core::{format, EkmError, KeyId};
+use pgrx::prelude::*;
+use std::collections::BTreeMap;
+
+type EkmResult<T> = ekm_core::Result<T>;
+
+/// Rows fetched per round trip of the cursor.
+const FETCH: i64 = 1000;
+
+/// The class of a stored value: null, plaintext, foreign (another scheme's
+/// ciphertext), malformed, unknown (a key this database does not have), or
+/// the state of the key it names.
+pub fn value_class(v: Option<&str>) -> EkmResult<&'static str> {
+    let Some(v) = v else { return Ok("null") };
+    if !format::looks_encrypted(v) {
+        return Ok(if format::looks_foreign(v) {
+            "foreign"
+        } else {
+            "plaintext"
+        });
+    }
+    let Ok(k) = format::key_of(v) else {
+        return Ok("malformed");
+    };
+    Ok(match keycache::state_of(&k.to_ref())? {
+        None => "unknown",
+        Some(s) => s.as_str(),
+    })
+}
+
+/// What one column holds.
+#[derive(Default, Debug)]
+pub struct Census {
+    /// values per class ([`value_class`])
+    pub by_class: BTreeMap<&'static str, i64>,
+    /// ekm ciphertexts per key they name (with that key's class)
+    pub by_key: BTreeMap<KeyId, (&'static str, i64)>,
+    /// values on a key that decrypts which do not open with the column's
+    /// context (bound to another context, or altered); counted only when
+    /// asked for
+    pub wrong_context: i64,
+}
+
+impl Census {
+    pub fn count(&self, classes: &[&str]) -> i64 {
+        classes
+            .iter()
+            .map(|c| self.by_class.get(c).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Whether `v` (on a key that decrypts) opens with `context`.
+fn opens_with(v: &str, context: &[u8]) -> bool {
+    let Ok(k) = format::key_of(v) else {
+        return false;
+    };
+    keycache::with_decrypt_key(&k.to_ref(), |key| {
+        let mut scratch = SecretBuf::new();
+        let bin = scratch.take(format::decoded_len(v)?)?;
+        let n = format::decode_into(v, bin)?;
+        key.open_decoded(&mut bin[..n], context).map(|_| ())
+    })
+    .is_ok()
+}
+
+/// Reads `cols` (name, context) of `t` as its owner, in one scan, and
+/// counts what they hold. With `check_context`, values on a key that
+/// decrypts are also opened with the column's context.
+pub fn census(t: &Table, cols: &[(String, String)], check_context: bool) -> EkmResult<Vec<Census>> {
+    let list = cols
+        .iter()
+        .map(|(c, _)| format!("{}::pg_catalog.text", catalog::quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("SELECT {list} FROM {}", t.qualified);
+    let mut out: Vec<Census> = cols.iter().map(|_| Census::default()).collect();
+    t.as_owner(|| {
+        Spi::connect(|c| -> EkmResult<()> {
+            let mut cursor = c.open_cursor(sql.as_str(), &[]);
+            loop {
+                let rows = cursor.fetch(FETCH).map_err(spi_err)?;
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                for row in rows {
+                    for (i, (_, context)) in cols.iter().enumerate() {
+                        let v = row.get::<&str>(i + 1).map_err(spi_err)?;
+                        let class = value_class(v)?;
+                        let n = &mut out[i];
+                        *n.by_class.entry(class).or_insert(0) += 1;
+                        if let Some(v) = v.filter(|v| format::looks_encrypted(v)) {
+                            if let Ok(k) = format::key_of(v) {
+                                n.by_key.entry(k).or_insert((class, 0)).1 += 1;
+                            }
+                            if check_context
+                                && matches!(class, "active" | "rotating")
+                                && !opens_with(v, context.as_bytes())
+                            {
+                                n.wrong_context += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    })?;
+    Ok(out)
+}
+
+fn spi_err(e: pgrx::spi::Error) -> EkmError {
+    EkmError::Internal(format!("reading the table failed: {e}"))
+}
+
+/// A column's type, and whether ekm ciphertexts can be stored in it (text
+/// or varchar); None if the relation has no such column.
+pub fn column_type(tbl: pg_sys::Oid, col: &str) -> EkmResult<Option<(String, bool)>> {
+    let (ty, is_text) = catalog::two::<String, bool>(
+        "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                a.atttypid OPERATOR(pg_catalog.=) ANY (ARRAY['pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype]::pg_catalog.oid[]) \
+         FROM pg_catalog.pg_attribute a \
+         WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name \
+           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped",
+        vec![tbl.into(), col.into()],
+    )?;
+    Ok(ty.map(|t| (t, is_text.unwrap_or(false))))
+}
+
+/// A registered column ekm can read for the caller, or why not: the table
+/// is gone or not a table, the column is gone or not text, or (with
+/// `for_caller`) the caller may not SELECT it.
+pub fn readable(tbl: pg_sys::Oid, col: &str, for_caller: bool) -> EkmResult<Result<Table, String>> {
+    let name = catalog::display_name(tbl);
+    let Some(t) = Table::lookup(tbl) else {
+        return Ok(Err(format!("the table (OID {}) no longer exists", tbl.to_u32())));
+    };
+    if !t.is_table() {
+        return Ok(Err(format!("{name} is {}, not a table", t.kind_name())));
+    }
+    match column_type(tbl, col)? {
+        None => return Ok(Err(format!("column \"{col}\" of {name} no longer exists"))),
+        Some((ty, false)) => {
+            return Ok(Err(format!(
+                "column \"{col}\" of {name} is {ty}, not text"
+            )))
+        }
+        Some(_) => {}
+    }
+    if for_caller && !catalog::caller_may_read(tbl, col)? {
+        return Ok(Err(format!(
+            "permission denied: {} may not SELECT column \"{col}\" of {name}",
+            catalog::acting_role_name()
+        )));
+    }
+    Ok(Ok(t))
+}
