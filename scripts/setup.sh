@@ -18,7 +18,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 need_pkgs=()
 PGV=$(dpkg-query -W -f='${Version}' postgresql-15 2>/dev/null || true)
 dpkg-query -W -f='${Status}' postgresql-15 2>/dev/null | grep -q 'ok installed' || need_pkgs+=(postgresql-15)
-for p in postgresql-server-dev-15 libclang-dev clang build-essential pkg-config libssl-dev sudo; do
+for p in postgresql-server-dev-15 libclang-dev clang build-essential pkg-config libssl-dev sudo qemu-user; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

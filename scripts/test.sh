@@ -48,11 +48,14 @@ run() {
 run fmt cargo fmt --all -- --check
 run clippy cargo clippy --workspace --all-targets -- -D warnings
 run core cargo test -p ekm-core
-# ekm-core's AES-GCM has an AES-NI/PCLMULQDQ path (the build's default on
-# x86_64, .cargo/config.toml) and a portable one: test the portable one too.
+# One build runs on every x86-64: the same test binaries on CPUs without
+# AES-NI, CLMUL and AVX (Nehalem) and without SSSE3 (qemu64), emulated by
+# qemu-user; EKM_EXPECT_CPU makes a test assert the CPU really lacks them.
 if [ "$(uname -m)" = x86_64 ]; then
-  run core_portable env RUSTFLAGS="-Ctarget-cpu=x86-64" CARGO_TARGET_DIR=target/portable \
-    cargo test -p ekm-core --test gcm --test crypto
+  for cpu in Nehalem qemu64; do
+    run "core_$cpu" env CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $cpu" \
+      EKM_EXPECT_CPU="$(echo "$cpu" | tr 'A-Z' 'a-z')" PROPTEST_CASES=64 cargo test -p ekm-core
+  done
 fi
 
 if [ "$(id -u)" -eq 0 ]; then

@@ -56,7 +56,12 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// and generated columns of the table then run as its owner, never with the
 /// rights of whoever runs ekm (a superuser, for the workers).
 pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    switch_identity(owner, pg_sys::SECURITY_RESTRICTED_OPERATION as i32, false, f)
+    switch_identity(
+        owner,
+        pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        false,
+        f,
+    )
 }
 
 fn switch_identity<R>(owner: pg_sys::Oid, flags: i32, keep_gucs: bool, f: impl FnOnce() -> R) -> R {

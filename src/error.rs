@@ -18,8 +18,40 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
             (*edata).hide_stmt = true;
             (*edata).hide_ctx = true;
         }
+        if !edata.is_null() {
+            hide_master_key_setting(edata);
+        }
         if let Some(prev) = PREV_EMIT_LOG_HOOK {
             prev(edata);
+        }
+    }
+}
+
+/// A configuration reload logs `parameter "X" changed to "value"` with the
+/// value from the file: for the master key settings (a command may carry a
+/// token) the line keeps the name and drops the value. Recognized by the
+/// untranslated message, so it works in every language; runs in the
+/// postmaster too, where reloads are logged.
+unsafe fn hide_master_key_setting(edata: *mut pg_sys::ErrorData) {
+    unsafe {
+        let (id, msg) = ((*edata).message_id, (*edata).message);
+        if id.is_null() || msg.is_null() {
+            return;
+        }
+        if std::ffi::CStr::from_ptr(id).to_bytes() != b"parameter \"%s\" changed to \"%s\"" {
+            return;
+        }
+        let text = std::ffi::CStr::from_ptr(msg).to_bytes();
+        for name in ["ekm.master_key_command", "ekm.master_key_file"] {
+            let quoted = format!("\"{name}\"");
+            if text.windows(quoted.len()).any(|w| w == quoted.as_bytes()) {
+                let hidden = std::ffi::CString::new(format!(
+                    "parameter {quoted} changed (its value is not logged)"
+                ))
+                .expect("no NUL");
+                (*edata).message = pg_sys::pstrdup(hidden.as_ptr());
+                return;
+            }
         }
     }
 }

@@ -34,6 +34,10 @@ struct Cache {
     owner: pg_sys::Oid,
     /// index of the entry `find` returned last
     last: usize,
+    /// statement (its start time) that last reloaded to retry a key whose
+    /// material had failed to unwrap: at most one retry per statement, so
+    /// a scan over many values on such a key does not reload for each
+    last_retry: i64,
 }
 
 thread_local! {
@@ -148,18 +152,26 @@ impl Cache {
     /// that use other keys pay nothing.
     fn find_usable(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<usize> {
         let i = self.find(key_ref)?;
-        if failed(&self.entries[i]) {
+        if failed(&self.entries[i]) && self.may_retry() {
             self.reload()?;
             return self.find(key_ref);
         }
         Ok(i)
     }
 
+    /// Whether this statement has not yet reloaded to retry a failed key
+    /// (and, if so, that it now does).
+    fn may_retry(&mut self) -> bool {
+        let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+        std::mem::replace(&mut self.last_retry, stmt) != stmt
+    }
+
     /// The active key's entry, loading once more if there is none or its
     /// material failed to unwrap at the last load.
     fn active_usable(&mut self) -> Result<usize> {
         self.fresh()?;
-        if self.active.is_none_or(|a| failed(&self.entries[a])) {
+        let retry = self.active.is_some_and(|a| failed(&self.entries[a])) && self.may_retry();
+        if self.active.is_none() || retry {
             // e.g. a key was activated but this backend loaded before the commit
             self.reload()?;
         }
@@ -316,7 +328,8 @@ pub fn with_rotation<R>(
         let Some(mut i) = c.rotating(key_ref)? else {
             return Ok(None);
         };
-        if c.active.is_none_or(|a| failed(&c.entries[a])) || failed(&c.entries[i]) {
+        let failing = c.active.is_some_and(|a| failed(&c.entries[a])) || failed(&c.entries[i]);
+        if c.active.is_none() || (failing && c.may_retry()) {
             c.reload()?;
             // looked up again after the reload (which reorders the entries):
             // find reloads no further once the key is found, so the index,

@@ -403,27 +403,29 @@ fn check_master_key(owner: pg_sys::Oid) -> EkmResult<HealthRow> {
             }
         }
     }
-    Ok(if bad.is_empty() && gucs::master_key_source() == gucs::MasterKeySource::DevDefault {
-        row(
+    Ok(
+        if bad.is_empty() && gucs::master_key_source() == gucs::MasterKeySource::DevDefault {
+            row(
             "master_key",
             "warning",
             format!(
                 "the DEVELOPMENT DEFAULT key ({source}) unwraps all {n} keys with material, but it sits beside the data it protects and base backups copy it: set ekm.master_key_command or ekm.master_key_file"
             ),
         )
-    } else if bad.is_empty() {
-        row(
-            "master_key",
-            "ok",
-            format!("loaded from {source}; unwraps all {n} keys with material"),
-        )
-    } else {
-        row("master_key", "failed", format!(
+        } else if bad.is_empty() {
+            row(
+                "master_key",
+                "ok",
+                format!("loaded from {source}; unwraps all {n} keys with material"),
+            )
+        } else {
+            row("master_key", "failed", format!(
             "loaded from {source}, but {} of {n} keys do not unwrap under it: {}; configure the master key they were wrapped with",
             bad.len(),
             bad.join("; ")
         ))
-    })
+        },
+    )
 }
 
 fn check_active_key() -> EkmResult<HealthRow> {
@@ -818,7 +820,14 @@ fn encrypt_column_as_caller(
             .unwrap_or_default();
         let (p, e, f, n, x) = (
             n.count(&["plaintext"]),
-            n.count(&["active", "rotating", "retired", "created", "destroyed", "unknown"]),
+            n.count(&[
+                "active",
+                "rotating",
+                "retired",
+                "created",
+                "destroyed",
+                "unknown",
+            ]),
             n.count(&["foreign", "malformed"]),
             n.count(&["null"]),
             n.wrong_context,

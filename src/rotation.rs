@@ -93,7 +93,12 @@ pub(crate) fn register(tbl: pg_sys::Oid, col: &str, context: &str) -> EkmResult<
     catalog::with_safe_search_path(|| register_as_caller(tbl, col, context, &name))
 }
 
-pub(crate) fn register_as_caller(tbl: pg_sys::Oid, col: &str, context: &str, name: &str) -> EkmResult<String> {
+pub(crate) fn register_as_caller(
+    tbl: pg_sys::Oid,
+    col: &str,
+    context: &str,
+    name: &str,
+) -> EkmResult<String> {
     // Only ordinary and partitioned tables (42809 for a view, ...).
     catalog::Table::require(tbl)?;
     // As the caller: the column must exist, hold text, and be theirs to update.
@@ -435,7 +440,16 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
                 let t = match crate::scan::readable(*oid, col, true)? {
                     Ok(t) => t,
                     Err(why) => {
-                        out.push((None, tname.clone(), col.clone(), None, None, None, None, Some(format!("not checked: {why}"))));
+                        out.push((
+                            None,
+                            tname.clone(),
+                            col.clone(),
+                            None,
+                            None,
+                            None,
+                            None,
+                            Some(format!("not checked: {why}")),
+                        ));
                         continue;
                     }
                 };

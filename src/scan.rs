@@ -143,7 +143,10 @@ pub fn column_type(tbl: pg_sys::Oid, col: &str) -> EkmResult<Option<(String, boo
 pub fn readable(tbl: pg_sys::Oid, col: &str, for_caller: bool) -> EkmResult<Result<Table, String>> {
     let name = catalog::display_name(tbl);
     let Some(t) = Table::lookup(tbl) else {
-        return Ok(Err(format!("the table (OID {}) no longer exists", tbl.to_u32())));
+        return Ok(Err(format!(
+            "the table (OID {}) no longer exists",
+            tbl.to_u32()
+        )));
     };
     if !t.is_table() {
         return Ok(Err(format!("{name} is {}, not a table", t.kind_name())));
@@ -151,9 +154,7 @@ pub fn readable(tbl: pg_sys::Oid, col: &str, for_caller: bool) -> EkmResult<Resu
     match column_type(tbl, col)? {
         None => return Ok(Err(format!("column \"{col}\" of {name} no longer exists"))),
         Some((ty, false)) => {
-            return Ok(Err(format!(
-                "column \"{col}\" of {name} is {ty}, not text"
-            )))
+            return Ok(Err(format!("column \"{col}\" of {name} is {ty}, not text")))
         }
         Some(_) => {}
     }

@@ -767,7 +767,10 @@ fn step(job_id: i64) -> Result<Step, String> {
                         Spi::connect_mut(|c| {
                             if p.as_ref().map(|(s, _)| s != &sql).unwrap_or(true) {
                                 let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
-                                *p = Some((sql.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
+                                *p = Some((
+                                    sql.clone(),
+                                    c.prepare_mut(sql.as_str(), &types)?.keep(),
+                                ));
                             }
                             c.update(&p.as_ref().expect("prepared").1, None, &args)?;
                             Ok(())

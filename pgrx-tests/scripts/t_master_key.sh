@@ -76,10 +76,47 @@ check_match "command printing garbage" "$(DB=filedb qerr "SELECT ekm_decrypt('$c
 q "ALTER SYSTEM SET ekm.master_key_command = 'cat $kdir/mk1'" >/dev/null; reload
 check "back to the right key: everything decrypts" "$(DB=filedb q "SELECT ekm_decrypt('$ct1')")" "file secret"
 
+# 5b. The command's text is never shown: not to pg_monitor (which has
+#     pg_read_all_settings), not even to a superuser.
+q "ALTER SYSTEM SET ekm.master_key_command = 'cat $kdir/mk1; : token=CMD-TOKEN-9137'" >/dev/null; reload
+q "DROP ROLE IF EXISTS ekm_mon; CREATE ROLE ekm_mon LOGIN IN ROLE pg_monitor" >/dev/null
+mon() { cpsql "$dir" "$port" -d postgres -U ekm_mon -At -q -c "$1" 2>&1; }
+check "pg_monitor: SHOW ekm.master_key_command is (hidden)" "$(mon "SHOW ekm.master_key_command")" "(hidden)"
+check "pg_monitor: current_setting() is (hidden)" "$(mon "SELECT current_setting('ekm.master_key_command')")" "(hidden)"
+check "pg_monitor: pg_settings does not list the key settings" "$(mon "SELECT count(*) FROM pg_settings WHERE name IN ('ekm.master_key_command', 'ekm.master_key_file')")" 0
+check "pg_monitor: SHOW ALL does not list them" "$(mon "SHOW ALL" | grep -cE '^ekm\.master_key_(command|file)\|')" 0
+check "superuser: SHOW ekm.master_key_command is (hidden) too" "$(q "SHOW ekm.master_key_command")" "(hidden)"
+check "an unset key file shows empty" "$(q "SHOW ekm.master_key_file")" ""
+check "the command with a token still works" "$(DB=filedb q "SELECT ekm_decrypt('$ct1')")" "file secret"
+# A command that hangs is stopped at ekm.master_key_command_timeout, with
+# everything it started; a statement cancel stops it too.
+q "ALTER SYSTEM SET ekm.master_key_command_timeout = 1" >/dev/null
+q "ALTER SYSTEM SET ekm.master_key_command = 'sleep 31.25; cat $kdir/mk1'" >/dev/null; reload
+t0=$(date +%s%N)
+check_match "a hanging command times out" "$(DB=filedb qerr "SELECT ekm_decrypt('$ct1')")" '^ERROR:  58000: ekm master key is not available: ekm.master_key_command did not finish within ekm.master_key_command_timeout \(1 s\) and was stopped'
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+check_match "within about the timeout (${ms} ms)" "$(( ms < 5000 ))" '^1$'
+check "nothing it started is left running" "$(pgrep -c -f 'sleep 31.25')" 0
+q "ALTER SYSTEM SET ekm.master_key_command_timeout = 60" >/dev/null; reload
+t0=$(date +%s%N)
+check_match "a statement cancel stops the command" "$(DB=filedb qerr "SET statement_timeout = '700ms'; SELECT ekm_decrypt('$ct1')")" '^ERROR:  57014: canceling statement due to statement timeout'
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+check_match "at once (${ms} ms)" "$(( ms < 5000 ))" '^1$'
+check "and nothing it started is left running" "$(pgrep -c -f 'sleep 31.25')" 0
+# A failure is not remembered: the same session succeeds once the cause is fixed.
+q "ALTER SYSTEM SET ekm.master_key_command = 'exit 4'" >/dev/null; reload
+same_session=$(cpsql "$dir" "$port" -d filedb -At -q -v ON_ERROR_STOP=0 \
+  -c "SELECT ekm_decrypt('$ct1')" \
+  -c "ALTER SYSTEM SET ekm.master_key_command = 'cat $kdir/mk1'" -c "SELECT pg_reload_conf()" -c "SELECT pg_sleep(1)" \
+  -c "SELECT ekm_decrypt('$ct1')" 2>&1 | grep -v -e '^t$' -e '^$' -e '^HINT:' | sed -E 's/^ERROR: +//' | tr '\n' '|')
+check_match "one session: the failed command, then (after the fix) the plaintext" "$same_session" '^ekm master key is not available: ekm.master_key_command failed \(exit status: 4\)\|file secret\|$'
+q "ALTER SYSTEM RESET ekm.master_key_command_timeout" >/dev/null; reload
+
 # 6. Nothing secret in the log: no master key, no plaintext of a failed statement.
 DB=filedb qerr "SELECT ekm_decrypt(ekm_encrypt('PLAINTEXT-MARKER-42', 'a'), 'b')" >/dev/null
 check_match "the failed statement's error is logged" "$(grep -c 'could not be authenticated' "$dir/server.log")" '^[1-9]'
-for secret in "$devkey" "$mk1" "$mk2" "$(cat "$kdir/mk1.b64")" PLAINTEXT-MARKER-42; do
+check_match "a reload logs that the command changed, without its text" "$(grep -c 'parameter "ekm.master_key_command" changed (its value is not logged)' "$dir/server.log")" '^[1-9]'
+for secret in "$devkey" "$mk1" "$mk2" "$(cat "$kdir/mk1.b64")" PLAINTEXT-MARKER-42 CMD-TOKEN-9137; do
   check "log never holds ${secret:0:6}…" "$(grep -c -- "$secret" "$dir/server.log")" 0
 done
 cluster_stop "$dir"

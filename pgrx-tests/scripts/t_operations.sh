@@ -18,7 +18,12 @@ cleanup() {
   cluster_stop "$dir" immediate >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "ekm.auto_rotate_naptime = 1" || exit 1
+# A master key file, as in production (the development default is a health warning).
+mkdir_mk=/tmp/ekm-operations-mk; rm -rf "$mkdir_mk"; mkdir -p "$mkdir_mk"
+MK=$mkdir_mk/master.key
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$MK"; chmod 600 "$MK"
+[ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$mkdir_mk"
+cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "ekm.auto_rotate_naptime = 1" "ekm.master_key_file = '$MK'" || exit 1
 q() { local db=$1; shift; cpsql "$dir" "$port" -d "$db" -At -q -c "$1" 2>&1; }
 qerr() { cpsql "$dir" "$port" -d "$1" -At -q -v VERBOSITY=verbose -c "$2" 2>&1 | grep -E '^ERROR' | head -n 1 | sed -E 's/key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}/key_X/g'; }
 wait_job() { cpsql "$dir" "$port" -d "$1" -At -q -c "SELECT state FROM ekm_rotation_wait($2, $3)" 2>/dev/null; }
@@ -245,7 +250,7 @@ check_match "a wrong master key is reported" "$(health master_key):$(health_deta
 check "the round trip fails with it" "$(health round_trip)" failed
 check_match "the one-line status" "$(q app "SELECT ekm_health_status()")" '^failed: master_key, .*round_trip'
 check "no key material in the health report" "$(q app "SELECT count(*) FROM ekm_health() WHERE detail ILIKE '%$(cat "$kdir/wrong")%'")" 0
-resetconf ekm.master_key_file
+setconf ekm.master_key_file "$MK"
 check "with the right master key it passes again" "$(health master_key):$(health round_trip)" "ok:ok"
 # too many keys that decrypt, left rotating by hand
 for _ in 1 2 3 4 5 6; do q app "SELECT ekm_activate_key(ekm_create_key())" >/dev/null; done
@@ -319,6 +324,28 @@ check "encryption counts survive a restart" "$(( $(q app "SELECT encryptions FRO
 
 # 6. Automatic rotation.
 q other "CREATE TABLE t (v text); INSERT INTO t VALUES (ekm_encrypt('x')); SELECT ekm_register_column('t', 'v')" >/dev/null
+# A registered table whose owner planted a trigger that tries to make itself
+# superuser: with automatic rotation no DBA acts, and the worker is a
+# superuser. The trigger must run as the table's owner.
+q app "DROP ROLE IF EXISTS ekm_ops_owner; CREATE ROLE ekm_ops_owner IN ROLE ekm_user;
+       CREATE SCHEMA hostile AUTHORIZATION ekm_ops_owner" >/dev/null
+q app "SET ROLE ekm_ops_owner;
+       CREATE TABLE hostile.t (id int PRIMARY KEY, v text);
+       CREATE TABLE hostile.log (who name, superuser boolean, escalated boolean);
+       GRANT INSERT ON hostile.log TO PUBLIC;
+       CREATE FUNCTION hostile.trg() RETURNS trigger LANGUAGE plpgsql AS \$\$
+       BEGIN
+         BEGIN
+           EXECUTE 'ALTER ROLE ekm_ops_owner SUPERUSER';
+           INSERT INTO hostile.log SELECT current_user, rolsuper, true FROM pg_roles WHERE rolname = current_user;
+         EXCEPTION WHEN OTHERS THEN
+           INSERT INTO hostile.log SELECT current_user, rolsuper, false FROM pg_roles WHERE rolname = current_user;
+         END;
+         RETURN NEW;
+       END \$\$;
+       CREATE TRIGGER hostile BEFORE UPDATE ON hostile.t FOR EACH ROW EXECUTE FUNCTION hostile.trg();
+       INSERT INTO hostile.t SELECT g, ekm_encrypt('h' || g) FROM generate_series(1, 10) g" >/dev/null
+q app "SELECT ekm_register_column('hostile.t', 'v')" >/dev/null
 n_app=$(jobs); n_other=$(q other "SELECT count(*) FROM ekm.rotation_job")
 setconf ekm.rotation_due_age_days 0
 sleep 3
@@ -330,6 +357,11 @@ auto=$(q app "SELECT job_id FROM ekm.rotation_job WHERE requested_by = 'ekm auto
 check_match "on: the launcher starts a rotation when the key is due" "$auto" '^[0-9]+$'
 check "the automatic rotation finishes" "$(wait_job app "$auto" 300)" done
 check "it is audited like a manual one" "$(q app "SELECT detail->>'automatic' FROM ekm.audit_log WHERE event = 'rotation_started' AND detail->>'job_id' = '$auto'")" true
+check "the hostile trigger ran during the automatic rotation, as the table's owner, not a superuser" \
+  "$(q app "SELECT string_agg(DISTINCT who || ':' || superuser || ':' || escalated, ',') FROM hostile.log")" "ekm_ops_owner:false:false"
+check "its owner did not become superuser" "$(q app "SELECT rolsuper FROM pg_roles WHERE rolname = 'ekm_ops_owner'")" f
+check "the hostile table's values moved to the new key" \
+  "$(q app "SELECT count(*) FROM hostile.t WHERE ekm_key_id(v) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_decrypt(v) = 'h' || id")" 10
 resetconf ekm.rotation_due_age_days
 sleep 1; n_app=$(jobs); sleep 3
 check "not due: no further rotation" "$(jobs)" "$n_app"
