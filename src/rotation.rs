@@ -149,7 +149,7 @@ pub(crate) fn register_as_caller(
         catalog::audit(
             "column_registered",
             None,
-            &catalog::json_object(&[("table", &name), ("column", col), ("context", context)]),
+            &catalog::json_object(&[("table", name), ("column", col), ("context", context)]),
         )?;
         Ok(format!("registered {name}.{col}"))
     })
