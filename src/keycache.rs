@@ -57,9 +57,36 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys
     }
 }
 
+/// Set when the cache was loaded in a transaction that reads with one
+/// snapshot for its whole life (REPEATABLE READ, SERIALIZABLE): the state it
+/// read may predate a key change that committed meanwhile (the invalidation
+/// arrived, the reload still saw the old state). Such a load serves only
+/// until its transaction ends; the next transaction loads again.
+static LOADED_UNDER_XACT_SNAPSHOT: AtomicBool = AtomicBool::new(false);
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PREPARE
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_PARALLEL_ABORT
+    ) && LOADED_UNDER_XACT_SNAPSHOT.swap(false, Ordering::Relaxed)
+    {
+        STALE.store(true, Ordering::Relaxed);
+    }
+}
+
 pub fn init() {
     unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0))
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0));
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
     };
 }
 
@@ -82,6 +109,9 @@ impl Cache {
     fn reload(&mut self) -> Result<()> {
         // Cleared first: an invalidation that arrives while we read marks it again.
         STALE.store(false, Ordering::Relaxed);
+        if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            LOADED_UNDER_XACT_SNAPSHOT.store(true, Ordering::Relaxed);
+        }
         let r = (|| {
             let (relid, owner) = catalog::key_table()?;
             KEY_RELID.store(relid.to_u32(), Ordering::Relaxed);
