@@ -76,20 +76,27 @@ CREATE TABLE ekm.registered_column (
     context       text NOT NULL DEFAULT '',
     registered_at timestamptz NOT NULL DEFAULT now(),
     registered_by name NOT NULL DEFAULT current_user,
+    -- set for the partitions (and inheritance children) of a registered
+    -- table, which ekm registers with it: NULL for a table registered itself
+    parent        regclass,
     PRIMARY KEY (tbl, col)
 );
-COMMENT ON TABLE ekm.registered_column IS 'Columns ekm_rotate() keeps on the active key, with the context their values are bound to.';
+COMMENT ON TABLE ekm.registered_column IS 'Columns ekm_rotate() keeps on the active key, with the context their values are bound to; partitions of a registered table are registered with it (parent).';
 
 CREATE TABLE ekm.rotation_job (
     job_id       bigserial PRIMARY KEY,
     -- rotate: values on rotating keys move to the active key (ekm_rotate);
     -- rollback: the same, after the previous key became active again (ekm_rollback);
     -- encrypt: plaintext values of one column are encrypted (ekm_encrypt_column)
-    kind         text NOT NULL DEFAULT 'rotate' CHECK (kind IN ('rotate', 'rollback', 'encrypt')),
+    -- scan: every text-like column of the database is searched for ciphertexts (ekm_scan_database)
+    kind         text NOT NULL DEFAULT 'rotate' CHECK (kind IN ('rotate', 'rollback', 'encrypt', 'scan')),
     from_key     text,          -- NULL for encrypt (plaintext)
     to_key       text NOT NULL,
+    -- needs_attention: the passes are over but values could not be moved
+    -- (ekm.rotation_problem); the old keys stay rotating until they are fixed
+    -- and the job is resumed
     state        text NOT NULL DEFAULT 'running'
-                 CHECK (state IN ('running', 'cancelled', 'failed', 'done')),
+                 CHECK (state IN ('running', 'cancelled', 'needs_attention', 'failed', 'done')),
     batch_size   int NOT NULL CHECK (batch_size > 0),
     requested_by name NOT NULL,
     switched_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -103,9 +110,11 @@ CREATE TABLE ekm.rotation_job (
     -- older than the key switch); NULL while it makes progress
     waiting_for  text
 );
--- At most one unfinished job per database.
+-- At most one unfinished job per database (scans of the database run beside them).
 CREATE UNIQUE INDEX rotation_job_one_unfinished ON ekm.rotation_job ((true))
-    WHERE state IN ('running', 'cancelled');
+    WHERE state IN ('running', 'cancelled', 'needs_attention') AND kind <> 'scan';
+CREATE UNIQUE INDEX rotation_job_one_scan ON ekm.rotation_job ((true))
+    WHERE state IN ('running', 'cancelled') AND kind = 'scan';
 
 CREATE TABLE ekm.rotation_cursor (
     job_id          bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
@@ -123,7 +132,35 @@ CREATE TABLE ekm.rotation_cursor (
     PRIMARY KEY (job_id, tbl, col)
 );
 
+-- Values a job could not move (wrong context, altered, on a key that does
+-- not decrypt): the job ends needs_attention instead of failing, and says
+-- where they are.
+CREATE TABLE ekm.rotation_problem (
+    job_id   bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
+    tbl      regclass NOT NULL,
+    col      name NOT NULL,
+    row_ref  text NOT NULL,      -- the primary key, as (col)=(value), or the ctid
+    key_id   text,
+    reason   text NOT NULL,
+    found_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, tbl, col, row_ref)
+);
+
+-- What the last scans of the database found: ekm ciphertexts per table,
+-- column and key, registered or not (ekm_scan_database).
+CREATE TABLE ekm.ciphertext_scan (
+    job_id     bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
+    tbl        regclass NOT NULL,
+    col        name NOT NULL,
+    key_id     text NOT NULL,
+    values     bigint NOT NULL,
+    scanned_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, tbl, col, key_id)
+);
+
 SELECT pg_catalog.pg_extension_config_dump('ekm.registered_column', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_problem', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.ciphertext_scan', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job_job_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_cursor', '');

@@ -71,7 +71,8 @@ COMMENT ON VIEW ekm.registered_columns IS 'Registered columns with the number of
 CREATE VIEW ekm.rotation_progress AS
 SELECT j.job_id, j.kind, c.tbl AS table_name, c.col AS column_name, j.from_key, j.to_key,
        c.rows_done, greatest(c.rows_total, c.rows_done) AS rows_total,
-       CASE WHEN c.state = 'done' THEN 100.0
+       -- only goes up: a later pass (values moved behind the first one) stays at 99.9
+       CASE WHEN c.state = 'done' THEN 100.0 WHEN c.passes > 1 THEN 99.9
             ELSE round(least(99.9, 100.0 * c.next_block / greatest(c.blocks_total, 1))::numeric, 1) END AS percent,
        r.rows_per_second,
        CASE WHEN j.state = 'running' AND c.state <> 'done' AND r.rows_per_second > 0

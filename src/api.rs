@@ -152,6 +152,9 @@ pub fn activate(key_id: &str) -> EkmResult<String> {
     let id = KeyId::parse(key_id)?;
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || -> EkmResult<()> {
+        // waits for a rotation's final step (its check and retire see one
+        // set of keys), and for other key changes
+        crate::rotation::lock_key_changes()?;
         let state: Option<String> = catalog::one_mut(
             "SELECT rotation_status FROM ekm.key WHERE key_id = $1 FOR UPDATE",
             vec![id.to_string().into()],

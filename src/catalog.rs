@@ -244,6 +244,14 @@ pub fn quote_ident(name: &str) -> String {
         .into_owned()
 }
 
+/// A literal quoted for SQL text, as PostgreSQL's `quote_literal` does.
+pub fn quote_literal(s: &str) -> String {
+    let c = std::ffi::CString::new(s).unwrap_or_default();
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_literal_cstr(c.as_ptr())) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Whether the role that called ekm may SELECT column `col` of `tbl`.
 pub fn caller_may_read(tbl: pg_sys::Oid, col: &str) -> Result<bool> {
     let role = ACTING_ROLE

@@ -228,6 +228,35 @@ v1_finfo!(pg_finfo_ekm_on_rotating_key_v1);
 v1_finfo!(pg_finfo_ekm_rotate_value_v1);
 v1_finfo!(pg_finfo_ekm_encrypt_plain_v1);
 v1_finfo!(pg_finfo_ekm_is_plaintext_v1);
+v1_finfo!(pg_finfo_ekm_left_v1);
+
+/// `pg_temp._ekm_left(value text, context text) -> int` (STRICT), for a
+/// rotation's check: 0 if the value is not on a rotating key, 1 if it is and
+/// can be moved (it opens with `context`), 2 if it is but cannot be (it does
+/// not open: bound to another context, altered, malformed).
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ekm_left_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        let ctx = context_arg(fcinfo);
+        check_gate(Some(ctx));
+        if !on_rotating_key(v) {
+            return pg_sys::Datum::from(0i32);
+        }
+        let opens = std::str::from_utf8(v).ok().and_then(|s| {
+            let k = format::key_of(s).ok()?;
+            keycache::with_decrypt_key(&k.to_ref(), |key| {
+                let mut scratch = SecretBuf::new();
+                let bin = scratch.take(format::decoded_len(s)?)?;
+                let n = format::decode_into(s, bin)?;
+                key.open_decoded(&mut bin[..n], ctx).map(|_| ())
+            })
+            .ok()
+        });
+        pg_sys::Datum::from(if opens.is_some() { 1i32 } else { 2i32 })
+    }
+}
 
 /// `pg_temp._ekm_is_plaintext(value text) -> bool` (STRICT): what a column
 /// encryption moves (not an ekm ciphertext, not another scheme's).
@@ -290,6 +319,13 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
                 pg_sys::Datum::from(out)
             }
             Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+            // A value that does not open with the column's context (bound
+            // to another one, altered) or is malformed stays as it is: the
+            // job's check records it in ekm.rotation_problem and the job
+            // ends needs_attention instead of failing at the first one.
+            Err(EkmError::AuthenticationFailed(_) | EkmError::Malformed(_)) => {
+                pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0)
+            }
             Err(e) => raise(e),
         }
     }

@@ -21,6 +21,7 @@ static AUTO_ROTATE_DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 static AUTO_ROTATE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 static MASTER_KEY_COMMAND_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+static DEBUG_PAUSE_POINTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// What `SHOW`, `current_setting()` and every other reader of a master key
 /// setting see: `(hidden)` when it is set, nothing when it is not.
@@ -175,6 +176,14 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_bool_guc(
+        c"ekm.debug_pause_points",
+        c"For tests: rotation workers wait at named protocol steps while a session holds that step's advisory lock.",
+        c"See docs/design.md (pause points). Off in production.",
+        &DEBUG_PAUSE_POINTS,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"ekm".as_ptr()) };
 }
 
@@ -200,6 +209,10 @@ pub fn master_key_source() -> MasterKeySource {
     } else {
         MasterKeySource::DevDefault
     }
+}
+
+pub fn debug_pause_points() -> bool {
+    DEBUG_PAUSE_POINTS.get()
 }
 
 pub fn master_key_command_timeout() -> std::time::Duration {

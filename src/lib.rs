@@ -15,6 +15,7 @@ mod gucs;
 mod keycache;
 mod masterkey;
 mod ops;
+mod protocol;
 mod rotation;
 mod scan;
 mod shmem;

@@ -516,11 +516,20 @@ fn check_jobs() -> EkmResult<HealthRow> {
         "SELECT j.job_id, j.state, EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
                    AND l.classid = $1::oid AND l.objid = j.job_id::oid AND l.objsubid = 2) \
-         FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled')",
+         FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled', 'needs_attention') AND j.kind <> 'scan'",
         vec![(crate::worker::JOB_LOCK_CLASS as i64).into()],
     )?;
     if let (Some(j), Some(state), Some(alive)) = r {
-        return Ok(if state == "cancelled" {
+        return Ok(if state == "needs_attention" {
+            let n = catalog::one::<i64>(
+                "SELECT count(*) FROM ekm.rotation_problem WHERE job_id = $1",
+                vec![j.into()],
+            )?
+            .unwrap_or(0);
+            row("rotation_jobs", "failed", format!(
+                "job {j} needs attention: {n} values could not be moved and the old keys stay rotating (SELECT * FROM ekm.rotation_problem WHERE job_id = {j}); fix them, then SELECT ekm_rotation_resume({j})"
+            ))
+        } else if state == "cancelled" {
             row("rotation_jobs", "warning", format!(
                 "job {j} was cancelled before it finished; values stay decryptable: SELECT ekm_rotation_resume({j})"
             ))

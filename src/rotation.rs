@@ -70,6 +70,13 @@ fn column_key_counts(tbl: pg_sys::Oid, col: &str) -> EkmResult<Vec<KeyCountRow>>
         Ok(t) => t,
         Err(why) => return Ok(vec![(None, format!("not checked: {why}"), None)]),
     };
+    if t.kind == 'p' {
+        return Ok(vec![(
+            None,
+            "partitioned table: its partitions are listed with their values".into(),
+            None,
+        )]);
+    }
     let n = crate::scan::census(&t, &[(col.to_string(), String::new())], false)?
         .pop()
         .unwrap_or_default();
@@ -129,12 +136,24 @@ pub(crate) fn register_as_caller(
     }
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || {
+        // waits for a rotation's final step: a column is covered by the job
+        // if it is registered before that step, and by none if after
+        lock_key_changes()?;
         let existing = catalog::one::<String>(
             "SELECT context FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2",
             vec![tbl.into(), col.into()],
         )?;
+        let parent = catalog::one::<String>(
+            "SELECT parent::text FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2 AND parent IS NOT NULL",
+            vec![tbl.into(), col.into()],
+        )?;
         match existing {
-            Some(c) if c == context => return Ok(format!("{name}.{col} is already registered")),
+            Some(c) if c == context => {
+                return Ok(match parent {
+                    Some(p) => format!("{name}.{col} is already registered, as a partition of {p}"),
+                    None => format!("{name}.{col} is already registered"),
+                })
+            }
             Some(_) => raise_with(
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
                 format!("column \"{col}\" of {name} is already registered with another context"),
@@ -142,10 +161,26 @@ pub(crate) fn register_as_caller(
             ),
             None => {}
         }
+        // Its partitions (and inheritance children) are registered with
+        // it: one registered directly with another context is a conflict.
+        if let Some(other) = catalog::one::<String>(
+            "WITH RECURSIVE tree AS (SELECT inhrelid AS rel FROM pg_catalog.pg_inherits WHERE inhparent = $1 \
+                                     UNION SELECT i.inhrelid FROM tree t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.rel) \
+             SELECT r.tbl::text FROM ekm.registered_column r JOIN tree t ON t.rel = r.tbl \
+             WHERE r.col = $2 AND r.context <> $3 LIMIT 1",
+            vec![tbl.into(), col.into(), context.into()],
+        )? {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("column \"{col}\" of {other}, a partition of {name}, is registered with another context"),
+                Some(format!("partitions are registered with their table: unregister {other}.{col} first, or register {name} with the same context")),
+            );
+        }
         catalog::exec(
             "INSERT INTO ekm.registered_column (tbl, col, context, registered_by) VALUES ($1::regclass, $2, $3, $4)",
             vec![tbl.into(), col.into(), context.into(), catalog::acting_role_name().into()],
         )?;
+        sync_partitions()?;
         catalog::audit(
             "column_registered",
             None,
@@ -158,8 +193,9 @@ pub(crate) fn register_as_caller(
 fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || {
+        lock_key_changes()?;
         if let Some(j) = catalog::one::<i64>(
-            "SELECT job_id FROM ekm.rotation_job WHERE state IN ('running', 'cancelled')",
+            "SELECT job_id FROM ekm.rotation_job WHERE state IN ('running', 'cancelled', 'needs_attention') AND kind <> 'scan'",
             vec![],
         )? {
             raise_with(
@@ -173,8 +209,20 @@ fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
         let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
             .map_err(internal)?
             .unwrap_or_default();
+        if let Some(parent) = catalog::one::<String>(
+            "SELECT parent::text FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2 AND parent IS NOT NULL",
+            vec![tbl.into(), col.into()],
+        )? {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("column \"{col}\" of {name} is registered as a partition of {parent}"),
+                Some(format!("partitions are registered with their table: SELECT ekm_unregister_column('{parent}', '{col}')")),
+            );
+        }
+        // the table's own registration and those of its partitions
         let n = catalog::one_mut::<i64>(
-            "WITH d AS (DELETE FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2 RETURNING 1) SELECT count(*) FROM d",
+            "WITH d AS (DELETE FROM ekm.registered_column WHERE (tbl = $1::regclass OR parent = $1::regclass) AND col = $2 \
+                        RETURNING parent) SELECT count(*) FILTER (WHERE parent IS NULL) FROM d",
             vec![tbl.into(), col.into()],
         )?
         .unwrap_or(0);
@@ -256,7 +304,9 @@ pub(crate) fn lock_key_changes() -> EkmResult<()> {
 /// Refuses while a job runs. A cancelled job is refused too unless `force`,
 /// in which case it is marked failed, superseded by `by`. As the owner.
 pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
-    let Some((j, state)) = first_job("WHERE state IN ('running', 'cancelled')")? else {
+    let Some((j, state)) =
+        first_job("WHERE state IN ('running', 'cancelled', 'needs_attention') AND kind <> 'scan'")?
+    else {
         return Ok(());
     };
     if state == "running" {
@@ -266,10 +316,15 @@ pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
             Some(format!("follow it with SELECT * FROM ekm.rotation_progress or SELECT ekm_rotation_wait({j}); stop it with SELECT ekm_rotation_cancel({j})")),
         );
     }
+    let how = if state == "needs_attention" {
+        "needs attention: some values could not be moved (SELECT * FROM ekm.rotation_problem)"
+    } else {
+        "was cancelled before it finished"
+    };
     if !force {
         raise_with(
             PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
-            format!("rotation job {j} was cancelled before it finished"),
+            format!("rotation job {j} {how}"),
             Some(format!(
                 "finish it with SELECT ekm_rotation_resume({j}), or start {by} with force => true"
             )),
@@ -280,7 +335,7 @@ pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
         vec![j.into(), format!("superseded by {by}").into()],
     )?;
     pgrx::notice!(
-        "ekm: cancelled job {j} is superseded by {by}; its values are on keys that still decrypt and the new job moves them"
+        "ekm: unfinished job {j} ({state}) is superseded by {by}; its values are on keys that still decrypt and the new job moves them"
     );
     Ok(())
 }
@@ -340,54 +395,8 @@ pub(crate) fn start_job(
         vec![kind.into(), from_key.into(), to_key.into(), batch_size.into(), requested_by.into()],
     )?
     .expect("returning");
-    let (tbl, col) = only.map_or((None, None), |(t, c)| (Some(t), Some(c.to_string())));
-    catalog::exec(
-        "INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
-         SELECT $1, r.tbl, r.col, r.context, \
-                pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
-                greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int), \
-                greatest(c.reltuples, 0)::bigint \
-         FROM ekm.registered_column r JOIN pg_class c ON c.oid = r.tbl \
-         WHERE ($3::oid IS NULL OR (r.tbl = $3::oid AND r.col = $4))",
-        vec![job.into(), batch_size.into(), tbl.into(), col.into()],
-    )?;
-    // Tables never analyzed (reltuples < 0) have no row density: sample the
-    // first blocks, or a batch would span batch_size blocks instead of rows.
-    let unknown = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i64)>> {
-        let mut v = Vec::new();
-        for r in c.select(
-            "SELECT DISTINCT c.tbl::oid, c.blocks_total FROM ekm.rotation_cursor c JOIN pg_class p ON p.oid = c.tbl \
-             WHERE c.job_id = $1 AND p.reltuples < 0 AND c.blocks_total > 0",
-            None,
-            &[job.into()],
-        )? {
-            v.push((r.get::<pg_sys::Oid>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0)));
-        }
-        Ok(v)
-    })
-    .map_err(internal)?;
-    for (t, blocks) in unknown {
-        let sample = blocks.min(32);
-        // read as the table's owner, like every statement on an application table
-        let table = catalog::Table::require(t)?;
-        let rows = table
-            .as_owner(|| {
-                catalog::one::<i64>(
-                    &format!(
-                        "SELECT pg_catalog.count(*) FROM {} WHERE ctid OPERATOR(pg_catalog.<) $1::pg_catalog.tid",
-                        table.qualified
-                    ),
-                    vec![format!("({sample},0)").into()],
-                )
-            })?
-            .unwrap_or(0);
-        let per_block = (rows as f64 / sample as f64).max(1.0);
-        catalog::exec(
-            "UPDATE ekm.rotation_cursor SET blocks_per_batch = greatest(1, ($3::float8 / $4::float8)::int), \
-                    rows_total = ($4::float8 * blocks_total)::bigint WHERE job_id = $1 AND tbl = $2::regclass",
-            vec![job.into(), t.into(), (batch_size as f64).into(), per_block.into()],
-        )?;
-    }
+    sync_partitions()?;
+    add_cursors(job, batch_size, only)?;
     let job_s = job.to_string();
     let bs = batch_size.to_string();
     let mut fields: Vec<(&str, &str)> = vec![
@@ -405,6 +414,104 @@ pub(crate) fn start_job(
     };
     catalog::audit(event, Some(to_key), &catalog::json_object(&fields))?;
     Ok(job)
+}
+
+/// Registers the partitions and inheritance children (at any depth) of
+/// every registered table that are not registered yet, with the table's
+/// context (`parent` names it), and forgets registrations of partitions
+/// that were dropped (their values went with them). A partition detached
+/// since keeps its registration. As the owner of ekm's tables; how many
+/// partitions were registered.
+pub(crate) fn sync_partitions() -> EkmResult<i64> {
+    catalog::exec(
+        "DELETE FROM ekm.registered_column r WHERE r.parent IS NOT NULL \
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = r.tbl)",
+        vec![],
+    )?;
+    Ok(catalog::one_mut::<i64>(
+        "WITH RECURSIVE tree AS ( \
+           SELECT r.tbl::oid AS root, r.col, r.context, r.registered_by, i.inhrelid AS rel \
+           FROM ekm.registered_column r JOIN pg_catalog.pg_inherits i ON i.inhparent = r.tbl \
+           WHERE r.parent IS NULL \
+           UNION \
+           SELECT t.root, t.col, t.context, t.registered_by, i.inhrelid FROM tree t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.rel), \
+         ins AS (INSERT INTO ekm.registered_column (tbl, col, context, registered_by, parent) \
+           SELECT t.rel::regclass, t.col, t.context, t.registered_by, t.root::regclass FROM tree t \
+           WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.rel AND a.attname = t.col AND NOT a.attisdropped) \
+           ON CONFLICT (tbl, col) DO NOTHING RETURNING 1) \
+         SELECT count(*) FROM ins",
+        vec![],
+    )?
+    .unwrap_or(0))
+}
+
+/// Gives every registered column of an ordinary table (partitioned tables
+/// hold no rows: their partitions are registered tables of their own) that
+/// has no cursor in job `job` one (with `only`, just that registration and
+/// its partitions). Batches cover `batch_size` rows: the blocks per batch
+/// come from the table's row density (sampled for a table never analyzed).
+/// As the owner of ekm's tables; how many cursors were added.
+pub(crate) fn add_cursors(
+    job: i64,
+    batch_size: i32,
+    only: Option<(pg_sys::Oid, &str)>,
+) -> EkmResult<i64> {
+    let (tbl, col) = only.map_or((None, None), |(t, c)| (Some(t), Some(c.to_string())));
+    let added = catalog::one_mut::<i64>(
+        "WITH a AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
+           SELECT $1, r.tbl, r.col, r.context, \
+                  pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
+                  CASE WHEN c.reltuples < 0 THEN 1 \
+                       ELSE greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int) END, \
+                  greatest(c.reltuples, 0)::bigint \
+           FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
+           WHERE c.relkind = 'r' \
+             AND ($3::oid IS NULL OR ((r.tbl = $3::oid OR r.parent = $3::oid) AND r.col = $4)) \
+             AND NOT EXISTS (SELECT 1 FROM ekm.rotation_cursor x WHERE x.job_id = $1 AND x.tbl = r.tbl AND x.col = r.col) \
+           RETURNING tbl) \
+         SELECT count(*) FROM a",
+        vec![job.into(), batch_size.into(), tbl.into(), col.into()],
+    )?
+    .unwrap_or(0);
+    // Tables never analyzed (reltuples < 0) have no row density: sample the
+    // first blocks, or a batch would span batch_size blocks instead of rows.
+    let unknown = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i64)>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT DISTINCT c.tbl::oid, c.blocks_total FROM ekm.rotation_cursor c JOIN pg_catalog.pg_class p ON p.oid = c.tbl \
+             WHERE c.job_id = $1 AND p.reltuples < 0 AND c.blocks_total > 0 AND c.rows_done = 0 AND c.passes = 1 AND c.next_block = 0",
+            None,
+            &[job.into()],
+        )? {
+            v.push((r.get::<pg_sys::Oid>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0)));
+        }
+        Ok(v)
+    })
+    .map_err(internal)?;
+    for (t, blocks) in unknown {
+        let sample = blocks.min(32);
+        // read as the table's owner, like every statement on an application table
+        let table = catalog::Table::require(t)?;
+        let rows = table
+            .as_owner(|| {
+                catalog::one::<i64>(
+                    &format!(
+                        "SELECT pg_catalog.count(*) FROM ONLY {} WHERE ctid OPERATOR(pg_catalog.<) $1::pg_catalog.tid",
+                        table.qualified
+                    ),
+                    vec![format!("({sample},0)").into()],
+                )
+            })?
+            .unwrap_or(0);
+        let per_block = (rows as f64 / sample as f64).max(1.0);
+        catalog::exec(
+            "UPDATE ekm.rotation_cursor SET blocks_per_batch = greatest(1, ($3::float8 / $4::float8)::int), \
+                    rows_total = ($4::float8 * blocks_total)::bigint \
+             WHERE job_id = $1 AND tbl = $2::regclass AND rows_done = 0 AND passes = 1 AND next_block = 0",
+            vec![job.into(), t.into(), (batch_size as f64).into(), per_block.into()],
+        )?;
+    }
+    Ok(added)
 }
 
 fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRow>> {
@@ -453,6 +560,19 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
                         continue;
                     }
                 };
+                if t.kind == 'p' {
+                    out.push((
+                        None,
+                        tname.clone(),
+                        col.clone(),
+                        None,
+                        None,
+                        None,
+                        None,
+                        Some("partitioned table: its partitions are listed".into()),
+                    ));
+                    continue;
+                }
                 let n = crate::scan::census(&t, &[(col.clone(), context.clone())], true)?
                     .pop()
                     .unwrap_or_default();
@@ -589,6 +709,7 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
     let start = std::time::Instant::now();
     let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
     let mut last_rows = -1i64;
+    let mut last_pct = 0i64;
     loop {
         // Each poll reads with a fresh snapshot (READ COMMITTED), pushed
         // here: pgrx's `update()` would take one too, but it first assigns
@@ -597,7 +718,10 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
         let r = Spi::connect(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, String, i64)>> {
             let t = c.select(
-                "SELECT j.state, j.rows_done, j.error, j.kind, coalesce((SELECT (100 * sum(CASE WHEN c.state = 'done' THEN greatest(c.blocks_total, 1) ELSE least(c.next_block, c.blocks_total) END) / greatest(sum(greatest(c.blocks_total, 1)), 1)) FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id), 0)::bigint \
+                "SELECT j.state, j.rows_done, j.error, j.kind, coalesce((SELECT floor(sum(s.w * s.p) / greatest(sum(s.w), 1)) FROM \
+                   (SELECT greatest(c.blocks_total, 1) AS w, CASE WHEN c.state = 'done' THEN 100 WHEN c.passes > 1 THEN 99.9 \
+                           ELSE least(99.9, 100.0 * c.next_block / greatest(c.blocks_total, 1)) END AS p \
+                    FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id) s), 0)::bigint \
                  FROM ekm.rotation_job j WHERE j.job_id = $1",
                 None,
                 &[job.into()],
@@ -655,10 +779,12 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
             }
             slot = Some(WaiterSlot);
         }
+        // of the whole job, never backwards (a column sent back for another
+        // pass, a partition attached meanwhile)
+        let pct = pct.max(last_pct);
+        last_pct = pct;
         if rows != last_rows && last_notice.elapsed() >= std::time::Duration::from_secs(1) {
-            pgrx::notice!(
-                "ekm: {what} job {job}: {rows} values {verb}, {pct}% of the table blocks scanned"
-            );
+            pgrx::notice!("ekm: {what} job {job}: {rows} values {verb}, {pct}% of the job done");
             last_notice = std::time::Instant::now();
             last_rows = rows;
         }
@@ -705,6 +831,9 @@ fn ekm_rotation_resume(job: i64) -> String {
 fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<String> {
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || {
+        // waits for the job's final step: a cancel either comes first (and
+        // the job retires nothing) or finds the job done
+        lock_key_changes()?;
         let cur = catalog::one_mut::<String>(
             "SELECT state FROM ekm.rotation_job WHERE job_id = $1 FOR UPDATE",
             vec![job.into()],
@@ -731,6 +860,13 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
             "UPDATE ekm.rotation_job SET state = $2, error = NULL, finished_at = CASE WHEN $2 = 'running' THEN NULL ELSE now() END WHERE job_id = $1",
             vec![job.into(), to.into()],
         )?;
+        if to == "running" {
+            // found again by the job's check if they are still there
+            catalog::exec(
+                "DELETE FROM ekm.rotation_problem WHERE job_id = $1",
+                vec![job.into()],
+            )?;
+        }
         catalog::audit(
             event,
             None,
@@ -747,7 +883,9 @@ pub(crate) fn auto_rotate() -> EkmResult<Result<i64, String>> {
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || {
         lock_key_changes()?;
-        if let Some((j, state)) = first_job("WHERE state IN ('running', 'cancelled')")? {
+        if let Some((j, state)) = first_job(
+            "WHERE state IN ('running', 'cancelled', 'needs_attention') AND kind <> 'scan'",
+        )? {
             return Ok(Err(format!("job {j} is {state}")));
         }
         if last_rollback_job()?.is_some() {

@@ -84,7 +84,9 @@ pub fn census(t: &Table, cols: &[(String, String)], check_context: bool) -> EkmR
         .map(|(c, _)| format!("{}::pg_catalog.text", catalog::quote_ident(c)))
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!("SELECT {list} FROM {}", t.qualified);
+    // ONLY: the partitions and inheritance children of a registered table
+    // are registered tables of their own
+    let sql = format!("SELECT {list} FROM ONLY {}", t.qualified);
     let mut out: Vec<Census> = cols.iter().map(|_| Census::default()).collect();
     t.as_owner(|| {
         Spi::connect(|c| -> EkmResult<()> {
@@ -165,4 +167,28 @@ pub fn readable(tbl: pg_sys::Oid, col: &str, for_caller: bool) -> EkmResult<Resu
         )));
     }
     Ok(Ok(t))
+}
+
+/// Why a value on a rotating key cannot be moved with `context`, and the key
+/// it names: for ekm.rotation_problem. Never the value itself.
+pub fn why_stuck(v: &str, context: &str) -> (Option<String>, String) {
+    let Ok(k) = format::key_of(v) else {
+        return (None, "malformed ekm ciphertext".into());
+    };
+    let r = keycache::with_decrypt_key(&k.to_ref(), |key| {
+        let mut scratch = SecretBuf::new();
+        let bin = scratch.take(format::decoded_len(v)?)?;
+        let n = format::decode_into(v, bin)?;
+        key.open_decoded(&mut bin[..n], context.as_bytes())
+            .map(|_| ())
+    });
+    let reason = match r {
+        Ok(()) => "it decrypts now (fixed since the check)".to_string(),
+        Err(EkmError::AuthenticationFailed(_)) => format!(
+            "does not decrypt with the column's context '{context}': bound to another context, or altered"
+        ),
+        Err(EkmError::Malformed(m)) => format!("malformed ekm ciphertext ({m})"),
+        Err(err) => err.to_string(),
+    };
+    (Some(k.to_string()), reason)
 }

@@ -1,0 +1,923 @@
+//! The rotation protocol (docs/design.md, section 5), one named function per
+//! step. The worker (worker.rs) calls [`step`] in a transaction of its own,
+//! again and again; `step` reads where the job stands and runs the one step
+//! that comes next:
+//!
+//! ```text
+//! a cursor group is scanning  -> run_batch (pass)      | end_pass at the pass's end
+//! a cursor group is sweeping  -> sweep (encrypt jobs)
+//! every cursor is done        -> settle:
+//!     cover_new_registrations (partitions, columns registered since)
+//!     no fence yet            -> check (#1): values left? another pass;
+//!                                 only stuck values? needs_attention;
+//!                                 clean? take_fence
+//!     a fence                 -> fence_cleared? else wait (Later)
+//!                                 final_step: under the key-change lock,
+//!                                 check (#2), then retire exactly the keys
+//!                                 checked, if the job still runs
+//! ```
+
+use crate::catalog;
+use crate::worker::{kept, notify, one_i64, set_local, spi_err, INT8};
+use pgrx::prelude::*;
+use pgrx::PgOid;
+
+/// What the worker does after a step.
+pub(crate) enum Step {
+    /// Made progress; go on at once (after the throttle pause).
+    Again,
+    /// Nothing to do right now (rows locked, old transactions); retry later.
+    Later,
+    /// Job finished, cancelled, failed, needs attention, or gone.
+    Stop,
+}
+
+/// A batch found the job or its cursors changed under it: rolled back, redone
+/// after re-reading them.
+pub(crate) const STALE_GROUP: &str = "ekm: the job or its cursors changed; batch redone";
+
+/// Advisory lock class of the pause points (`ekm.debug_pause_points`):
+/// 'ekmp'. The object id is the point's index in [`PAUSE_POINTS`] + 1.
+pub(crate) const PAUSE_CLASS: i32 = 0x656b_6d70;
+
+/// Named steps where the worker can be held by a test (docs/design.md).
+pub(crate) const PAUSE_POINTS: [&str; 6] = [
+    "batch",       // 1: before each batch
+    "pass_end",    // 2: when a cursor reaches the end of its pass
+    "check",       // 3: before the check that decides whether to take the fence
+    "fence",       // 4: right after the fence was taken
+    "final_check", // 5: in the final step, holding the key-change lock, before its check
+    "retire",      // 6: in the final step, after a clean check, before retiring
+];
+
+thread_local! {
+    /// The batch statement of the table being worked on, prepared once
+    /// (SPI_keepplan) and reused by every batch: (statement text, plan).
+    static BATCH_PLAN: std::cell::RefCell<Option<(String, pgrx::spi::OwnedPreparedStatement)>> =
+        const { std::cell::RefCell::new(None) };
+    /// Set after a batch hit an application's row lock: the next batch skips
+    /// locked rows (they are retried by the next pass) instead of waiting.
+    pub(crate) static SKIP_LOCKED_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The job's kind and the group the last batch worked on, at its new
+    /// position: the next batch starts from it without re-reading the job
+    /// (its bookkeeping statement checks that the job still runs and the
+    /// cursors still stand there, else the batch is rolled back and redone).
+    static GROUP: std::cell::RefCell<Option<(String, Group)>> = const { std::cell::RefCell::new(None) };
+    /// The fence, taken after a clean check; dropped when anything sends a
+    /// column back for another pass, adds a cursor, or changes the keys.
+    static FENCE: std::cell::RefCell<Option<Fence>> = const { std::cell::RefCell::new(None) };
+}
+
+fn set_fence(f: Option<Fence>) {
+    FENCE.with(|c| *c.borrow_mut() = f);
+}
+
+/// What the final step waits for before its check: the transactions that
+/// were running when the fence was taken (virtual transaction ids), then the
+/// prepared transactions there were once those had ended, then every
+/// snapshot older than the fence (an imported one, say). And the keys the
+/// clean check saw rotating: exactly those are retired.
+struct Fence {
+    keys: Vec<String>,
+    vxids: Vec<String>,
+    /// the first transaction id not yet assigned when the fence was taken
+    xmax: String,
+    gids: Option<Vec<String>>,
+}
+
+/// The first unfinished cursor group of a job: every column of one table at
+/// the same position.
+#[derive(Clone)]
+struct Group {
+    tbl: pg_sys::Oid,
+    /// the table's current name and owner, looked up at every batch
+    table: Option<catalog::Table>,
+    state: String,
+    next_block: i64,
+    blocks_per_batch: i32,
+    /// where this pass ends: the table's size when the pass began (or now,
+    /// if it shrank)
+    nblocks: i64,
+    /// quoted identifiers, names, contexts (same order)
+    quoted: Vec<String>,
+    names: Vec<String>,
+    contexts: Vec<String>,
+}
+
+fn e(err: ekm_core::EkmError) -> String {
+    err.to_string()
+}
+
+/// One step of job `job_id` (see the module's documentation).
+pub(crate) fn step(job_id: i64) -> Result<Step, String> {
+    set_batch_timeouts();
+    let cached = GROUP.with(|c| c.borrow_mut().take());
+    let (kind, group) = match cached {
+        Some((kind, g)) => (kind, Some(g)),
+        None => match next_group(job_id)? {
+            Some(head) => head,
+            None => return Ok(Step::Stop),
+        },
+    };
+    match group {
+        Some(mut g) => {
+            set_fence(None);
+            // the table's current name and owner (the group may be cached
+            // from an earlier batch, and a table can be renamed or change
+            // hands between batches)
+            g.table = Some(catalog::Table::require(g.tbl).map_err(e)?);
+            if g.state != "scanning" {
+                sweep(job_id, g)
+            } else if g.next_block >= g.nblocks {
+                end_pass(job_id, &kind, g)
+            } else {
+                run_batch(job_id, kind, g)
+            }
+        }
+        None if kind == "encrypt" => finish(job_id, &kind, &[]),
+        None => settle(job_id, &kind),
+    }
+}
+
+/// lock_timeout and deadlock_timeout of every step's transaction.
+fn set_batch_timeouts() {
+    // Below deadlock_timeout: in a lock cycle with an application
+    // transaction, the batch gives up before the application's deadlock
+    // check could abort the application's transaction.
+    let lock_timeout_ms = crate::gucs::rotation_lock_timeout_ms()
+        .min(unsafe { pg_sys::DeadlockTimeout } / 2)
+        .max(1);
+    set_local("lock_timeout", &format!("{lock_timeout_ms}ms"));
+    // A batch may wait for several application locks in turn (each at most
+    // lock_timeout) before it closes a lock cycle with an application that
+    // has been waiting for it all along. The worker therefore runs its own
+    // deadlock check soon after it starts waiting: in a cycle, the batch is
+    // the transaction that gets aborted (and redone), never the application.
+    set_local(
+        "deadlock_timeout",
+        &format!("{}ms", (lock_timeout_ms / 5).max(10)),
+    );
+}
+
+/// With `ekm.debug_pause_points` on, waits while a session holds the
+/// advisory lock of pause point `name` (tests hold the worker at a named
+/// protocol step this way; docs/design.md). Off by default: a no-op.
+fn pause_point(name: &str) -> Result<(), String> {
+    if !crate::gucs::debug_pause_points() {
+        return Ok(());
+    }
+    let id = PAUSE_POINTS
+        .iter()
+        .position(|p| *p == name)
+        .expect("a pause point") as i32
+        + 1;
+    // the wait must not time out like a batch's lock wait
+    set_local("lock_timeout", "0");
+    let r = Spi::run_with_args(
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, $2)",
+        &[PAUSE_CLASS.into(), id.into()],
+    )
+    .map_err(spi_err);
+    set_batch_timeouts();
+    r
+}
+
+/// The job's kind (None if it no longer runs) and its first unfinished
+/// cursor group, with where the group's pass ends, in one statement.
+fn next_group(job_id: i64) -> Result<Option<(String, Option<Group>)>, String> {
+    kept(
+        "SELECT j.kind, g.tbl, g.state, g.next_block, g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
+         FROM ekm.rotation_job j \
+         LEFT JOIN LATERAL ( \
+           SELECT f.tbl::oid AS tbl, f.state, f.next_block, f.blocks_per_batch, \
+                  least(pg_relation_size(f.tbl) / current_setting('block_size')::bigint, f.blocks_total) AS nblocks, \
+                  array_agg(pg_catalog.quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
+                  array_agg(c.context ORDER BY c.col) AS contexts \
+           FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total FROM ekm.rotation_cursor \
+                 WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
+           JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
+           GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch, f.blocks_total) g ON true \
+         WHERE j.job_id = $1 AND j.state = 'running'",
+        &[INT8],
+        false,
+        &[job_id.into()],
+        |t| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            let kind = r.get::<String>(1)?.unwrap_or_default();
+            let group = match r.get::<pg_sys::Oid>(2)? {
+                None => None,
+                Some(tbl) => Some(Group {
+                    tbl,
+                    table: None, // looked up at every batch
+                    state: r.get::<String>(3)?.unwrap_or_default(),
+                    next_block: r.get::<i64>(4)?.unwrap_or(0),
+                    blocks_per_batch: r.get::<i32>(5)?.unwrap_or(1),
+                    nblocks: r.get::<i64>(6)?.unwrap_or(0),
+                    quoted: r.get::<Vec<String>>(7)?.unwrap_or_default(),
+                    names: r.get::<Vec<String>>(8)?.unwrap_or_default(),
+                    contexts: r.get::<Vec<String>>(9)?.unwrap_or_default(),
+                }),
+            };
+            Ok(Some((kind, group)))
+        },
+    )
+}
+
+/// What a job's batches move: the per-row predicate and the function that
+/// returns each value moved (or unchanged).
+fn mover(kind: &str) -> (&'static str, &'static str) {
+    if kind == "encrypt" {
+        ("pg_temp._ekm_is_plaintext", "pg_temp._ekm_encrypt_plain")
+    } else {
+        ("pg_temp._ekm_on_rotating_key", "pg_temp._ekm_rotate_value")
+    }
+}
+
+/// Step: one batch of a pass. One UPDATE of the group's table over a TID
+/// range, as the table's owner (security-restricted), all its columns at
+/// once; then the job's count and the cursors move in the same transaction.
+fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
+    pause_point("batch")?;
+    let table = g.table.as_ref().expect("looked up by step");
+    let (pred, func) = mover(&kind);
+    let any = |prefix: &str| {
+        g.quoted
+            .iter()
+            .map(|q| format!("{pred}({prefix}{q})"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
+    let hi = g.next_block + g.blocks_per_batch as i64;
+    // Identifiers are quoted by PostgreSQL (quote_identifier), every
+    // function and operator is qualified; values are bound. Each function
+    // returns the value unchanged unless it moves it. ONLY: a partition or
+    // inheritance child is a registered table of its own.
+    let sets = g
+        .quoted
+        .iter()
+        .enumerate()
+        .map(|(i, q)| format!("{q} = {func}(t.{q}, ${}::pg_catalog.text, {i})", i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let skip_locked = SKIP_LOCKED_NEXT.with(|s| s.replace(false));
+    let sql = if skip_locked {
+        // Rows an application holds are skipped, not waited for.
+        format!(
+            "WITH c AS (SELECT ctid FROM ONLY {t} WHERE ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid \
+                          AND ctid OPERATOR(pg_catalog.<) $2::pg_catalog.tid AND ({a}) FOR UPDATE SKIP LOCKED) \
+             UPDATE ONLY {t} t SET {sets} FROM c WHERE t.ctid OPERATOR(pg_catalog.=) c.ctid",
+            t = table.qualified,
+            a = any(""),
+        )
+    } else {
+        // A plain UPDATE: a row an application holds is waited for at most
+        // lock_timeout, then the batch is retried skipping locked rows.
+        format!(
+            "UPDATE ONLY {t} t SET {sets} WHERE t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid \
+               AND t.ctid OPERATOR(pg_catalog.<) $2::pg_catalog.tid AND ({a})",
+            t = table.qualified,
+            a = any("t."),
+        )
+    };
+    let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![
+        format!("({},0)", g.next_block).into(),
+        format!("({hi},0)").into(),
+    ];
+    for ctx in &g.contexts {
+        args.push(ctx.clone().into());
+    }
+    crate::fastpath::reset_moved();
+    {
+        // As the table's owner, security-restricted: its triggers,
+        // constraints and index expressions run as that owner.
+        let _gate = crate::fastpath::BatchGate::open(&g.contexts);
+        table
+            .as_owner(|| {
+                BATCH_PLAN.with(|p| -> pgrx::spi::SpiResult<()> {
+                    let mut p = p.borrow_mut();
+                    Spi::connect_mut(|c| {
+                        if p.as_ref().map(|(s, _)| s != &sql).unwrap_or(true) {
+                            let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
+                            *p = Some((sql.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
+                        }
+                        c.update(&p.as_ref().expect("prepared").1, None, &args)?;
+                        Ok(())
+                    })
+                })
+            })
+            .map_err(spi_err)?;
+    }
+    let ns = crate::fastpath::moved(g.names.len());
+    let total: i64 = ns.iter().sum();
+    // Counts and cursors move with the batch, in its transaction, if the
+    // job still runs (its row is updated first and stays locked until the
+    // batch commits: a cancel waits for it) and its cursors still stand
+    // where the batch began; else the batch is rolled back and redone after
+    // a fresh read. One statement, on a generic plan (primary-key lookups
+    // whatever the values): re-planning it for each batch cost more than
+    // running it.
+    set_local("plan_cache_mode", "force_generic_plan");
+    let moved = kept(
+        "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $7 \
+                    WHERE job_id = $1 AND state = 'running' RETURNING 1) \
+         UPDATE ekm.rotation_cursor \
+         SET next_block = $4, rows_done = rows_done + ($5::bigint[])[array_position($3::name[], col)] \
+         WHERE job_id = $1 AND tbl = $2 AND col = ANY($3::name[]) AND state = 'scanning' AND next_block = $6 \
+           AND EXISTS (SELECT FROM j)",
+        &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8, INT8],
+        true,
+        &[
+            job_id.into(),
+            g.tbl.into(),
+            g.names.clone().into(),
+            hi.into(),
+            ns.into(),
+            g.next_block.into(),
+            total.into(),
+        ],
+        |t| Ok(t.len()),
+    )?;
+    if moved != g.names.len() {
+        return Err(STALE_GROUP.to_string());
+    }
+    if hi < g.nblocks {
+        // the end of the table is decided by a fresh read of its size
+        let mut next = g;
+        next.next_block = hi;
+        GROUP.with(|c| *c.borrow_mut() = Some((kind, next)));
+    }
+    Ok(Step::Again)
+}
+
+/// Step: a cursor group reached the end of its pass: the table's size when
+/// the pass began (blocks_total). Beyond it are the row versions the
+/// batches appended, already moved, and rows written since, which the check
+/// (settle) scans for with the whole table, sending the column back for
+/// another pass if one needs moving. A migration sweeps its column first.
+fn end_pass(job_id: i64, kind: &str, g: Group) -> Result<Step, String> {
+    pause_point("pass_end")?;
+    catalog::exec(
+        if kind == "encrypt" {
+            "UPDATE ekm.rotation_cursor SET state = 'sweeping' \
+             WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])"
+        } else {
+            "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done \
+             WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])"
+        },
+        vec![job_id.into(), g.tbl.into(), g.names.clone().into()],
+    )
+    .map_err(e)?;
+    Ok(Step::Again)
+}
+
+/// Step (column encryption): what plaintext is left in the group's columns,
+/// in one scan: none, and the cursor is done; else another pass.
+fn sweep(job_id: i64, g: Group) -> Result<Step, String> {
+    let table = g.table.as_ref().expect("looked up by step");
+    let left = count_values(table, &g.quoted, &[], "pg_temp._ekm_is_plaintext({c})")?;
+    let done: Vec<String> = g
+        .names
+        .iter()
+        .zip(&left)
+        .filter(|(_, n)| **n == 0)
+        .map(|(c, _)| c.clone())
+        .collect();
+    if !done.is_empty() {
+        catalog::exec(
+            "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done \
+             WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])",
+            vec![job_id.into(), g.tbl.into(), done.into()],
+        )
+        .map_err(e)?;
+    }
+    Ok(if another_pass(job_id, g.tbl, &g.names, &left)? {
+        Step::Later
+    } else {
+        Step::Again
+    })
+}
+
+/// Every cursor is done: cover what was registered since, then check, fence,
+/// and the final step.
+fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
+    if cover_new_registrations(job_id)? > 0 {
+        set_fence(None);
+        return Ok(Step::Again);
+    }
+    let fence = FENCE.with(|f| f.borrow_mut().take());
+    let Some(mut fence) = fence else {
+        // Check #1: the fence is taken only once the registered columns
+        // hold no movable value on a rotating key.
+        pause_point("check")?;
+        let keys = rotating_keys()?;
+        return match check(job_id)? {
+            Checked::Left => Ok(Step::Later),
+            Checked::Stuck(n) => needs_attention(job_id, kind, n),
+            Checked::Clean => {
+                set_fence(Some(take_fence(keys)?));
+                pause_point("fence")?;
+                Ok(Step::Again)
+            }
+        };
+    };
+    if !fence_cleared(job_id, &mut fence)? {
+        set_fence(Some(fence));
+        return Ok(Step::Later);
+    }
+    final_step(job_id, kind, fence)
+}
+
+/// Registers the partitions and inheritance children of registered tables
+/// (attached or created since), forgets those that were dropped, and gives
+/// every registered column of an ordinary table that has no cursor in this
+/// job one. How many cursors it added.
+fn cover_new_registrations(job_id: i64) -> Result<i64, String> {
+    crate::rotation::sync_partitions().map_err(e)?;
+    let batch_size = one_i64(
+        "SELECT batch_size FROM ekm.rotation_job WHERE job_id = $1",
+        vec![job_id.into()],
+    )?;
+    crate::rotation::add_cursors(job_id, batch_size as i32, None).map_err(e)
+}
+
+/// The keys that are rotating now (sorted).
+fn rotating_keys() -> Result<Vec<String>, String> {
+    Ok(catalog::one::<Vec<String>>(
+        "SELECT coalesce(array_agg(key_id ORDER BY key_id), '{}') FROM ekm.key WHERE rotation_status = 'rotating'",
+        vec![],
+    )
+    .map_err(e)?
+    .unwrap_or_default())
+}
+
+enum Checked {
+    /// values to move were found: their columns went back for another pass
+    Left,
+    /// nothing movable is left, but this many values cannot be moved
+    /// (recorded in ekm.rotation_problem)
+    Stuck(i64),
+    Clean,
+}
+
+/// Step: the check. One scan per registered table (ordinary tables only:
+/// partitions are registered tables of their own), all its registered
+/// columns at once, counting values on a rotating key that can be moved and
+/// values that cannot (they do not decrypt with the column's context).
+fn check(job_id: i64) -> Result<Checked, String> {
+    let tables = Spi::connect(
+        |c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, Vec<String>, Vec<String>, Vec<String>)>> {
+            let mut v = Vec::new();
+            for r in c.select(
+                "SELECT r.tbl::oid, array_agg(pg_catalog.quote_ident(r.col) ORDER BY r.col), \
+                    array_agg(r.col::text ORDER BY r.col), array_agg(r.context ORDER BY r.col) \
+             FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
+             WHERE c.relkind = 'r' GROUP BY r.tbl ORDER BY 1",
+                None,
+                &[],
+            )? {
+                v.push((
+                    r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                    r.get::<Vec<String>>(2)?.unwrap_or_default(),
+                    r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                    r.get::<Vec<String>>(4)?.unwrap_or_default(),
+                ));
+            }
+            Ok(v)
+        },
+    )
+    .map_err(spi_err)?;
+    let mut left = false;
+    let mut stuck = 0;
+    for (tbl, quoted, names, contexts) in &tables {
+        let t = catalog::Table::require(*tbl).map_err(e)?;
+        let movable = count_values(&t, quoted, contexts, "pg_temp._ekm_left({c}, {ctx}) = 1")?;
+        if another_pass(job_id, *tbl, names, &movable)? {
+            left = true;
+            continue;
+        }
+        let bad = count_values(&t, quoted, contexts, "pg_temp._ekm_left({c}, {ctx}) = 2")?;
+        for (i, n) in bad.iter().enumerate() {
+            if *n > 0 {
+                stuck += n;
+                record_problems(job_id, &t, *tbl, &quoted[i], &names[i], &contexts[i])?;
+            }
+        }
+    }
+    Ok(if left {
+        Checked::Left
+    } else if stuck > 0 {
+        Checked::Stuck(stuck)
+    } else {
+        Checked::Clean
+    })
+}
+
+/// Records where the values of one column that cannot be moved are (the
+/// primary key, else the ctid) and why, as the table's owner. At most 1000
+/// rows per column and check.
+fn record_problems(
+    job_id: i64,
+    t: &catalog::Table,
+    tbl: pg_sys::Oid,
+    quoted: &str,
+    name: &str,
+    context: &str,
+) -> Result<(), String> {
+    let pk = catalog::one::<String>(
+        "SELECT string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY k.n) \
+         FROM pg_catalog.pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n), pg_catalog.pg_attribute a \
+         WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum",
+        vec![tbl.into()],
+    )
+    .map_err(e)?;
+    let row_ref = match &pk {
+        Some(cols) => format!(
+            "'(' || {} || ')=(' || pg_catalog.concat_ws(', ', {cols}) || ')'",
+            catalog::quote_literal(cols)
+        ),
+        None => "'ctid ' || ctid::pg_catalog.text".to_string(),
+    };
+    let sql = format!(
+        "SELECT {row_ref}, {quoted}::pg_catalog.text FROM ONLY {} WHERE pg_temp._ekm_left({quoted}, $1::pg_catalog.text) = 2 LIMIT 1000",
+        t.qualified
+    );
+    let _gate = crate::fastpath::BatchGate::open(&[context.to_string()]);
+    let rows = t
+        .as_owner(|| {
+            Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(String, String)>> {
+                let mut v = Vec::new();
+                for r in c.select(&sql, None, &[context.into()])? {
+                    v.push((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                    ));
+                }
+                Ok(v)
+            })
+        })
+        .map_err(spi_err)?;
+    for (row_ref, value) in rows {
+        let (key, reason) = crate::scan::why_stuck(&value, context);
+        catalog::exec(
+            "INSERT INTO ekm.rotation_problem (job_id, tbl, col, row_ref, key_id, reason) \
+             VALUES ($1, $2::regclass, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            vec![
+                job_id.into(),
+                tbl.into(),
+                name.into(),
+                row_ref.into(),
+                key.into(),
+                reason.into(),
+            ],
+        )
+        .map_err(e)?;
+    }
+    Ok(())
+}
+
+/// Step: the passes are over and nothing movable is left, but `n` values
+/// cannot be moved: the job ends `needs_attention`, the rotating keys stay
+/// rotating (every value still decrypts), and ekm.rotation_problem says
+/// where. `ekm_rotation_resume` tries again once they are fixed.
+fn needs_attention(job_id: i64, kind: &str, n: i64) -> Result<Step, String> {
+    Spi::run("SET LOCAL synchronous_commit = on").map_err(spi_err)?;
+    let msg = format!(
+        "{n} values could not be moved (they do not decrypt with their column's context): see ekm.rotation_problem; fix them, then SELECT ekm_rotation_resume({job_id})"
+    );
+    let updated = one_i64(
+        "WITH u AS (UPDATE ekm.rotation_job SET state = 'needs_attention', error = $2, waiting_for = NULL, finished_at = clock_timestamp() \
+                    WHERE job_id = $1 AND state = 'running' RETURNING 1) SELECT count(*) FROM u",
+        vec![job_id.into(), msg.clone().into()],
+    )?;
+    if updated == 0 {
+        return Ok(Step::Stop);
+    }
+    catalog::audit(
+        "rotation_needs_attention",
+        None,
+        &catalog::json_object(&[
+            ("job_id", &job_id.to_string()),
+            ("kind", kind),
+            ("values", &n.to_string()),
+        ]),
+    )
+    .map_err(e)?;
+    notify(job_id, kind, "needs_attention")?;
+    pgrx::warning!("ekm: {kind} job {job_id} needs attention: {msg}");
+    Ok(Step::Stop)
+}
+
+/// Step: the fence. Taken right after a clean check: the transactions in
+/// progress now (each holds the lock on its own virtual transaction id until
+/// it ends) and the first transaction id not yet assigned. Some began before
+/// the key switch and may still encrypt with the old key; any of them may
+/// have copied a value on the old key (read before its row moved: INSERT ...
+/// SELECT, an update from another row) and not committed it yet, invisible
+/// to the check. Not waited for: autovacuum (it writes no values) and
+/// sessions waiting in ekm_rotation_wait without an xid (their transaction
+/// cannot commit a write: shmem::register_waiter).
+fn take_fence(keys: Vec<String>) -> Result<Fence, String> {
+    let vxids = catalog::one::<Vec<String>>(
+        "SELECT coalesce(array_agg(l.virtualxid), '{}') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction \
+           AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker'",
+        vec![],
+    )
+    .map_err(e)?
+    .unwrap_or_default();
+    let xmax = catalog::one::<String>(
+        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text",
+        vec![],
+    )
+    .map_err(e)?
+    .unwrap_or_default();
+    Ok(Fence {
+        keys,
+        vxids,
+        xmax,
+        gids: None,
+    })
+}
+
+/// Step: waiting out the fence, in three parts. (1) The transactions in it,
+/// but sessions waiting in ekm_rotation_wait without an xid. (2) Then the
+/// prepared transactions there are now: some may have been prepared by
+/// them. (3) Then every session of the database whose snapshot is older
+/// than the fence (its xmin precedes the fence's first unassigned xid): it
+/// may still read, and copy, values the passes have moved since (an
+/// imported snapshot, say); the waiters again excepted. What it waits for is
+/// in rotation_job.waiting_for.
+fn fence_cleared(job_id: i64, f: &mut Fence) -> Result<bool, String> {
+    let waiters = crate::shmem::waiters();
+    let (old, pids) = catalog::two::<i64, String>(
+        "SELECT count(*), coalesce(string_agg(l.pid::text, ', ' ORDER BY l.pid), '') FROM pg_locks l \
+         WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction AND l.virtualxid = ANY($1) \
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.pid = ANY($2) AND a.backend_xid IS NULL)",
+        vec![f.vxids.clone().into(), waiters.clone().into()],
+    )
+    .map_err(e)?;
+    let (old, pids) = (old.unwrap_or(0), pids.unwrap_or_default());
+    let mut waiting = Vec::new();
+    if old > 0 {
+        waiting.push(format!(
+            "{old} transactions that were running when the last pass ended (pids {pids})"
+        ));
+    } else {
+        if f.gids.is_none() {
+            f.gids = Some(
+                catalog::one::<Vec<String>>(
+                    "SELECT coalesce(array_agg(gid), '{}') FROM pg_prepared_xacts WHERE database = current_database()",
+                    vec![],
+                )
+                .map_err(e)?
+                .unwrap_or_default(),
+            );
+        }
+        let (prepared, gids) = catalog::two::<i64, String>(
+            "SELECT count(*), coalesce(string_agg(pg_catalog.quote_literal(gid), ', ' ORDER BY gid), '') FROM pg_prepared_xacts \
+             WHERE database = current_database() AND gid = ANY($1)",
+            vec![f.gids.clone().unwrap_or_default().into()],
+        )
+        .map_err(e)?;
+        if prepared.unwrap_or(0) > 0 {
+            waiting.push(format!(
+                "{} prepared transactions (gids {}; COMMIT PREPARED or ROLLBACK PREPARED them)",
+                prepared.unwrap_or(0),
+                gids.unwrap_or_default()
+            ));
+        } else {
+            let (old_snapshots, pids) = catalog::two::<i64, String>(
+                "SELECT count(*), coalesce(string_agg(a.pid::text, ', ' ORDER BY a.pid), '') FROM pg_stat_activity a \
+                 WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \
+                   AND a.backend_xmin IS NOT NULL AND NOT (a.pid = ANY($2) AND a.backend_xid IS NULL) \
+                   AND age(a.backend_xmin) > age(xid($1::xid8))",
+                vec![f.xmax.clone().into(), waiters.into()],
+            )
+            .map_err(e)?;
+            if old_snapshots.unwrap_or(0) > 0 {
+                waiting.push(format!(
+                    "{} sessions holding a snapshot from before the last pass ended (pids {})",
+                    old_snapshots.unwrap_or(0),
+                    pids.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    if !waiting.is_empty() {
+        set_waiting_for(
+            job_id,
+            Some(format!(
+                "{}: they may still write values on the old key; the job retires it when they end",
+                waiting.join(" and ")
+            )),
+        )?;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+fn set_waiting_for(job_id: i64, what: Option<String>) -> Result<(), String> {
+    catalog::exec(
+        "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND waiting_for IS DISTINCT FROM $2",
+        vec![job_id.into(), what.into()],
+    )
+    .map(|_| ())
+    .map_err(e)
+}
+
+/// Step: the final step, one transaction holding the lock every key and
+/// registration change takes (ekm_activate_key, ekm_register_column,
+/// ekm_rotate, ekm_rollback, ekm_rotation_cancel, ekm_cleanup_old_keys, ...):
+/// nothing changes the keys, the registrations or the job between the check
+/// and the retire. If the keys rotating now are not those the first check
+/// saw, or something was registered since, it starts over (another check,
+/// a new fence). Then check #2; if clean, exactly the keys checked are
+/// retired, and the job is done only if it is still running.
+fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
+    let locked = catalog::one::<bool>("SELECT pg_try_advisory_xact_lock(6646638, 0)", vec![])
+        .map_err(e)?
+        .unwrap_or(false);
+    if !locked {
+        let holder = catalog::one::<String>(
+            "SELECT string_agg(pid::text, ', ') FROM pg_locks WHERE locktype = 'advisory' AND granted \
+               AND classid = 6646638 AND objid = 0 AND objsubid = 2 AND pid <> pg_backend_pid()",
+            vec![],
+        )
+        .map_err(e)?
+        .unwrap_or_default();
+        set_waiting_for(
+            job_id,
+            Some(format!(
+                "a key or registration change in progress (pid {holder}) to finish before the final check"
+            )),
+        )?;
+        set_fence(Some(fence));
+        return Ok(Step::Later);
+    }
+    set_waiting_for(job_id, None)?;
+    pause_point("final_check")?;
+    if cover_new_registrations(job_id)? > 0 || rotating_keys()? != fence.keys {
+        return Ok(Step::Again); // start over: the fence is dropped
+    }
+    match check(job_id)? {
+        Checked::Left => Ok(Step::Later),
+        Checked::Stuck(n) => needs_attention(job_id, kind, n),
+        Checked::Clean => {
+            pause_point("retire")?;
+            retire(job_id, kind, &fence.keys)
+        }
+    }
+}
+
+/// Step: the end of a rotation or rollback. The job is marked done if it is
+/// still running (a cancel that committed first wins: nothing is retired),
+/// then exactly the keys the checks verified are retired.
+fn retire(job_id: i64, kind: &str, keys: &[String]) -> Result<Step, String> {
+    // durable before anyone hears of it (the batches commit asynchronously)
+    Spi::run("SET LOCAL synchronous_commit = on").map_err(spi_err)?;
+    let running = one_i64(
+        "WITH u AS (UPDATE ekm.rotation_job SET state = 'done', finished_at = clock_timestamp(), waiting_for = NULL \
+                    WHERE job_id = $1 AND state = 'running' RETURNING 1) SELECT count(*) FROM u",
+        vec![job_id.into()],
+    )?;
+    if running == 0 {
+        return Ok(Step::Stop);
+    }
+    let retired = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<String>> {
+        let mut v = Vec::new();
+        for r in c.update(
+            "UPDATE ekm.key SET rotation_status = 'retired', retired_at = now() \
+             WHERE key_id = ANY($1) AND rotation_status = 'rotating' RETURNING key_id",
+            None,
+            &[keys.to_vec().into()],
+        )? {
+            v.push(r.get::<String>(1)?.unwrap_or_default());
+        }
+        Ok(v)
+    })
+    .map_err(spi_err)?;
+    finish(job_id, kind, &retired)
+}
+
+/// The number of values in each of `quoted` (identifiers quoted by
+/// PostgreSQL) of `table` for which `pred` holds: one scan, as the table's
+/// owner (security-restricted), like the batches. `pred` has `{c}` for the
+/// column and `{ctx}` for its context (bound), from `contexts` (same order).
+fn count_values(
+    table: &catalog::Table,
+    quoted: &[String],
+    contexts: &[String],
+    pred: &str,
+) -> Result<Vec<i64>, String> {
+    let counts = quoted
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let p = pred
+                .replace("{c}", q)
+                .replace("{ctx}", &format!("${}::pg_catalog.text", i + 1));
+            format!("pg_catalog.count(*) FILTER (WHERE {p})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("SELECT {counts} FROM ONLY {}", table.qualified);
+    let uses_ctx = pred.contains("{ctx}");
+    let args: Vec<pgrx::datum::DatumWithOid<'_>> = if uses_ctx {
+        contexts.iter().map(|c| c.clone().into()).collect()
+    } else {
+        Vec::new()
+    };
+    let _gate = crate::fastpath::BatchGate::open(contexts);
+    table
+        .as_owner(|| {
+            Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
+                let t = c.select(&sql, Some(1), &args)?;
+                let r = t.first();
+                (1..=quoted.len())
+                    .map(|i| r.get::<i64>(i).map(|v| v.unwrap_or(0)))
+                    .collect()
+            })
+        })
+        .map_err(spi_err)
+}
+
+/// Sends the columns of `tbl` with values left (skipped locked rows, rows
+/// moved behind the cursor) back for another pass; whether there were any.
+fn another_pass(
+    job_id: i64,
+    tbl: pg_sys::Oid,
+    names: &[String],
+    left: &[i64],
+) -> Result<bool, String> {
+    let (cols, n): (Vec<String>, Vec<i64>) = names
+        .iter()
+        .zip(left)
+        .filter(|(_, n)| **n > 0)
+        .map(|(c, n)| (c.clone(), *n))
+        .unzip();
+    if cols.is_empty() {
+        return Ok(false);
+    }
+    catalog::exec(
+        "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n, \
+                blocks_total = pg_relation_size(c.tbl) / current_setting('block_size')::bigint \
+         FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
+         WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",
+        vec![job_id.into(), tbl.into(), cols.into(), n.into()],
+    )
+    .map_err(e)?;
+    Ok(true)
+}
+
+/// Marks the job done, audits and notifies.
+fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
+    // durable before anyone hears of it (the batches commit asynchronously)
+    Spi::run("SET LOCAL synchronous_commit = on").map_err(spi_err)?;
+    // (a rotation's retire marked it done already; a migration's is still
+    // running, unless a cancel committed first: then nothing is reported)
+    let Some(rows) = catalog::one_mut::<i64>(
+        "UPDATE ekm.rotation_job SET state = 'done', finished_at = coalesce(finished_at, clock_timestamp()), waiting_for = NULL \
+         WHERE job_id = $1 AND state IN ('running', 'done') RETURNING rows_done",
+        vec![job_id.into()],
+    )
+    .map_err(e)?
+    else {
+        return Ok(Step::Stop);
+    };
+    let event = match kind {
+        "encrypt" => "column_encrypted",
+        "rollback" => "rollback_done",
+        _ => "rotation_done",
+    };
+    catalog::audit(
+        event,
+        None,
+        &catalog::json_object(&[
+            ("job_id", &job_id.to_string()),
+            ("kind", kind),
+            ("rows", &rows.to_string()),
+            ("retired", &retired.join(",")),
+        ]),
+    )
+    .map_err(e)?;
+    notify(job_id, kind, "done")?;
+    pgrx::log!(
+        "ekm: {kind} job {job_id} done: {rows} values {}{}",
+        if kind == "encrypt" {
+            "encrypted"
+        } else {
+            "re-encrypted"
+        },
+        if retired.is_empty() {
+            String::new()
+        } else {
+            format!(", retired {}", retired.join(", "))
+        }
+    );
+    Ok(Step::Stop)
+}
