@@ -8,7 +8,8 @@ dir=${EKM_REGRESS_DIR:-/tmp/ekm-regress}
 port=${EKM_REGRESS_PORT:-55433}
 PGXS=/usr/lib/postgresql/15/lib/pgxs/src/test
 trap 'cluster_stop "$dir" immediate || true' EXIT
-cluster_start "$dir" "$port"
+# pause points for the race specs; prepared transactions for the fence's
+cluster_start "$dir" "$port" "ekm.debug_pause_points = on" "max_prepared_transactions = 5" "ekm.rotation_retry_pause = 50"
 out=$dir/out
 mkdir -p "$out"
 [ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$dir"
