@@ -191,6 +191,8 @@ pub(crate) fn register_as_caller(
 }
 
 fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
+    // the name as the caller writes it (before the search_path changes)
+    let name = catalog::display_name(tbl);
     let (_, owner) = catalog::key_table()?;
     as_owner(owner, || {
         lock_key_changes()?;
@@ -206,9 +208,6 @@ fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
                 )),
             );
         }
-        let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[tbl.into()])
-            .map_err(internal)?
-            .unwrap_or_default();
         if let Some(parent) = catalog::one::<String>(
             "SELECT parent::text FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2 AND parent IS NOT NULL",
             vec![tbl.into(), col.into()],
