@@ -86,6 +86,18 @@ CROSS JOIN LATERAL (SELECT round(j.rows_done / greatest(extract(epoch FROM coale
 ORDER BY j.job_id DESC, c.tbl::text, c.col;
 COMMENT ON VIEW ekm.rotation_progress IS 'Rotation jobs per column: rows done/total, percent, rows/s, ETA, state, error.';
 
+-- Where the latest scan of the database (ekm_scan_database) found ekm
+-- ciphertexts: every text-like column of every table, registered or not.
+CREATE VIEW ekm.ciphertext_locations AS
+SELECT s.job_id AS scan_job, s.tbl AS table_name, s.col AS column_name,
+       EXISTS (SELECT 1 FROM ekm.registered_column r WHERE r.tbl = s.tbl AND r.col = s.col) AS registered,
+       s.key_id, k.rotation_status AS key_state, s.values, s.scanned_at
+FROM ekm.ciphertext_scan s
+LEFT JOIN ekm.key k USING (key_id)
+WHERE s.job_id = (SELECT max(job_id) FROM ekm.rotation_job WHERE kind = 'scan' AND state = 'done')
+ORDER BY s.tbl::text, s.col, s.key_id;
+COMMENT ON VIEW ekm.ciphertext_locations IS 'ekm ciphertexts per table, column and key found by the latest ekm_scan_database(), registered or not.';
+
 -- Plaintext migration (the runbook's migrate_secure_encryption).
 CREATE FUNCTION @extschema@.ekm_encrypt_column(tbl regclass, col name, batch_size integer DEFAULT 1000,
                                                dry_run boolean DEFAULT false, context text DEFAULT NULL)
@@ -130,14 +142,16 @@ GRANT EXECUTE ON FUNCTION
     ekm._ekm_column_key_counts(oid, text),
     @extschema@.ekm_rotate(integer, boolean, boolean), @extschema@.ekm_rotation_wait(bigint, double precision),
     @extschema@.ekm_rotation_cancel(bigint), @extschema@.ekm_rotation_resume(bigint),
-    @extschema@.ekm_rollback(integer), @extschema@.ekm_cleanup_old_keys(integer, boolean),
+    @extschema@.ekm_rollback(integer), @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
+    @extschema@.ekm_scan_database(integer),
     @extschema@.ekm_health(), @extschema@.ekm_health_status(), @extschema@.ekm_keys_needing_rotation(),
     @extschema@.ekm_encrypt_column(regclass, name, integer, boolean, text),
     ekm._ekm_encrypt_column(oid, text, integer, boolean, text)
     TO ekm_admin;
 GRANT USAGE ON SCHEMA ekm TO ekm_admin;
 GRANT SELECT ON ekm.keys, ekm.audit_log, ekm.registered_column, ekm.registered_columns,
-    ekm.rotation_job, ekm.rotation_cursor, ekm.rotation_progress TO ekm_admin;
+    ekm.rotation_job, ekm.rotation_cursor, ekm.rotation_progress, ekm.rotation_problem,
+    ekm.ciphertext_scan, ekm.ciphertext_locations TO ekm_admin;
 
 -- The first key.
 SELECT ekm._ekm_bootstrap_key();

@@ -229,6 +229,30 @@ v1_finfo!(pg_finfo_ekm_rotate_value_v1);
 v1_finfo!(pg_finfo_ekm_encrypt_plain_v1);
 v1_finfo!(pg_finfo_ekm_is_plaintext_v1);
 v1_finfo!(pg_finfo_ekm_left_v1);
+v1_finfo!(pg_finfo_ekm_keys_in_v1);
+
+/// `pg_temp._ekm_keys_in(value text) -> text[]` (STRICT), for
+/// `ekm_scan_database`: the key of every ekm ciphertext embedded in the value
+/// (a whole value, or inside JSON, an array's text form, free text).
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ekm_keys_in_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    check_gate(None);
+    unsafe {
+        let v = text_arg(fcinfo, 0).unwrap_or(b"");
+        let keys: Vec<String> = match std::str::from_utf8(v) {
+            Ok(s) => format::embedded_keys(s)
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        match pgrx::IntoDatum::into_datum(keys) {
+            Some(d) => d,
+            None => pgrx::fcinfo::pg_return_null(fcinfo),
+        }
+    }
+}
 
 /// `pg_temp._ekm_left(value text, context text) -> int` (STRICT), for a
 /// rotation's check: 0 if the value is not on a rotating key, 1 if it is and

@@ -114,6 +114,7 @@ fn ekm_rollback(
 fn ekm_cleanup_old_keys(
     days: default!(i32, 365),
     dry_run: default!(bool, false),
+    force: default!(bool, false),
 ) -> TableIterator<
     'static,
     (
@@ -134,7 +135,7 @@ fn ekm_cleanup_old_keys(
         refuse_on_standby("destroy keys", "ekm_cleanup_old_keys()");
     }
     let (_, owner) = catalog::key_table().or_raise();
-    let rows = as_owner(owner, || cleanup(days, dry_run)).or_raise();
+    let rows = as_owner(owner, || cleanup(days, dry_run, force)).or_raise();
     if !dry_run && rows.iter().any(|r| r.3 == "destroyed") {
         keycache::invalidate_all();
     }
@@ -143,8 +144,12 @@ fn ekm_cleanup_old_keys(
 
 type CleanupRow = (String, Option<TimestampWithTimeZone>, i64, String);
 
-fn cleanup(days: i32, dry_run: bool) -> EkmResult<Vec<CleanupRow>> {
+fn cleanup(days: i32, dry_run: bool, force: bool) -> EkmResult<Vec<CleanupRow>> {
     lock_key_changes()?;
+    if !dry_run {
+        // partitions dropped since are no longer there to count
+        crate::rotation::sync_partitions()?;
+    }
     // The candidates, locked: no activation can take them while we count.
     let candidates = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<(String, Option<TimestampWithTimeZone>)>> {
         let mut v = Vec::new();
@@ -196,6 +201,11 @@ fn cleanup(days: i32, dry_run: bool) -> EkmResult<Vec<CleanupRow>> {
     }
     let mut out = Vec::new();
     for ((id, retired_at), n) in candidates.into_iter().zip(in_use) {
+        // Registered columns are not the whole database: a copy in another
+        // column, an audit table, a materialized view would be lost with
+        // the key. A scan of the database (ekm_scan_database) that started
+        // after the key was retired must have found none of it.
+        let unscanned = if n > 0 { None } else { scan_verdict(&id)? };
         let action = if n > 0 {
             if !dry_run {
                 pgrx::warning!(
@@ -203,9 +213,26 @@ fn cleanup(days: i32, dry_run: bool) -> EkmResult<Vec<CleanupRow>> {
                 );
             }
             format!("kept: {n} values in registered columns still use it")
+        } else if unscanned.is_some() && !force {
+            let why = unscanned.expect("some");
+            if !dry_run {
+                pgrx::warning!("ekm: key {id} is kept: {why}");
+            }
+            format!("kept: {why}")
         } else if dry_run {
-            "would destroy".to_string()
+            match unscanned {
+                Some(why) => format!("would destroy (forced: {why})"),
+                None => "would destroy".to_string(),
+            }
         } else {
+            if let Some(why) = &unscanned {
+                pgrx::warning!("ekm: key {id} is destroyed with force => true although {why}");
+                catalog::audit(
+                    "key_destroy_forced",
+                    Some(&id),
+                    &catalog::json_object(&[("reason", why)]),
+                )?;
+            }
             catalog::exec(
                 "UPDATE ekm.key_material SET wrapped = NULL WHERE key_id = $1",
                 vec![id.clone().into()],
@@ -227,6 +254,35 @@ fn cleanup(days: i32, dry_run: bool) -> EkmResult<Vec<CleanupRow>> {
         out.push((id, retired_at, n, action));
     }
     Ok(out)
+}
+
+/// Why a key no registered column uses must not be destroyed yet, from the
+/// scans of the database: none started after it was retired, or the latest
+/// such scan found values on it (and where). None: the scan found none.
+fn scan_verdict(key_id: &str) -> EkmResult<Option<String>> {
+    let (scan, at) = catalog::two::<i64, String>(
+        "SELECT j.job_id, to_char(j.finished_at, 'YYYY-MM-DD HH24:MI:SS TZ') FROM ekm.rotation_job j, ekm.key k \
+         WHERE k.key_id = $1 AND j.kind = 'scan' AND j.state = 'done' \
+           AND j.switched_at > coalesce(k.retired_at, k.rotated_at, k.created_at) \
+         ORDER BY j.job_id DESC LIMIT 1",
+        vec![key_id.into()],
+    )?;
+    let Some(scan) = scan else {
+        return Ok(Some(
+            "no scan of the database has run since it was retired: SELECT ekm_scan_database(), then clean up".into(),
+        ));
+    };
+    let found = catalog::one::<String>(
+        "SELECT string_agg(s.tbl::text || '.' || pg_catalog.quote_ident(s.col) || ': ' || s.values, ', ' ORDER BY s.tbl::text, s.col) \
+         FROM ekm.ciphertext_scan s WHERE s.job_id = $1 AND s.key_id = $2",
+        vec![scan.into(), key_id.into()],
+    )?;
+    Ok(found.map(|f| {
+        format!(
+            "the scan of the database finished {} found values on it in {f} (register those columns and rotate, or delete the values)",
+            at.unwrap_or_default()
+        )
+    }))
 }
 
 /// Registered columns: (table oid, column, shown name, whether it exists as a text column).
@@ -360,6 +416,7 @@ fn health() -> Vec<HealthRow> {
         push(check_jobs(), "rotation_jobs");
         push(check_auto_rotation(), "auto_rotation");
         push(check_decrypt_keys(), "decrypt_keys");
+        push(check_unregistered_ciphertexts(), "unregistered_ciphertexts");
         match registered_columns() {
             Ok(cols) => {
                 let missing: Vec<&str> =
@@ -609,6 +666,42 @@ fn check_auto_rotation() -> EkmResult<HealthRow> {
     })
 }
 
+/// From the latest finished scan of the database: ekm ciphertexts in
+/// columns that are not registered (a rotation does not move them, and
+/// once their key is destroyed they are lost).
+fn check_unregistered_ciphertexts() -> EkmResult<HealthRow> {
+    let (scan, at) = catalog::two::<i64, String>(
+        "SELECT job_id, to_char(finished_at, 'YYYY-MM-DD HH24:MI:SS TZ') FROM ekm.rotation_job \
+         WHERE kind = 'scan' AND state = 'done' ORDER BY job_id DESC LIMIT 1",
+        vec![],
+    )?;
+    let Some(scan) = scan else {
+        return Ok(row(
+            "unregistered_ciphertexts",
+            "ok",
+            "no scan of the database yet: SELECT ekm_scan_database() finds ekm ciphertexts in every column".into(),
+        ));
+    };
+    let at = at.unwrap_or_default();
+    let found = catalog::one::<String>(
+        "SELECT string_agg(t || ': ' || n || ' values', ', ' ORDER BY t) FROM \
+           (SELECT s.tbl::text || '.' || pg_catalog.quote_ident(s.col) AS t, sum(s.values) AS n FROM ekm.ciphertext_scan s \
+            WHERE s.job_id = $1 AND NOT EXISTS (SELECT 1 FROM ekm.registered_column r WHERE r.tbl = s.tbl AND r.col = s.col) \
+            GROUP BY 1) u",
+        vec![scan.into()],
+    )?;
+    Ok(match found {
+        Some(f) => row("unregistered_ciphertexts", "warning", format!(
+            "the scan of {at} found ekm ciphertexts in columns that are not registered: {f}; rotations do not move them and cleanup keeps their keys: register them (ekm_register_column) or remove the copies"
+        )),
+        None => row(
+            "unregistered_ciphertexts",
+            "ok",
+            format!("the scan of {at} found ekm ciphertexts only in registered columns"),
+        ),
+    })
+}
+
 fn check_decrypt_keys() -> EkmResult<HealthRow> {
     let n = catalog::one::<i64>(
         "SELECT count(*) FROM ekm.key WHERE rotation_status IN ('active', 'rotating')",
@@ -716,6 +809,100 @@ fn check_round_trip() -> EkmResult<HealthRow> {
             "a probe did not decrypt to what was encrypted".into(),
         )
     })
+}
+
+// ------------------------------------------------------ scan the database
+
+/// Starts a background job that reads every text-like column (text,
+/// varchar, char, json, jsonb, arrays and domains of them) of every table
+/// and materialized view of the database, as each table's owner, and
+/// records the ekm ciphertexts it finds per table, column and key
+/// (ekm.ciphertext_locations). Progress, wait, cancel and resume as for a
+/// rotation; it runs beside one.
+#[pg_extern(volatile)]
+fn ekm_scan_database(
+    batch_size: default!(i32, 1000),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, i64),
+        name!(tables, i64),
+        name!(columns, i64),
+        name!(note, String),
+    ),
+> {
+    check_batch_size(batch_size);
+    refuse_on_standby("scan the database", "ekm_scan_database()");
+    let (_, owner) = catalog::key_table().or_raise();
+    let (job, tables, columns) = as_owner(owner, || -> EkmResult<(i64, i64, i64)> {
+        let (running, state) = catalog::two::<i64, String>(
+            "SELECT job_id, state FROM ekm.rotation_job WHERE kind = 'scan' AND state IN ('running', 'cancelled')",
+            vec![],
+        )?;
+        if let (Some(j), Some(state)) = (running, state) {
+            if state == "running" {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                    format!("a scan of the database is already running (job {j})"),
+                    Some(format!("follow it with SELECT * FROM ekm_rotation_wait({j})")),
+                );
+            }
+            catalog::exec(
+                "UPDATE ekm.rotation_job SET state = 'failed', error = 'superseded by a new scan', finished_at = now() WHERE job_id = $1",
+                vec![j.into()],
+            )?;
+        }
+        let active = catalog::one::<String>(
+            "SELECT key_id FROM ekm.key WHERE rotation_status = 'active'",
+            vec![],
+        )?
+        .ok_or(EkmError::NoActiveKey)?;
+        let job = catalog::one_mut::<i64>(
+            "INSERT INTO ekm.rotation_job (kind, to_key, batch_size, requested_by) VALUES ('scan', $1, $2, $3) RETURNING job_id",
+            vec![active.into(), batch_size.into(), catalog::acting_role_name().into()],
+        )?
+        .expect("returning");
+        let (tables, columns) = catalog::two::<i64, i64>(
+            "WITH tt AS (SELECT t::oid AS oid FROM unnest(ARRAY['pg_catalog.text', 'pg_catalog.varchar', 'pg_catalog.bpchar', \
+                                                                'pg_catalog.json', 'pg_catalog.jsonb']::pg_catalog.regtype[]) t), \
+                  types AS (SELECT oid FROM tt \
+                            UNION SELECT typarray FROM pg_catalog.pg_type WHERE oid IN (SELECT oid FROM tt) \
+                            UNION SELECT oid FROM pg_catalog.pg_type WHERE typtype = 'd' AND typbasetype IN (SELECT oid FROM tt)), \
+                  ins AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
+                    SELECT $1, c.oid::regclass, a.attname, '', pg_relation_size(c.oid) / current_setting('block_size')::bigint, \
+                           CASE WHEN c.reltuples <= 0 THEN 1 \
+                                ELSE greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int) END, \
+                           greatest(c.reltuples, 0)::bigint \
+                    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                    WHERE c.relkind IN ('r', 'm') AND c.relpersistence <> 't' AND (c.relkind <> 'm' OR c.relispopulated) \
+                      AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'ekm') AND n.nspname NOT LIKE 'pg\\_toast%' \
+                      AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT oid FROM types) \
+                    RETURNING tbl) \
+             SELECT count(DISTINCT tbl), count(*) FROM ins",
+            vec![job.into(), batch_size.into()],
+        )?;
+        crate::rotation::size_batches(job, batch_size)?;
+        let (tables, columns) = (tables.unwrap_or(0), columns.unwrap_or(0));
+        catalog::audit(
+            "database_scan_started",
+            None,
+            &catalog::json_object(&[
+                ("job_id", &job.to_string()),
+                ("tables", &tables.to_string()),
+                ("columns", &columns.to_string()),
+            ]),
+        )?;
+        Ok((job, tables, columns))
+    })
+    .or_raise();
+    worker::launch_or_warn(job);
+    TableIterator::once((
+        job,
+        tables,
+        columns,
+        format!("scanning in the background: SELECT * FROM ekm_rotation_wait({job}), then SELECT * FROM ekm.ciphertext_locations"),
+    ))
 }
 
 // ---------------------------------------------------- plaintext migration

@@ -130,11 +130,13 @@ pub(crate) fn step(job_id: i64) -> Result<Step, String> {
                 sweep(job_id, g)
             } else if g.next_block >= g.nblocks {
                 end_pass(job_id, &kind, g)
+            } else if kind == "scan" {
+                scan_batch(job_id, kind, g)
             } else {
                 run_batch(job_id, kind, g)
             }
         }
-        None if kind == "encrypt" => finish(job_id, &kind, &[]),
+        None if kind == "encrypt" || kind == "scan" => finish(job_id, &kind, &[]),
         None => settle(job_id, &kind),
     }
 }
@@ -311,6 +313,13 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
             .map_err(spi_err)?;
     }
     let ns = crate::fastpath::moved(g.names.len());
+    advance(job_id, kind, g, hi, ns)
+}
+
+/// The bookkeeping of a batch: the job's count and the group's cursors
+/// move to `hi`, in the batch's transaction (see below), and the next batch
+/// starts from the group without re-reading the job.
+fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result<Step, String> {
     let total: i64 = ns.iter().sum();
     // Counts and cursors move with the batch, in its transaction, if the
     // job still runs (its row is updated first and stays locked until the
@@ -350,6 +359,64 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
         GROUP.with(|c| *c.borrow_mut() = Some((kind, next)));
     }
     Ok(Step::Again)
+}
+
+/// Step: one batch of a scan of the database (`ekm_scan_database`): the
+/// keys of the ekm ciphertexts found in the group's columns over a TID
+/// range, counted per column and key into ekm.ciphertext_scan. Read-only on
+/// the table, as its owner (security-restricted).
+fn scan_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
+    pause_point("batch")?;
+    let table = g.table.as_ref().expect("looked up by step");
+    let hi = g.next_block + g.blocks_per_batch as i64;
+    let values = g
+        .quoted
+        .iter()
+        .enumerate()
+        .map(|(i, q)| format!("({i}, t.{q}::pg_catalog.text)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT v.i, k.k, pg_catalog.count(*) FROM ONLY {t} t, LATERAL (VALUES {values}) v(i, val), \
+                LATERAL pg_catalog.unnest(pg_temp._ekm_keys_in(v.val)) k(k) \
+         WHERE t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid AND t.ctid OPERATOR(pg_catalog.<) $2::pg_catalog.tid \
+         GROUP BY 1, 2",
+        t = table.qualified
+    );
+    let args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![
+        format!("({},0)", g.next_block).into(),
+        format!("({hi},0)").into(),
+    ];
+    let found = {
+        let _gate = crate::fastpath::BatchGate::open(&[]);
+        table
+            .as_owner(|| {
+                Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(i32, String, i64)>> {
+                    let mut v = Vec::new();
+                    for r in c.select(sql.as_str(), None, &args)? {
+                        v.push((
+                            r.get::<i32>(1)?.unwrap_or(0),
+                            r.get::<String>(2)?.unwrap_or_default(),
+                            r.get::<i64>(3)?.unwrap_or(0),
+                        ));
+                    }
+                    Ok(v)
+                })
+            })
+            .map_err(spi_err)?
+    };
+    let mut ns = vec![0i64; g.names.len()];
+    for (i, key, n) in found {
+        let col = &g.names[i as usize];
+        ns[i as usize] += n;
+        catalog::exec(
+            "INSERT INTO ekm.ciphertext_scan AS s (job_id, tbl, col, key_id, values) VALUES ($1, $2::regclass, $3, $4, $5) \
+             ON CONFLICT (job_id, tbl, col, key_id) DO UPDATE SET values = s.values + excluded.values, scanned_at = now()",
+            vec![job_id.into(), g.tbl.into(), col.clone().into(), key.into(), n.into()],
+        )
+        .map_err(e)?;
+    }
+    advance(job_id, kind, g, hi, ns)
 }
 
 /// Step: a cursor group reached the end of its pass: the table's size when
@@ -892,6 +959,7 @@ fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
     let event = match kind {
         "encrypt" => "column_encrypted",
         "rollback" => "rollback_done",
+        "scan" => "database_scanned",
         _ => "rotation_done",
     };
     catalog::audit(
@@ -908,10 +976,10 @@ fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
     notify(job_id, kind, "done")?;
     pgrx::log!(
         "ekm: {kind} job {job_id} done: {rows} values {}{}",
-        if kind == "encrypt" {
-            "encrypted"
-        } else {
-            "re-encrypted"
+        match kind {
+            "encrypt" => "encrypted",
+            "scan" => "found",
+            _ => "re-encrypted",
         },
         if retired.is_empty() {
             String::new()

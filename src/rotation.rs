@@ -472,8 +472,14 @@ pub(crate) fn add_cursors(
         vec![job.into(), batch_size.into(), tbl.into(), col.into()],
     )?
     .unwrap_or(0);
-    // Tables never analyzed (reltuples < 0) have no row density: sample the
-    // first blocks, or a batch would span batch_size blocks instead of rows.
+    size_batches(job, batch_size)?;
+    Ok(added)
+}
+
+/// Tables never analyzed (reltuples < 0) have no row density: for the
+/// job's cursors that have not started, the first blocks are sampled (as the
+/// table's owner), or a batch would span batch_size blocks instead of rows.
+pub(crate) fn size_batches(job: i64, batch_size: i32) -> EkmResult<()> {
     let unknown = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i64)>> {
         let mut v = Vec::new();
         for r in c.select(
@@ -510,7 +516,7 @@ pub(crate) fn add_cursors(
             vec![job.into(), t.into(), (batch_size as f64).into(), per_block.into()],
         )?;
     }
-    Ok(added)
+    Ok(())
 }
 
 fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRow>> {
@@ -741,14 +747,15 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
                 None,
             );
         };
-        let verb = if kind == "encrypt" {
-            "encrypted"
-        } else {
-            "re-encrypted"
+        let verb = match kind.as_str() {
+            "encrypt" => "encrypted",
+            "scan" => "found",
+            _ => "re-encrypted",
         };
         let what = match kind.as_str() {
             "encrypt" => "column encryption",
             "rollback" => "rollback",
+            "scan" => "database scan",
             _ => "rotation",
         };
         if state != "running" {
@@ -928,7 +935,7 @@ fn first_job(filter: &str) -> EkmResult<Option<(i64, String)>> {
 /// rollback: automatic rotation waits for a manual ekm_rotate() after it.
 pub(crate) fn last_rollback_job() -> EkmResult<Option<i64>> {
     let (job, kind) = catalog::two::<i64, String>(
-        "SELECT job_id, kind FROM ekm.rotation_job WHERE kind <> 'encrypt' ORDER BY job_id DESC LIMIT 1",
+        "SELECT job_id, kind FROM ekm.rotation_job WHERE kind IN ('rotate', 'rollback') ORDER BY job_id DESC LIMIT 1",
         vec![],
     )?;
     Ok(job.filter(|_| kind.as_deref() == Some("rollback")))

@@ -280,10 +280,19 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                 return Ok(Some(false));
             }
             let id = if job_id == 0 {
-                catalog::one::<i64>(
-                    "SELECT job_id FROM ekm.rotation_job WHERE state = 'running'",
+                // every running job resumes: a rotation and a scan of the
+                // database may both run; this worker takes the first and
+                // starts one for each other
+                let all = catalog::one::<Vec<i64>>(
+                    "SELECT coalesce(array_agg(job_id ORDER BY job_id), '{}') FROM ekm.rotation_job WHERE state = 'running'",
                     vec![],
                 )
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+                for other in all.iter().skip(1) {
+                    launch_or_warn(*other);
+                }
+                Ok(all.first().copied())
             } else {
                 catalog::one::<i64>(
                     "SELECT job_id FROM ekm.rotation_job WHERE job_id = $1 AND state = 'running'",
@@ -354,7 +363,21 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                 SKIP_LOCKED_NEXT.with(|s| s.set(true));
                 crate::gucs::rotation_retry_pause()
             }
-            Err((_, msg)) => {
+            Err((code, msg)) => {
+                // an application table's own code (a trigger, a constraint,
+                // an index expression) that relied on the search_path
+                let msg = if code.contains("UNDEFINED_TABLE")
+                    || code.contains("UNDEFINED_FUNCTION")
+                    || code.contains("UNDEFINED_OBJECT")
+                {
+                    format!(
+                        "{msg} (ekm runs its batches as the table's owner with search_path = pg_catalog, pg_temp, as VACUUM does: \
+                         a trigger, constraint or index expression of the table must schema-qualify what it uses, or set its own search_path, \
+                         e.g. ALTER FUNCTION ... SET search_path = public; then SELECT ekm_rotation_resume({job_id}))"
+                    )
+                } else {
+                    msg
+                };
                 pgrx::warning!("ekm: rotation job {job_id} failed: {msg}");
                 let _ = transaction(|| {
                     catalog::exec(
@@ -455,11 +478,14 @@ fn create_batch_functions() -> Result<(), String> {
            AS '$libdir/ekm', 'ekm_is_plaintext_v1' LANGUAGE c IMMUTABLE STRICT; \
          CREATE FUNCTION pg_temp._ekm_left(pg_catalog.text, pg_catalog.text) RETURNS pg_catalog.int4 \
            AS '$libdir/ekm', 'ekm_left_v1' LANGUAGE c STABLE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_keys_in(pg_catalog.text) RETURNS pg_catalog.text[] \
+           AS '$libdir/ekm', 'ekm_keys_in_v1' LANGUAGE c IMMUTABLE STRICT; \
          GRANT EXECUTE ON FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4), \
            pg_temp._ekm_on_rotating_key(pg_catalog.text), \
            pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4), \
            pg_temp._ekm_is_plaintext(pg_catalog.text), \
-           pg_temp._ekm_left(pg_catalog.text, pg_catalog.text) TO PUBLIC",
+           pg_temp._ekm_left(pg_catalog.text, pg_catalog.text), \
+           pg_temp._ekm_keys_in(pg_catalog.text) TO PUBLIC",
     )
     .map_err(spi_err)
 }

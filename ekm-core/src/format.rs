@@ -416,6 +416,35 @@ pub fn looks_encrypted(text: &str) -> bool {
     }
 }
 
+/// The keys of every ekm ciphertext embedded anywhere in `text` (a whole
+/// value, or inside a JSON document, an array's text form, a free-text
+/// field): each `ekm1:` followed by base64url characters that form a
+/// well-formed ciphertext, in order. For `ekm_scan_database`.
+pub fn embedded_keys(text: &str) -> Vec<KeyId> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(i) = find(&bytes[at..], PREFIX.as_bytes()) {
+        let start = at + i;
+        let body = start + PREFIX.len();
+        let end = body
+            + bytes[body..]
+                .iter()
+                .take_while(|&&c| B64_DEC[c as usize] != INVALID)
+                .count();
+        // text is a str and the run is ASCII: a valid boundary
+        if let Ok(k) = key_of(&text[start..end]) {
+            out.push(k);
+        }
+        at = end.max(start + 1);
+    }
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// Whether `text` is a ciphertext of another scheme that ekm cannot read and
 /// must not encrypt again: the runbook's `FERNET_V2:<key id>:<token>` values
 /// and bare Fernet tokens (urlsafe base64 of version byte 0x80, so they start
@@ -487,6 +516,30 @@ mod tests {
         assert!(b64_decode(b"AA==", &mut buf).is_err());
         assert!(b64_decode(b"A+/A", &mut buf).is_err());
         assert!(b64_decode(b"A", &mut buf).is_err());
+    }
+
+    #[test]
+    fn embedded_keys_found_anywhere() {
+        let k1 = KeyId::new(chrono::Utc::now(), 1).unwrap();
+        let k2 = KeyId::new(chrono::Utc::now(), 2).unwrap();
+        let mut bin1 = vec![0u8; OVERHEAD + 3];
+        bin1[..KEY_REF_LEN].copy_from_slice(&k1.to_ref());
+        let mut bin2 = vec![0u8; OVERHEAD + 5];
+        bin2[..KEY_REF_LEN].copy_from_slice(&k2.to_ref());
+        let enc = |b: &[u8]| {
+            let mut o = vec![0u8; b64_len(b.len())];
+            b64_encode(b, &mut o);
+            format!("{PREFIX}{}", String::from_utf8(o).unwrap())
+        };
+        let (c1, c2) = (enc(&bin1), enc(&bin2));
+        assert_eq!(embedded_keys(&c1), vec![k1]);
+        let doc =
+            format!("{{\"a\": \"{c1}\", \"b\": [\"{c2}\", \"ekm1:short\"], \"c\": \"ekm1:\"}}");
+        assert_eq!(embedded_keys(&doc), vec![k1, k2]);
+        assert_eq!(embedded_keys(&format!("{{{c2},{c1}}}")), vec![k2, k1]);
+        assert!(embedded_keys("plain text, no ciphertext; ekm1 ekm1:").is_empty());
+        assert!(embedded_keys("").is_empty());
+        assert!(embedded_keys("é ekm1:€").is_empty());
     }
 
     #[test]

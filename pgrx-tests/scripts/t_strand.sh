@@ -196,6 +196,57 @@ session_send 12 "COMMIT;"; session_end 12 copier
 check "the job finishes after moving the copy" "$(wait_job "$job" 300)" done
 check "the copy is on the new key and decrypts to the value it copied" \
   "$(q "SELECT ekm_key_id(v) = '$(active)' AND ekm_decrypt(v, 'public.pv.v') = 'pv5' FROM pv_copy WHERE id = 5")" t
+# 6. Ciphertext outside registered columns: an AFTER UPDATE audit trigger
+#    on a registered table records the rotation's OLD values (every one on
+#    the old key) in an unregistered table, and copies sit inside a jsonb
+#    column. Cleanup keeps the old key until a scan of the database that
+#    started after its retirement finds no value on it anywhere; the scan
+#    finds both, health warns, and once they are dealt with the key goes.
+q "CREATE TABLE acct (id int PRIMARY KEY, ssn text); CREATE TABLE acct_audit (id int, old_ssn text); CREATE TABLE acct_notes (id int, note jsonb);
+   CREATE FUNCTION acct_audit_fn() RETURNS trigger LANGUAGE plpgsql AS \$\$ BEGIN INSERT INTO acct_audit VALUES (OLD.id, OLD.ssn); RETURN NEW; END \$\$;
+   CREATE TRIGGER acct_audit AFTER UPDATE ON acct FOR EACH ROW EXECUTE FUNCTION acct_audit_fn();
+   INSERT INTO acct SELECT g, ekm_encrypt('ssn-' || g, 'public.acct.ssn') FROM generate_series(1, 500) g;
+   INSERT INTO acct_notes SELECT id, jsonb_build_object('ssn', ssn, 'n', id) FROM acct WHERE id <= 20;
+   SELECT ekm_register_column('acct', 'ssn', 'public.acct.ssn')" >/dev/null
+k1=$(active)
+job=$(q "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+# the batches run as acct's owner with search_path = pg_catalog, pg_temp:
+# the trigger's unqualified table name is not found, and the job says so
+check "a trigger that relies on the search_path fails the job" "$(wait_job "$job" 300)" failed
+check_match "with the reason and what to do" "$(q "SELECT error FROM ekm.rotation_job WHERE job_id = $job")" \
+  '^relation "acct_audit" does not exist \(ekm runs its batches as the table.s owner with search_path = pg_catalog, pg_temp, as VACUUM does: .*ALTER FUNCTION \.\.\. SET search_path = public; then SELECT ekm_rotation_resume'
+check "every value still decrypts meanwhile" "$(q "SELECT count(*) FROM acct WHERE ekm_decrypt(ssn, 'public.acct.ssn') = 'ssn-' || id")" 500
+q "ALTER FUNCTION acct_audit_fn() SET search_path = public" >/dev/null
+q "SELECT ekm_rotation_resume($job)" >/dev/null
+check "with its search_path set, the resumed rotation finishes" "$(wait_job "$job" 300)" done
+check "the audit trigger recorded every old value, on the now retired key" \
+  "$(q "SELECT count(*) FROM acct_audit WHERE ekm_key_id(old_ssn) = '$k1'"):$(q "SELECT rotation_status FROM ekm.keys WHERE key_id = '$k1'")" "500:retired"
+check_match "cleanup keeps the key: no scan of the database since it was retired" \
+  "$(q "SELECT action FROM ekm_cleanup_old_keys(0, dry_run => true) WHERE key_id = '$k1'")" '^kept: no scan of the database has run since it was retired'
+scan=$(q "SELECT job_id FROM ekm_scan_database()")
+check "ekm_scan_database() runs as a background job" "$(wait_job "$scan" 300)" done
+check "it finds the values in every column, registered or not, inside json too" \
+  "$(q "SELECT string_agg(table_name::text || '.' || column_name || ':' || registered || ':' || (key_id = '$k1') || ':' || values, ',' ORDER BY table_name::text, column_name::text) FROM ekm.ciphertext_locations WHERE table_name::text LIKE 'acct%'")" \
+  "acct.ssn:true:false:500,acct_audit.old_ssn:false:true:500,acct_notes.note:false:true:20"
+check_match "health warns about them" "$(q "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'unregistered_ciphertexts'")" \
+  '^warning: the scan of .* found ekm ciphertexts in columns that are not registered: (public\.)?acct_audit.old_ssn: 500 values, (public\.)?acct_notes.note: 20 values'
+check_match "cleanup keeps the key and says where its values are" \
+  "$(q "SELECT action FROM ekm_cleanup_old_keys(0) WHERE key_id = '$k1'" 2>&1)" 'kept: the scan of the database finished .* found values on it in (public\.)?acct_audit.old_ssn: 500, (public\.)?acct_notes.note: 20'
+check "the key was kept" "$(q "SELECT rotation_status FROM ekm.keys WHERE key_id = '$k1'")" retired
+check_match "force would destroy it anyway (with a warning and an audit entry)" \
+  "$(q "SELECT action FROM ekm_cleanup_old_keys(0, dry_run => true, force => true) WHERE key_id = '$k1'")" '^would destroy \(forced: the scan of the database'
+# dealt with: the notes' copies go; the audit column is registered (its
+# values are bound to acct's context); the old key is reopened and a
+# rotation moves everything on it to a new key
+q "DELETE FROM acct_notes; SELECT ekm_register_column('acct_audit', 'old_ssn', 'public.acct.ssn'); SELECT ekm_activate_key('$k1')" >/dev/null
+job=$(q "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+check "the rotation after reopening the key finishes" "$(wait_job "$job" 300)" done
+scan=$(q "SELECT job_id FROM ekm_scan_database()")
+check "a new scan finishes" "$(wait_job "$scan" 300)" done
+check "health has nothing to say" "$(q "SELECT status FROM ekm_health() WHERE \"check\" = 'unregistered_ciphertexts'")" ok
+check "cleanup now destroys the old key" "$(q "SELECT action FROM ekm_cleanup_old_keys(0) WHERE key_id = '$k1'" 2>&1)" destroyed
+check "every audit value decrypts to what acct held" \
+  "$(q "SELECT count(*) FILTER (WHERE ekm_decrypt(old_ssn, 'public.acct.ssn') = 'ssn-' || id) = count(*) FROM acct_audit")" t
 check "after ekm_cleanup_old_keys(0) every value still decrypts" \
   "$(q "SELECT count(*) FROM ekm_cleanup_old_keys(0) WHERE action = 'destroyed'" >/dev/null; q "SELECT (SELECT count(*) FROM orders WHERE ekm_decrypt(card, 'public.orders.card') = card_shadow) = (SELECT count(*) FROM orders) AND (SELECT count(*) FROM pv WHERE ekm_decrypt(v, 'public.pv.v') IS NOT NULL) = 10000 AND (SELECT count(*) FROM pv_copy WHERE ekm_decrypt(v, 'public.pv.v') IS NOT NULL) = 1")" t
 tap_done
