@@ -67,7 +67,7 @@ pub fn create_key(state: KeyState) -> EkmResult<KeyId> {
 }
 
 fn create_key_as(state: KeyState, bootstrap: bool) -> EkmResult<KeyId> {
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     let master = masterkey::load()?;
     let kcv = master.check_value().to_vec();
     let id = as_owner(owner, || -> EkmResult<KeyId> {
@@ -150,7 +150,7 @@ fn ekm_activate_key(key_id: &str) -> String {
 
 pub fn activate(key_id: &str) -> EkmResult<String> {
     let id = KeyId::parse(key_id)?;
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     as_owner(owner, || -> EkmResult<()> {
         // waits for a rotation's final step (its check and retire see one
         // set of keys), and for other key changes
@@ -213,7 +213,7 @@ fn ekm_key_status() -> TableIterator<
         name!(master_key_source, String),
     ),
 > {
-    let (_, owner) = catalog::key_table().or_raise();
+    let (_, owner) = catalog::ekm_tables().or_raise();
     let rows = as_owner(owner, || {
         Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(String, String, TimestampWithTimeZone, i64, bool)>> {
             let mut v = Vec::new();

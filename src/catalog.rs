@@ -41,6 +41,42 @@ pub fn key_table() -> Result<(pg_sys::Oid, pg_sys::Oid)> {
     })
 }
 
+/// Like [`key_table`], for the management functions: they also need ekm's
+/// SQL objects to be the version of this library. A server may run a new
+/// `ekm.so` before `ALTER EXTENSION ekm UPDATE` has brought the database's
+/// objects up to it: encryption and decryption go on working then (the key
+/// tables did not change), everything else refuses with a hint.
+pub fn ekm_tables() -> Result<(pg_sys::Oid, pg_sys::Oid)> {
+    let t = key_table()?;
+    require_current_objects()?;
+    Ok(t)
+}
+
+/// The version of the library, which its SQL objects must have.
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Errors unless the database's ekm objects are this library's version
+/// (checked once per backend once they are: updates only go forward).
+pub fn require_current_objects() -> Result<()> {
+    static CURRENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if CURRENT.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    let installed = one::<String>(
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'ekm'",
+        vec![],
+    )?
+    .unwrap_or_default();
+    if installed != LIBRARY_VERSION {
+        return Err(EkmError::ObjectsOutdated {
+            installed,
+            library: LIBRARY_VERSION,
+        });
+    }
+    CURRENT.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
 /// Runs `f` as `owner` with `search_path = pg_catalog, pg_temp`, restoring
 /// the caller's identity and settings afterwards (also on error). For ekm's
 /// own tables: like a SECURITY DEFINER function owned by ekm's owner.

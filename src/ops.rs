@@ -38,7 +38,7 @@ fn ekm_rollback(
 > {
     check_batch_size(batch_size);
     refuse_on_standby("roll keys back", "ekm_rollback()");
-    let (_, owner) = catalog::key_table().or_raise();
+    let (_, owner) = catalog::ekm_tables().or_raise();
     let (job, from, to, note) = as_owner(owner, || -> EkmResult<(i64, String, String, String)> {
         lock_key_changes()?;
         // A running job is refused; an interrupted (cancelled) one is what a
@@ -109,9 +109,11 @@ fn ekm_rollback(
 // ----------------------------------------------------------------- cleanup
 
 /// Destroys (erases the material of) keys retired more than `days` ago that
-/// no registered column still uses; with `dry_run`, only reports.
-#[pg_extern(volatile)]
-fn ekm_cleanup_old_keys(
+/// no registered column still uses and the latest scan of the database found
+/// nowhere; with `dry_run`, only reports. (Its C symbol is new in 0.2.0:
+/// the 0.1.0 definition, with one argument less, must never reach it.)
+#[pg_extern(volatile, name = "ekm_cleanup_old_keys")]
+fn ekm_cleanup_old_keys_v2(
     days: default!(i32, 365),
     dry_run: default!(bool, false),
     force: default!(bool, false),
@@ -134,7 +136,7 @@ fn ekm_cleanup_old_keys(
     if !dry_run {
         refuse_on_standby("destroy keys", "ekm_cleanup_old_keys()");
     }
-    let (_, owner) = catalog::key_table().or_raise();
+    let (_, owner) = catalog::ekm_tables().or_raise();
     let rows = as_owner(owner, || cleanup(days, dry_run, force)).or_raise();
     if !dry_run && rows.iter().any(|r| r.3 == "destroyed") {
         keycache::invalidate_all();
@@ -326,7 +328,7 @@ fn ekm_keys_needing_rotation() -> TableIterator<
         name!(reason, String),
     ),
 > {
-    let (_, owner) = catalog::key_table().or_raise();
+    let (_, owner) = catalog::ekm_tables().or_raise();
     let (active, age, encryptions) = as_owner(owner, crate::rotation::active_key_age).or_raise();
     if !age.needs_rotation {
         return TableIterator::new(Vec::new());
@@ -399,7 +401,7 @@ fn ekm_health_status() -> String {
 }
 
 fn health() -> Vec<HealthRow> {
-    let (_, owner) = catalog::key_table().or_raise();
+    let (_, owner) = catalog::ekm_tables().or_raise();
     as_owner(owner, || {
         let mut out = Vec::new();
         let mut push = |r: EkmResult<HealthRow>, name: &str| {
@@ -833,7 +835,7 @@ fn ekm_scan_database(
 > {
     check_batch_size(batch_size);
     refuse_on_standby("scan the database", "ekm_scan_database()");
-    let (_, owner) = catalog::key_table().or_raise();
+    let (_, owner) = catalog::ekm_tables().or_raise();
     let (job, tables, columns) = as_owner(owner, || -> EkmResult<(i64, i64, i64)> {
         let (running, state) = catalog::two::<i64, String>(
             "SELECT job_id, state FROM ekm.rotation_job WHERE kind = 'scan' AND state IN ('running', 'cancelled')",
@@ -979,7 +981,7 @@ fn encrypt_column_as_caller(
 ) -> EkmResult<EncryptColumnRow> {
     // Only ordinary and partitioned tables (42809 for a view, ...).
     let t = catalog::Table::require(tbl)?;
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     let registered = as_owner(owner, || {
         catalog::one::<String>(
             "SELECT context FROM ekm.registered_column WHERE tbl = $1::regclass AND col = $2",

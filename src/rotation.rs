@@ -134,7 +134,7 @@ pub(crate) fn register_as_caller(
             Some("registering a column needs the UPDATE privilege on it".into()),
         );
     }
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     as_owner(owner, || {
         // waits for a rotation's final step: a column is covered by the job
         // if it is registered before that step, and by none if after
@@ -193,7 +193,7 @@ pub(crate) fn register_as_caller(
 fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
     // the name as the caller writes it (before the search_path changes)
     let name = catalog::display_name(tbl);
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     as_owner(owner, || {
         lock_key_changes()?;
         if let Some(j) = catalog::one::<i64>(
@@ -522,7 +522,7 @@ pub(crate) fn size_batches(job: i64, batch_size: i32) -> EkmResult<()> {
 fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRow>> {
     check_batch_size(batch_size);
     refuse_on_standby("rotate keys", "ekm_rotate()");
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     let (job, rows) = as_owner(owner, || -> EkmResult<(Option<i64>, Vec<RotateRow>)> {
         lock_key_changes()?;
         let cols = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String, String, String)>> {
@@ -835,7 +835,7 @@ fn ekm_rotation_resume(job: i64) -> String {
 }
 
 fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<String> {
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     as_owner(owner, || {
         // waits for the job's final step: a cancel either comes first (and
         // the job retires nothing) or finds the job done
@@ -886,7 +886,7 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
 /// rotation when the active key is due, exactly as `ekm_rotate()` would, and
 /// returns its job. `None`, with the reason, when nothing is to be done.
 pub(crate) fn auto_rotate() -> EkmResult<Result<i64, String>> {
-    let (_, owner) = catalog::key_table()?;
+    let (_, owner) = catalog::ekm_tables()?;
     as_owner(owner, || {
         lock_key_changes()?;
         if let Some((j, state)) = first_job(

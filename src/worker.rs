@@ -226,6 +226,22 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     if transaction(|| Spi::run("SET search_path = pg_catalog, pg_temp").map_err(spi_err)).is_err() {
         return;
     }
+    // A new library before ALTER EXTENSION ekm UPDATE: jobs wait for it.
+    if let Ok(Some(why)) = transaction(|| {
+        let installed = Spi::get_one::<bool>("SELECT to_regclass('ekm.rotation_job') IS NOT NULL")
+            .map_err(spi_err)?
+            .unwrap_or(false);
+        Ok(if installed {
+            catalog::require_current_objects()
+                .err()
+                .map(|e| e.to_string())
+        } else {
+            None
+        })
+    }) {
+        pgrx::log!("ekm: no job runs in this database until ALTER EXTENSION ekm UPDATE: {why}");
+        return;
+    }
     let mut job_id = arg.value() as i64;
     if job_id == MAINTENANCE_JOB {
         let r = transaction(|| {

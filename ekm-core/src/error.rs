@@ -50,6 +50,11 @@ pub enum EkmError {
     NoSuchTable(u32),
     #[error("\"{name}\" is {kind}, not a table")]
     NotATable { name: String, kind: &'static str },
+    #[error("ekm's objects in this database are version {installed}, but the loaded ekm library is version {library}")]
+    ObjectsOutdated {
+        installed: String,
+        library: &'static str,
+    },
     #[error("ekm internal error: {0}")]
     Internal(String),
 }
@@ -77,6 +82,7 @@ impl EkmError {
             EkmError::OutOfMemory(_) => "53200", // out_of_memory
             EkmError::NoSuchTable(_) => "42P01", // undefined_table
             EkmError::NotATable { .. } => "42809", // wrong_object_type
+            EkmError::ObjectsOutdated { .. } => "55000",
             EkmError::Internal(_) => "XX000",
         }
     }
@@ -119,6 +125,9 @@ impl EkmError {
             EkmError::OutOfMemory(_) => "retry with fewer or smaller values at a time".into(),
             EkmError::NoSuchTable(_) => return None,
             EkmError::NotATable { .. } => "ekm works on columns of ordinary and partitioned tables: name the table that holds the values".into(),
+            EkmError::ObjectsOutdated { .. } => {
+                "run ALTER EXTENSION ekm UPDATE in this database (encryption and decryption keep working until then)".into()
+            }
             EkmError::Internal(_) => return None,
         })
     }

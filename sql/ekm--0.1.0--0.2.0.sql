@@ -1,0 +1,122 @@
+-- ekm 0.1.0 -> 0.2.0 (ALTER EXTENSION ekm UPDATE). Once 0.2.0 is released
+-- this file is frozen: every later change to ekm's SQL objects ships a script
+-- of its own (ekm--0.2.0--0.3.0.sql, ...), and the upgrade test
+-- (pgrx-tests/scripts/t_upgrade.sh) compares an updated database with a
+-- fresh install object by object. docs/design.md, section 7.
+\echo Use "ALTER EXTENSION ekm UPDATE" to load this file. \quit
+
+-- The rotation worker's per-value functions left the extension: each worker
+-- creates them in its own temporary schema, because its batches run as each
+-- table's owner (who may not execute ekm's functions). Helpers the dry runs
+-- and views used are gone too: those scans read the values in Rust.
+DROP FUNCTION ekm._ekm_on_rotating_key(text);
+DROP FUNCTION ekm._ekm_rotate_value(text, text, integer);
+DROP FUNCTION ekm._ekm_encrypt_plain(text, text, integer);
+DROP FUNCTION ekm._ekm_decrypts(text, text);
+DROP FUNCTION ekm._ekm_value_class(text);
+DROP FUNCTION ekm._ekm_key_of(text);
+
+-- Partitions (and inheritance children) are registered with their table.
+ALTER TABLE ekm.registered_column ADD COLUMN parent regclass;
+COMMENT ON TABLE ekm.registered_column IS 'Columns ekm_rotate() keeps on the active key, with the context their values are bound to; partitions of a registered table are registered with it (parent).';
+
+-- Jobs: scans of the database (kind scan); jobs that could not move every
+-- value (state needs_attention). A scan runs beside a rotation.
+ALTER TABLE ekm.rotation_job DROP CONSTRAINT rotation_job_kind_check;
+ALTER TABLE ekm.rotation_job ADD CONSTRAINT rotation_job_kind_check
+    CHECK (kind IN ('rotate', 'rollback', 'encrypt', 'scan'));
+ALTER TABLE ekm.rotation_job DROP CONSTRAINT rotation_job_state_check;
+ALTER TABLE ekm.rotation_job ADD CONSTRAINT rotation_job_state_check
+    CHECK (state IN ('running', 'cancelled', 'needs_attention', 'failed', 'done'));
+DROP INDEX ekm.rotation_job_one_unfinished;
+CREATE UNIQUE INDEX rotation_job_one_unfinished ON ekm.rotation_job ((true))
+    WHERE state IN ('running', 'cancelled', 'needs_attention') AND kind <> 'scan';
+CREATE UNIQUE INDEX rotation_job_one_scan ON ekm.rotation_job ((true))
+    WHERE state IN ('running', 'cancelled') AND kind = 'scan';
+
+CREATE TABLE ekm.rotation_problem (
+    job_id   bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
+    tbl      regclass NOT NULL,
+    col      name NOT NULL,
+    row_ref  text NOT NULL,
+    key_id   text,
+    reason   text NOT NULL,
+    found_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, tbl, col, row_ref)
+);
+CREATE TABLE ekm.ciphertext_scan (
+    job_id     bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
+    tbl        regclass NOT NULL,
+    col        name NOT NULL,
+    key_id     text NOT NULL,
+    values     bigint NOT NULL,
+    scanned_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, tbl, col, key_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_problem', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.ciphertext_scan', '');
+
+-- Progress only goes up: a later pass stays at 99.9.
+CREATE OR REPLACE VIEW ekm.rotation_progress AS
+SELECT j.job_id, j.kind, c.tbl AS table_name, c.col AS column_name, j.from_key, j.to_key,
+       c.rows_done, greatest(c.rows_total, c.rows_done) AS rows_total,
+       -- only goes up: a later pass (values moved behind the first one) stays at 99.9
+       CASE WHEN c.state = 'done' THEN 100.0 WHEN c.passes > 1 THEN 99.9
+            ELSE round(least(99.9, 100.0 * c.next_block / greatest(c.blocks_total, 1))::numeric, 1) END AS percent,
+       r.rows_per_second,
+       CASE WHEN j.state = 'running' AND c.state <> 'done' AND r.rows_per_second > 0
+            THEN make_interval(secs => greatest(c.rows_total - c.rows_done, 0) / r.rows_per_second) END AS eta,
+       c.state AS column_state, c.passes, j.state AS job_state, j.waiting_for, j.error,
+       j.switched_at AS started_at, j.finished_at
+FROM ekm.rotation_job j
+JOIN ekm.rotation_cursor c USING (job_id)
+CROSS JOIN LATERAL (SELECT round(j.rows_done / greatest(extract(epoch FROM coalesce(j.finished_at, now()) - j.switched_at), 0.001))::bigint
+                           AS rows_per_second) r
+ORDER BY j.job_id DESC, c.tbl::text, c.col;
+
+CREATE VIEW ekm.ciphertext_locations AS
+SELECT s.job_id AS scan_job, s.tbl AS table_name, s.col AS column_name,
+       EXISTS (SELECT 1 FROM ekm.registered_column r WHERE r.tbl = s.tbl AND r.col = s.col) AS registered,
+       s.key_id, k.rotation_status AS key_state, s.values, s.scanned_at
+FROM ekm.ciphertext_scan s
+LEFT JOIN ekm.key k USING (key_id)
+WHERE s.job_id = (SELECT max(job_id) FROM ekm.rotation_job WHERE kind = 'scan' AND state = 'done')
+ORDER BY s.tbl::text, s.col, s.key_id;
+COMMENT ON VIEW ekm.ciphertext_locations IS 'ekm ciphertexts per table, column and key found by the latest ekm_scan_database(), registered or not.';
+
+-- Cleanup keeps keys a scan of the database has not cleared (force
+-- overrides). A new C symbol: the 0.1.0 definition, with one argument
+-- less, must never call the new code.
+DROP FUNCTION @extschema@.ekm_cleanup_old_keys(integer, boolean);
+CREATE FUNCTION @extschema@."ekm_cleanup_old_keys"(
+	"days" INT DEFAULT 365,
+	"dry_run" bool DEFAULT false,
+	"force" bool DEFAULT false
+) RETURNS TABLE (
+	"key_id" TEXT,
+	"retired_at" timestamp with time zone,
+	"values_in_use" bigint,
+	"action" TEXT
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ekm_cleanup_old_keys_v2_wrapper';
+
+CREATE FUNCTION @extschema@."ekm_scan_database"(
+	"batch_size" INT DEFAULT 1000
+) RETURNS TABLE (
+	"job_id" bigint,
+	"tables" bigint,
+	"columns" bigint,
+	"note" TEXT
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ekm_scan_database_wrapper';
+
+-- Privileges, as a fresh install grants them: nothing to PUBLIC.
+REVOKE ALL ON FUNCTION @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
+    @extschema@.ekm_scan_database(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
+    @extschema@.ekm_scan_database(integer) TO ekm_admin;
+GRANT SELECT ON ekm.rotation_problem, ekm.ciphertext_scan, ekm.ciphertext_locations TO ekm_admin;
