@@ -114,9 +114,55 @@ STRICT VOLATILE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'ekm_scan_database_wrapper';
 
+-- Master key rotation: each wrapped key's fingerprint (the check value of
+-- the master key that wrapped it) is shown; ekm_key_status() gains the
+-- configured key's (a new C symbol: one column more).
+CREATE OR REPLACE VIEW ekm.keys AS
+SELECT k.key_id, k.rotation_status, k.is_active,
+       k.created_at, k.activated_at, k.rotated_at, k.retired_at, k.destroyed_at,
+       p.expires_at, p.age_days, p.expires_in_days, p.needs_rotation, p.rotation_due_at,
+       p.encryptions,
+       -- which master key wrapped it (its check value: names the key, never reveals it)
+       encode(m.master_kcv, 'hex') AS master_key_fingerprint
+FROM ekm.key k
+LEFT JOIN ekm.key_material m USING (key_id)
+CROSS JOIN LATERAL ekm._ekm_key_policy(k.key_id, k.created_at, k.encryptions) p
+ORDER BY k.created_at, k.key_id;
+
+DROP FUNCTION @extschema@.ekm_key_status();
+CREATE FUNCTION @extschema@."ekm_key_status"() RETURNS TABLE (
+	"current_key_id" TEXT,
+	"active_keys_count" bigint,
+	"decrypt_keys_count" bigint,
+	"keys_with_material" bigint,
+	"keys_needing_rotation" bigint,
+	"current_key_age_days" bigint,
+	"current_key_expires_at" timestamp with time zone,
+	"current_key_encryptions" bigint,
+	"next_rotation_due" timestamp with time zone,
+	"rotation_alert_at" timestamp with time zone,
+	"master_key_source" TEXT,
+	"master_key_fingerprint" TEXT
+)
+STRICT STABLE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ekm_key_status_v2_wrapper';
+
+CREATE FUNCTION @extschema@."ekm_rotate_master_key"() RETURNS TABLE (
+	"key_id" TEXT,
+	"action" TEXT,
+	"from_fingerprint" TEXT,
+	"to_fingerprint" TEXT
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ekm_rotate_master_key_wrapper';
+
 -- Privileges, as a fresh install grants them: nothing to PUBLIC.
 REVOKE ALL ON FUNCTION @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
-    @extschema@.ekm_scan_database(integer) FROM PUBLIC;
+    @extschema@.ekm_scan_database(integer), @extschema@.ekm_key_status(),
+    @extschema@.ekm_rotate_master_key() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
-    @extschema@.ekm_scan_database(integer) TO ekm_admin;
+    @extschema@.ekm_scan_database(integer), @extschema@.ekm_key_status(),
+    @extschema@.ekm_rotate_master_key() TO ekm_admin;
 GRANT SELECT ON ekm.rotation_problem, ekm.ciphertext_scan, ekm.ciphertext_locations TO ekm_admin;

@@ -45,8 +45,11 @@ CREATE VIEW ekm.keys AS
 SELECT k.key_id, k.rotation_status, k.is_active,
        k.created_at, k.activated_at, k.rotated_at, k.retired_at, k.destroyed_at,
        p.expires_at, p.age_days, p.expires_in_days, p.needs_rotation, p.rotation_due_at,
-       p.encryptions
+       p.encryptions,
+       -- which master key wrapped it (its check value: names the key, never reveals it)
+       encode(m.master_kcv, 'hex') AS master_key_fingerprint
 FROM ekm.key k
+LEFT JOIN ekm.key_material m USING (key_id)
 CROSS JOIN LATERAL ekm._ekm_key_policy(k.key_id, k.created_at, k.encryptions) p
 ORDER BY k.created_at, k.key_id;
 COMMENT ON VIEW ekm.keys IS 'ekm keys: state, dates, policy (needs_rotation) and encryption counts.';
@@ -143,7 +146,7 @@ GRANT EXECUTE ON FUNCTION
     @extschema@.ekm_rotate(integer, boolean, boolean), @extschema@.ekm_rotation_wait(bigint, double precision),
     @extschema@.ekm_rotation_cancel(bigint), @extschema@.ekm_rotation_resume(bigint),
     @extschema@.ekm_rollback(integer), @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
-    @extschema@.ekm_scan_database(integer),
+    @extschema@.ekm_scan_database(integer), @extschema@.ekm_rotate_master_key(),
     @extschema@.ekm_health(), @extschema@.ekm_health_status(), @extschema@.ekm_keys_needing_rotation(),
     @extschema@.ekm_encrypt_column(regclass, name, integer, boolean, text),
     ekm._ekm_encrypt_column(oid, text, integer, boolean, text)

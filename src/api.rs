@@ -75,7 +75,19 @@ fn create_key_as(state: KeyState, bootstrap: bool) -> EkmResult<KeyId> {
         // key the existing keys were wrapped with.
         for row in catalog::load_keys(owner)? {
             if row.wrapped.is_some() && row.kcv != kcv {
-                return Err(EkmError::MasterKeyMismatch(row.id.to_string()));
+                let fingerprint = ekm_core::crypto::fingerprint_of(&row.kcv);
+                let previous = masterkey::load_previous().and_then(|r| r.ok());
+                if previous.is_some_and(|p| p.check_value()[..] == row.kcv[..]) {
+                    return Err(EkmError::MasterKeyRotationPending {
+                        previous: fingerprint,
+                        configured: master.fingerprint(),
+                    });
+                }
+                return Err(EkmError::MasterKeyMismatch {
+                    key_id: row.id.to_string(),
+                    expected: fingerprint,
+                    configured: master.fingerprint(),
+                });
             }
         }
         for _ in 0..16 {
@@ -196,8 +208,11 @@ pub fn activate(key_id: &str) -> EkmResult<String> {
 }
 
 /// The runbook's `get_key_status()`, as one row.
-#[pg_extern(stable)]
-fn ekm_key_status() -> TableIterator<
+///
+/// (Its C symbol is new in 0.2.0, which added `master_key_fingerprint`: the
+/// 0.1.0 definition, with a column less, must never reach this code.)
+#[pg_extern(stable, name = "ekm_key_status")]
+fn ekm_key_status_v2() -> TableIterator<
     'static,
     (
         name!(current_key_id, Option<String>),
@@ -211,6 +226,7 @@ fn ekm_key_status() -> TableIterator<
         name!(next_rotation_due, Option<TimestampWithTimeZone>),
         name!(rotation_alert_at, Option<TimestampWithTimeZone>),
         name!(master_key_source, String),
+        name!(master_key_fingerprint, Option<String>),
     ),
 > {
     let (_, owner) = catalog::ekm_tables().or_raise();
@@ -273,7 +289,136 @@ fn ekm_key_status() -> TableIterator<
         current.as_ref().map(|c| chrono_to_ts(c.1.due_at)),
         current.as_ref().map(|c| chrono_to_ts(c.1.due_at - warn)),
         masterkey::describe(&gucs::master_key_source()),
+        masterkey::load().ok().map(|m| m.fingerprint()),
     ))
+}
+
+/// Re-wraps every data key that has material under the configured master
+/// key, in one transaction: keys wrapped under the previous master key
+/// (`ekm.previous_master_key_command` / `_file`) are unwrapped with it and
+/// wrapped again; keys already under the configured key are left as they
+/// are. No value is touched (the data keys do not change). Idempotent.
+#[pg_extern(volatile)]
+fn ekm_rotate_master_key() -> TableIterator<
+    'static,
+    (
+        name!(key_id, String),
+        name!(action, String),
+        name!(from_fingerprint, String),
+        name!(to_fingerprint, String),
+    ),
+> {
+    crate::rotation::refuse_on_standby("rotate the master key", "ekm_rotate_master_key()");
+    TableIterator::new(rotate_master_key().or_raise())
+}
+
+fn rotate_master_key() -> EkmResult<Vec<(String, String, String, String)>> {
+    let (_, owner) = catalog::ekm_tables()?;
+    let new = masterkey::load()?;
+    let previous = match masterkey::load_previous() {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => return Err(e),
+    };
+    if previous
+        .as_ref()
+        .is_some_and(|p| p.check_value() == new.check_value())
+    {
+        crate::error::raise_with(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!(
+                "the previous master key setting holds the same key as the current one (fingerprint {})",
+                new.fingerprint()
+            ),
+            Some("set ekm.master_key_file (or _command) to the new key and ekm.previous_master_key_file (or _command) to the old one, then SELECT pg_reload_conf()".into()),
+        );
+    }
+    let rows = as_owner(
+        owner,
+        || -> EkmResult<Vec<(String, String, String, String)>> {
+            crate::rotation::lock_key_changes()?;
+            // the rows, locked: nothing else re-wraps or destroys them meanwhile
+            let keys = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<(String, Vec<u8>, Vec<u8>)>> {
+            let mut v = Vec::new();
+            for r in c.update(
+                "SELECT key_id, wrapped, master_kcv FROM ekm.key_material WHERE wrapped IS NOT NULL ORDER BY key_id FOR UPDATE",
+                None,
+                &[],
+            )? {
+                v.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+                    r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                ));
+            }
+            Ok(v)
+        })
+        .map_err(|e| EkmError::Internal(e.to_string()))?;
+            let to = new.fingerprint();
+            let mut out = Vec::new();
+            let mut rewrapped = 0;
+            for (id, wrapped, kcv) in keys {
+                let from = ekm_core::crypto::fingerprint_of(&kcv);
+                if kcv[..] == new.check_value()[..] {
+                    out.push((
+                        id,
+                        "already under the configured master key".into(),
+                        from,
+                        to.clone(),
+                    ));
+                    continue;
+                }
+                let Some(p) = previous.as_ref().filter(|p| p.check_value()[..] == kcv[..]) else {
+                    // wrapped under neither key: refuse the whole rotation
+                    return Err(EkmError::MasterKeyMismatch {
+                        key_id: id,
+                        expected: from,
+                        configured: match &previous {
+                            Some(p) => format!("{to} (and previous {})", p.fingerprint()),
+                            None => format!("{to} (no previous master key is configured)"),
+                        },
+                    });
+                };
+                let key = KeyId::parse(&id)?;
+                let (w, k) = p.rewrap(&new, &key, &wrapped, &kcv)?;
+                catalog::exec(
+                    "UPDATE ekm.key_material SET wrapped = $2, master_kcv = $3 WHERE key_id = $1",
+                    vec![id.clone().into(), w.into(), k.to_vec().into()],
+                )?;
+                rewrapped += 1;
+                out.push((id, "re-wrapped".into(), from, to.clone()));
+            }
+            catalog::audit(
+                "master_key_rotated",
+                None,
+                &catalog::json_object(&[
+                    ("rewrapped", &rewrapped.to_string()),
+                    ("keys", &out.len().to_string()),
+                    (
+                        "from_fingerprint",
+                        &previous
+                            .as_ref()
+                            .map(|p| p.fingerprint())
+                            .unwrap_or_default(),
+                    ),
+                    ("to_fingerprint", &to),
+                    (
+                        "master_key_source",
+                        &masterkey::describe(&gucs::master_key_source()),
+                    ),
+                ]),
+            )?;
+            if rewrapped == 0 {
+                pgrx::notice!("ekm: every key is already wrapped under the configured master key (fingerprint {to})");
+            } else {
+                pgrx::notice!(
+                "ekm: {rewrapped} keys re-wrapped under master key fingerprint {to}; once every server (standbys too) has the new key, remove the ekm.previous_master_key_* setting"
+            );
+            }
+            Ok(out)
+        },
+    )?;
+    Ok(rows)
 }
 
 #[pg_schema]

@@ -42,7 +42,12 @@ unsafe fn hide_master_key_setting(edata: *mut pg_sys::ErrorData) {
             return;
         }
         let text = std::ffi::CStr::from_ptr(msg).to_bytes();
-        for name in ["ekm.master_key_command", "ekm.master_key_file"] {
+        for name in [
+            "ekm.master_key_command",
+            "ekm.master_key_file",
+            "ekm.previous_master_key_command",
+            "ekm.previous_master_key_file",
+        ] {
             let quoted = format!("\"{name}\"");
             if text.windows(quoted.len()).any(|w| w == quoted.as_bytes()) {
                 let hidden = std::ffi::CString::new(format!(

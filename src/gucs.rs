@@ -9,6 +9,10 @@ use std::ffi::CString;
 
 static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static PREVIOUS_MASTER_KEY_COMMAND: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 static KEY_LIFETIME_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
 static ROTATION_DUE_AGE_DAYS: GucSetting<i32> = GucSetting::<i32>::new(76);
 static ROTATION_WARNING_DAYS: GucSetting<i32> = GucSetting::<i32>::new(14);
@@ -33,6 +37,16 @@ unsafe extern "C-unwind" fn show_master_key_command() -> *const std::ffi::c_char
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn show_master_key_file() -> *const std::ffi::c_char {
     hidden(&MASTER_KEY_FILE)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_previous_master_key_command() -> *const std::ffi::c_char {
+    hidden(&PREVIOUS_MASTER_KEY_COMMAND)
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn show_previous_master_key_file() -> *const std::ffi::c_char {
+    hidden(&PREVIOUS_MASTER_KEY_FILE)
 }
 
 fn hidden(s: &GucSetting<Option<CString>>) -> *const std::ffi::c_char {
@@ -68,6 +82,28 @@ pub fn init() {
             None,
             None,
             Some(show_master_key_file),
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"ekm.previous_master_key_command",
+            c"While the master key is rotated: a command whose output is the previous master key.",
+            c"Keys still wrapped under it keep working; SELECT ekm_rotate_master_key() re-wraps them under the current one. Shown as (hidden).",
+            &PREVIOUS_MASTER_KEY_COMMAND,
+            GucContext::Sighup,
+            secret,
+            None,
+            None,
+            Some(show_previous_master_key_command),
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"ekm.previous_master_key_file",
+            c"While the master key is rotated: a file holding the previous master key.",
+            c"Keys still wrapped under it keep working; SELECT ekm_rotate_master_key() re-wraps them under the current one. Shown as (hidden).",
+            &PREVIOUS_MASTER_KEY_FILE,
+            GucContext::Sighup,
+            secret,
+            None,
+            None,
+            Some(show_previous_master_key_file),
         );
     }
     GucRegistry::define_int_guc(
@@ -217,6 +253,16 @@ pub fn debug_pause_points() -> bool {
 
 pub fn master_key_command_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(MASTER_KEY_COMMAND_TIMEOUT_S.get().max(1) as u64)
+}
+
+/// Where the previous master key comes from, during a master key rotation
+/// (a command takes precedence over a file, as for the current key).
+pub fn previous_master_key_source() -> Option<MasterKeySource> {
+    if let Some(c) = non_empty(&PREVIOUS_MASTER_KEY_COMMAND) {
+        Some(MasterKeySource::Command(c))
+    } else {
+        non_empty(&PREVIOUS_MASTER_KEY_FILE).map(MasterKeySource::File)
+    }
 }
 
 pub fn policy() -> Policy {

@@ -119,6 +119,7 @@ impl Cache {
             let rows = catalog::load_keys(owner)?;
             let mut old = std::mem::take(&mut self.entries);
             let mut master: Option<Result<MasterKey>> = None;
+            let mut previous: Option<Option<Result<MasterKey>>> = None;
             let mut entries = Vec::with_capacity(rows.len());
             let mut active = None;
             for row in rows {
@@ -142,7 +143,19 @@ impl Cache {
                             state: KeyState::Destroyed,
                             action: "decrypt",
                         }),
-                        (Ok(m), Some(w)) => m.unwrap(&row.id, w, &row.kcv),
+                        (Ok(m), Some(w)) => match m.unwrap(&row.id, w, &row.kcv) {
+                            // a master key rotation under way: keys not yet
+                            // re-wrapped unwrap under the previous master key
+                            Err(e @ EkmError::MasterKeyMismatch { .. }) => {
+                                match previous.get_or_insert_with(masterkey::load_previous) {
+                                    Some(Ok(p)) if p.check_value()[..] == row.kcv[..] => {
+                                        p.unwrap(&row.id, w, &row.kcv)
+                                    }
+                                    _ => Err(e),
+                                }
+                            }
+                            r => r,
+                        },
                     })
                 };
                 if row.state == KeyState::Active {

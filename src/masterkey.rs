@@ -94,11 +94,10 @@ fn read_key_file(path: &std::path::Path, what: &str) -> Result<MasterKey> {
 /// stops the wait. The command runs in a process group of its own, which is
 /// killed if ekm stops waiting for it (timeout, cancel, too much output), so
 /// nothing it started is left behind.
-fn run_command(cmd: &str) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+fn run_command(cmd: &str, what: &str) -> Result<zeroize::Zeroizing<Vec<u8>>> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let unavailable =
-        |why: String| EkmError::MasterKeyUnavailable(format!("ekm.master_key_command {why}"));
+    let unavailable = |why: String| EkmError::MasterKeyUnavailable(format!("{what} {why}"));
     let timeout = gucs::master_key_command_timeout();
     let mut child = Command::new("/bin/sh")
         .arg("-c")
@@ -213,11 +212,27 @@ fn readable(fd: i32) -> bool {
 
 /// Reads the master key from the configured source.
 pub fn load() -> Result<MasterKey> {
-    match gucs::master_key_source() {
-        MasterKeySource::Command(cmd) => {
-            MasterKey::parse(&run_command(&cmd)?, "ekm.master_key_command")
-        }
-        MasterKeySource::File(f) => read_key_file(std::path::Path::new(&f), "ekm.master_key_file"),
+    load_from(gucs::master_key_source(), false)
+}
+
+/// Reads the previous master key, while one is configured (a master key
+/// rotation under way).
+pub fn load_previous() -> Option<Result<MasterKey>> {
+    gucs::previous_master_key_source().map(|s| load_from(s, true))
+}
+
+fn load_from(source: MasterKeySource, previous: bool) -> Result<MasterKey> {
+    let (cmd_name, file_name) = if previous {
+        (
+            "ekm.previous_master_key_command",
+            "ekm.previous_master_key_file",
+        )
+    } else {
+        ("ekm.master_key_command", "ekm.master_key_file")
+    };
+    match source {
+        MasterKeySource::Command(cmd) => MasterKey::parse(&run_command(&cmd, cmd_name)?, cmd_name),
+        MasterKeySource::File(f) => read_key_file(std::path::Path::new(&f), file_name),
         MasterKeySource::DevDefault => {
             let p = dev_key_path();
             if !p.exists() {

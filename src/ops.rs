@@ -451,40 +451,48 @@ fn health() -> Vec<HealthRow> {
 fn check_master_key(owner: pg_sys::Oid) -> EkmResult<HealthRow> {
     let source = masterkey::describe(&gucs::master_key_source());
     let master = masterkey::load()?;
+    let previous = masterkey::load_previous();
     let keys = catalog::load_keys(owner)?;
+    let (mut n, mut under_previous) = (0, 0);
     let mut bad = Vec::new();
-    let mut n = 0;
     for k in &keys {
-        if let Some(w) = &k.wrapped {
-            n += 1;
-            if let Err(e) = master.unwrap(&k.id, w, &k.kcv) {
-                bad.push(format!("{}: {e}", k.id));
+        let Some(w) = &k.wrapped else { continue };
+        n += 1;
+        match master.unwrap(&k.id, w, &k.kcv) {
+            Ok(_) => {}
+            Err(EkmError::MasterKeyMismatch { .. }) if matches!(&previous, Some(Ok(p)) if p.unwrap(&k.id, w, &k.kcv).is_ok()) => {
+                under_previous += 1
             }
+            Err(e) => bad.push(format!("{}: {e}", k.id)),
         }
     }
-    Ok(
-        if bad.is_empty() && gucs::master_key_source() == gucs::MasterKeySource::DevDefault {
-            row(
-            "master_key",
-            "warning",
-            format!(
-                "the DEVELOPMENT DEFAULT key ({source}) unwraps all {n} keys with material, but it sits beside the data it protects and base backups copy it: set ekm.master_key_command or ekm.master_key_file"
-            ),
-        )
-        } else if bad.is_empty() {
-            row(
-                "master_key",
-                "ok",
-                format!("loaded from {source}; unwraps all {n} keys with material"),
-            )
-        } else {
-            row("master_key", "failed", format!(
-            "loaded from {source}, but {} of {n} keys do not unwrap under it: {}; configure the master key they were wrapped with",
+    let fp = master.fingerprint();
+    Ok(if !bad.is_empty() {
+        row("master_key", "failed", format!(
+            "loaded from {source} (fingerprint {fp}), but {} of {n} keys do not unwrap under it: {}; configure the master key they were wrapped with",
             bad.len(),
             bad.join("; ")
         ))
-        },
-    )
+    } else if under_previous > 0 {
+        row("master_key", "warning", format!(
+            "a master key rotation is under way: {under_previous} of {n} keys are still wrapped under the previous master key; SELECT * FROM ekm_rotate_master_key() re-wraps them under {source} (fingerprint {fp})"
+        ))
+    } else if let Some(p) = &previous {
+        row("master_key", "warning", format!(
+            "every key unwraps under {source} (fingerprint {fp}), but a previous master key is still configured{}: no key needs it; remove ekm.previous_master_key_command / ekm.previous_master_key_file once every server (standbys too) has the new key",
+            match p { Ok(p) => format!(" (fingerprint {})", p.fingerprint()), Err(_) => " (and cannot be loaded)".into() }
+        ))
+    } else if gucs::master_key_source() == gucs::MasterKeySource::DevDefault {
+        row("master_key", "warning", format!(
+            "the DEVELOPMENT DEFAULT key ({source}, fingerprint {fp}) unwraps all {n} keys with material, but it sits beside the data it protects and base backups copy it: set ekm.master_key_command or ekm.master_key_file"
+        ))
+    } else {
+        row(
+            "master_key",
+            "ok",
+            format!("loaded from {source} (fingerprint {fp}); unwraps all {n} keys with material"),
+        )
+    })
 }
 
 fn check_active_key() -> EkmResult<HealthRow> {

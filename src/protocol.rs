@@ -80,8 +80,9 @@ fn set_fence(f: Option<Fence>) {
 struct Fence {
     keys: Vec<String>,
     vxids: Vec<String>,
-    /// the first transaction id not yet assigned when the fence was taken
-    xmax: String,
+    /// the oldest transaction id running (in any database) when the fence
+    /// was taken: a snapshot with an older xmin was taken before the fence
+    xmin: String,
     gids: Option<Vec<String>>,
 }
 
@@ -125,7 +126,14 @@ pub(crate) fn step(job_id: i64) -> Result<Step, String> {
             // the table's current name and owner (the group may be cached
             // from an earlier batch, and a table can be renamed or change
             // hands between batches)
-            g.table = Some(catalog::Table::require(g.tbl).map_err(e)?);
+            let Some(table) = catalog::Table::lookup(g.tbl) else {
+                return dropped_table(job_id, &kind, g.tbl);
+            };
+            // a scan reads materialized views too; the other jobs only tables
+            if kind != "scan" && !table.is_table() {
+                return Err(e(catalog::Table::require(g.tbl).expect_err("not a table")));
+            }
+            g.table = Some(table);
             if g.state != "scanning" {
                 sweep(job_id, g)
             } else if g.next_block >= g.nblocks {
@@ -139,6 +147,24 @@ pub(crate) fn step(job_id: i64) -> Result<Step, String> {
         None if kind == "encrypt" || kind == "scan" => finish(job_id, &kind, &[]),
         None => settle(job_id, &kind),
     }
+}
+
+/// The table of a cursor group was dropped during the job. Its values went
+/// with it: its cursors are removed (and, for a partition, its registration
+/// goes at the next sync). A table registered by itself stays registered,
+/// and the check refuses to retire until it is unregistered (it cannot
+/// count values in a table that is not there).
+fn dropped_table(job_id: i64, kind: &str, tbl: pg_sys::Oid) -> Result<Step, String> {
+    catalog::exec(
+        "DELETE FROM ekm.rotation_cursor WHERE job_id = $1 AND tbl = $2::oid",
+        vec![job_id.into(), tbl.into()],
+    )
+    .map_err(e)?;
+    pgrx::log!(
+        "ekm: {kind} job {job_id}: the table with OID {} was dropped during the job; its cursors are removed",
+        tbl.to_u32()
+    );
+    Ok(Step::Again)
 }
 
 /// lock_timeout and deadlock_timeout of every step's transaction.
@@ -556,6 +582,12 @@ fn check(job_id: i64) -> Result<Checked, String> {
         },
     )
     .map_err(spi_err)?;
+    // what the problem list says is what this check finds
+    catalog::exec(
+        "DELETE FROM ekm.rotation_problem WHERE job_id = $1",
+        vec![job_id.into()],
+    )
+    .map_err(e)?;
     let mut left = false;
     let mut stuck = 0;
     for (tbl, quoted, names, contexts) in &tables {
@@ -696,8 +728,11 @@ fn take_fence(keys: Vec<String>) -> Result<Fence, String> {
     )
     .map_err(e)?
     .unwrap_or_default();
-    let xmax = catalog::one::<String>(
-        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text",
+    // The xmin of a snapshot is the oldest transaction running anywhere when
+    // it was taken, and that only moves forward: a snapshot older than this
+    // one can only have been taken before the fence (e.g. imported since).
+    let xmin = catalog::one::<String>(
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text",
         vec![],
     )
     .map_err(e)?
@@ -705,7 +740,7 @@ fn take_fence(keys: Vec<String>) -> Result<Fence, String> {
     Ok(Fence {
         keys,
         vxids,
-        xmax,
+        xmin,
         gids: None,
     })
 }
@@ -714,7 +749,9 @@ fn take_fence(keys: Vec<String>) -> Result<Fence, String> {
 /// but sessions waiting in ekm_rotation_wait without an xid. (2) Then the
 /// prepared transactions there are now: some may have been prepared by
 /// them. (3) Then every session of the database whose snapshot is older
-/// than the fence (its xmin precedes the fence's first unassigned xid): it
+/// than the fence (its xmin precedes the oldest transaction that was running
+/// when the fence was taken; a transaction in another database does not
+/// hold this up): it
 /// may still read, and copy, values the passes have moved since (an
 /// imported snapshot, say); the waiters again excepted. What it waits for is
 /// in rotation_job.waiting_for.
@@ -763,7 +800,7 @@ fn fence_cleared(job_id: i64, f: &mut Fence) -> Result<bool, String> {
                    AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \
                    AND a.backend_xmin IS NOT NULL AND NOT (a.pid = ANY($2) AND a.backend_xid IS NULL) \
                    AND age(a.backend_xmin) > age(xid($1::xid8))",
-                vec![f.xmax.clone().into(), waiters.into()],
+                vec![f.xmin.clone().into(), waiters.into()],
             )
             .map_err(e)?;
             if old_snapshots.unwrap_or(0) > 0 {
@@ -828,6 +865,10 @@ fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
     }
     set_waiting_for(job_id, None)?;
     pause_point("final_check")?;
+    // No partition can be attached (or child added) to a registered table
+    // until this step ends: ATTACH PARTITION and ALTER TABLE ... INHERIT
+    // take this lock too, so the sync below sees every partition there is.
+    lock_registered_parents()?;
     if cover_new_registrations(job_id)? > 0 || rotating_keys()? != fence.keys {
         return Ok(Step::Again); // start over: the fence is dropped
     }
@@ -839,6 +880,26 @@ fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
             retire(job_id, kind, &fence.keys)
         }
     }
+}
+
+/// SHARE UPDATE EXCLUSIVE on every registered table that has partitions or
+/// inheritance children (the lock ATTACH PARTITION, CREATE TABLE ...
+/// PARTITION OF and ALTER TABLE ... INHERIT take on the parent). Waits at
+/// most lock_timeout (then the step is retried).
+fn lock_registered_parents() -> Result<(), String> {
+    let parents = catalog::one::<Vec<String>>(
+        "SELECT coalesce(array_agg(DISTINCT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)), '{}') \
+         FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE r.parent IS NULL AND (c.relkind = 'p' OR c.relhassubclass)",
+        vec![],
+    )
+    .map_err(e)?
+    .unwrap_or_default();
+    for p in parents {
+        Spi::run(&format!("LOCK TABLE {p} IN SHARE UPDATE EXCLUSIVE MODE")).map_err(spi_err)?;
+    }
+    Ok(())
 }
 
 /// Step: the end of a rotation or rollback. The job is marked done if it is

@@ -223,7 +223,14 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     // The worker is a superuser: nothing planted in a schema of the
     // database's or the role's search_path may be picked up by its SQL.
-    if transaction(|| Spi::run("SET search_path = pg_catalog, pg_temp").map_err(spi_err)).is_err() {
+    // (and reads with READ COMMITTED whatever the database's or role's
+    // default: each step must see what committed before it began)
+    if transaction(|| {
+        Spi::run("SET search_path = pg_catalog, pg_temp; SET default_transaction_isolation = 'read committed'")
+            .map_err(spi_err)
+    })
+    .is_err()
+    {
         return;
     }
     // A new library before ALTER EXTENSION ekm UPDATE: jobs wait for it.

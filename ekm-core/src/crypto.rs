@@ -396,6 +396,11 @@ impl DataKey {
     }
 }
 
+/// The fingerprint a stored check value names (see [`MasterKey::fingerprint`]).
+pub fn fingerprint_of(kcv: &[u8]) -> String {
+    hex::encode(kcv)
+}
+
 /// The key-encryption key. Never stored in the database, never printed.
 pub struct MasterKey(Zeroizing<[u8; KEY_LEN]>);
 
@@ -488,11 +493,47 @@ impl MasterKey {
         Ok(out)
     }
 
+    /// The master key's fingerprint: its check value in hex (a MAC of a
+    /// fixed label under the key; it names the key, never reveals it). Every
+    /// wrapped key stores the check value of the master key that wrapped it.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(self.check_value())
+    }
+
+    /// Re-wraps a data key wrapped under this master key (`wrapped`, with
+    /// its check value `kcv`) under `new`: the wrapped form and `new`'s
+    /// check value. The data key itself never changes, so every value stays
+    /// as it is; it exists unwrapped only in a buffer wiped on return.
+    pub fn rewrap(
+        &self,
+        new: &MasterKey,
+        id: &KeyId,
+        wrapped: &[u8],
+        kcv: &[u8],
+    ) -> Result<(Vec<u8>, [u8; KCV_LEN])> {
+        let dek = self.unwrap_bytes(id, wrapped, kcv)?;
+        Ok((new.wrap(id, &dek)?, new.check_value()))
+    }
+
     /// Unwraps a data key. `kcv` is the check value stored with it: a
     /// mismatch means the wrong master key is configured.
     pub fn unwrap(&self, id: &KeyId, wrapped: &[u8], kcv: &[u8]) -> Result<DataKey> {
+        let k = self.unwrap_bytes(id, wrapped, kcv)?;
+        Ok(DataKey::new(*id, &k))
+    }
+
+    fn unwrap_bytes(
+        &self,
+        id: &KeyId,
+        wrapped: &[u8],
+        kcv: &[u8],
+    ) -> Result<Zeroizing<[u8; KEY_LEN]>> {
         if kcv != self.check_value() {
-            return Err(EkmError::MasterKeyMismatch(id.to_string()));
+            return Err(EkmError::MasterKeyMismatch {
+                key_id: id.to_string(),
+                expected: fingerprint_of(kcv),
+                configured: self.fingerprint(),
+            });
         }
         if wrapped.len() != WRAPPED_LEN {
             return Err(EkmError::WrappedKeyCorrupt(id.to_string()));
@@ -512,7 +553,7 @@ impl MasterKey {
                 &tag,
             )
             .map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
-        Ok(DataKey::new(*id, &k))
+        Ok(k)
     }
 }
 

@@ -37,9 +37,18 @@ pub enum EkmError {
     #[error("ekm master key from {0} is not a 256-bit key")]
     MasterKeyInvalid(String),
     #[error(
-        "ekm master key does not match the one key {0} was wrapped with (key check value mismatch)"
+        "ekm master key does not match the one key {key_id} was wrapped with (key check value mismatch): the key expects master key fingerprint {expected}, the configured master key has fingerprint {configured}"
     )]
-    MasterKeyMismatch(String),
+    MasterKeyMismatch {
+        key_id: String,
+        expected: String,
+        configured: String,
+    },
+    #[error("a master key rotation is under way: keys are wrapped under master key fingerprint {previous}, not the configured {configured}")]
+    MasterKeyRotationPending {
+        previous: String,
+        configured: String,
+    },
     #[error("wrapped material of key {0} failed authentication")]
     WrappedKeyCorrupt(String),
     #[error("value of {0} bytes is too long to encrypt (AES-GCM allows at most {max} bytes per value)", max = crate::gcm::MAX_PLAINTEXT)]
@@ -76,7 +85,8 @@ impl EkmError {
             EkmError::InvalidTransition { .. } => "55000",
             EkmError::MasterKeyUnavailable(_) => "58000", // system_error
             EkmError::MasterKeyInvalid(_) => "F0000",     // config_file_error
-            EkmError::MasterKeyMismatch(_) => "28000",    // invalid_authorization_specification
+            EkmError::MasterKeyMismatch { .. } => "28000",
+            EkmError::MasterKeyRotationPending { .. } => "55000", // invalid_authorization_specification
             EkmError::WrappedKeyCorrupt(_) => "XX001",
             EkmError::TooLong(_) => "54000", // program_limit_exceeded
             EkmError::OutOfMemory(_) => "53200", // out_of_memory
@@ -117,8 +127,11 @@ impl EkmError {
             EkmError::MasterKeyInvalid(_) => {
                 "the key must be 64 hexadecimal digits or 44 base64 characters (32 bytes), optionally followed by a newline".into()
             }
-            EkmError::MasterKeyMismatch(_) => {
-                "configure the master key this database's keys were created with (ekm.master_key_command / ekm.master_key_file); nothing was changed".into()
+            EkmError::MasterKeyMismatch { .. } => {
+                "configure the master key this database's keys were wrapped with (ekm.master_key_command / ekm.master_key_file; while a master key rotation is under way, ekm.previous_master_key_command / ekm.previous_master_key_file); nothing was changed".into()
+            }
+            EkmError::MasterKeyRotationPending { .. } => {
+                "finish it first: SELECT * FROM ekm_rotate_master_key() re-wraps every key under the configured master key".into()
             }
             EkmError::WrappedKeyCorrupt(_) => "restore ekm.key_material from a backup".into(),
             EkmError::TooLong(_) => "store values this large outside the database, or split them".into(),

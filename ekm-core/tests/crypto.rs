@@ -112,9 +112,33 @@ fn wrap_unwrap_and_master_key_mismatch() {
     ));
     // another master key: named as a mismatch, never garbage
     let other = MasterKey::generate().unwrap();
+    match other.unwrap(&id, &wrapped, &kcv) {
+        Err(EkmError::MasterKeyMismatch {
+            key_id,
+            expected,
+            configured,
+        }) => {
+            assert_eq!(key_id, id.to_string());
+            assert_eq!(expected, m.fingerprint());
+            assert_eq!(configured, other.fingerprint());
+        }
+        _ => panic!("a mismatch, naming both fingerprints"),
+    }
+    assert_eq!(m.fingerprint().len(), 2 * KCV_LEN);
+    assert_ne!(m.fingerprint(), other.fingerprint());
+    // re-wrapped under the other master key: the same data key
+    let (rewrapped, new_kcv) = m.rewrap(&other, &id, &wrapped, &kcv).unwrap();
+    assert_eq!(new_kcv, other.check_value());
+    assert_ne!(rewrapped, wrapped);
+    let dk3 = other.unwrap(&id, &rewrapped, &new_kcv).unwrap();
+    assert_eq!(&dk3.open(&ct, b"").unwrap()[..], b"v");
     assert!(matches!(
-        other.unwrap(&id, &wrapped, &kcv),
-        Err(EkmError::MasterKeyMismatch(_))
+        m.unwrap(&id, &rewrapped, &new_kcv),
+        Err(EkmError::MasterKeyMismatch { .. })
+    ));
+    assert!(matches!(
+        other.rewrap(&m, &id, &wrapped, &kcv),
+        Err(EkmError::MasterKeyMismatch { .. })
     ));
     // corrupted material
     let mut bad = wrapped.clone();

@@ -112,6 +112,48 @@ same_session=$(cpsql "$dir" "$port" -d filedb -At -q -v ON_ERROR_STOP=0 \
 check_match "one session: the failed command, then (after the fix) the plaintext" "$same_session" '^ekm master key is not available: ekm.master_key_command failed \(exit status: 4\)\|file secret\|$'
 q "ALTER SYSTEM RESET ekm.master_key_command_timeout" >/dev/null; reload
 
+# 5c. Master key rotation: the new key becomes the current setting, the old
+#     one the previous setting; keys keep working throughout; one call
+#     re-wraps every key, with no value touched; then the previous setting
+#     goes. Meanwhile a data-key rotation runs.
+fp() { DB=filedb q "SELECT string_agg(DISTINCT master_key_fingerprint, ',') FROM ekm.keys WHERE master_key_fingerprint IS NOT NULL"; }
+fp1=$(fp)
+check "the status shows the configured key's fingerprint, the keys' own" "$(DB=filedb q "SELECT master_key_fingerprint FROM ekm_key_status()")" "$fp1"
+check_match "a fingerprint is 16 hex digits, never the key" "$fp1:$(grep -c "$fp1" "$kdir/mk1")" '^[0-9a-f]{16}:0$'
+DB=filedb q "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, ekm_encrypt('v' || g, 't.v') FROM generate_series(1, 5000) g; SELECT ekm_register_column('t', 'v', 't.v')" >/dev/null
+q "ALTER SYSTEM SET ekm.rotation_batch_pause = 100" >/dev/null; reload
+job=$(DB=filedb q "SELECT job_id FROM ekm_rotate(batch_size => 100, force => true) LIMIT 1")
+for _ in $(seq 1 200); do [ "$(DB=filedb q "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break; sleep 0.05; done
+check "a data-key rotation is running" "$(DB=filedb q "SELECT state FROM ekm.rotation_job WHERE job_id = $job")" running
+q "ALTER SYSTEM RESET ekm.master_key_command" >/dev/null
+q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk2'" >/dev/null
+q "ALTER SYSTEM SET ekm.previous_master_key_file = '$kdir/mk1'" >/dev/null; reload
+check "during the rotation a new session decrypts (keys unwrap under the previous key)" "$(DB=filedb q "SELECT ekm_decrypt('$ct1')")" "file secret"
+check_match "health says the rotation is under way" "$(DB=filedb q "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'master_key'")" '^warning: a master key rotation is under way: [0-9]+ of [0-9]+ keys are still wrapped under the previous master key'
+check_match "no key is created under the new key before the rotation" "$(DB=filedb qerr "SELECT ekm_create_key()")" "^ERROR:  55000: a master key rotation is under way: keys are wrapped under master key fingerprint $fp1"
+material_before=$(DB=filedb q "SELECT md5(string_agg(key_id || encode(wrapped, 'hex'), ',' ORDER BY key_id)) FROM ekm.key_material")
+out=$(DB=filedb q "SELECT string_agg(DISTINCT action || ':' || from_fingerprint || '>' || (to_fingerprint <> from_fingerprint), ',') FROM ekm_rotate_master_key()" | grep -v '^NOTICE')
+check_match "ekm_rotate_master_key() re-wraps every key under the new key" "$out" "^re-wrapped:$fp1>true$"
+fp2=$(DB=filedb q "SELECT master_key_fingerprint FROM ekm_key_status()")
+check "every key now names the new key's fingerprint" "$(fp)" "$fp2"
+check "the wrapped forms changed" "$(DB=filedb q "SELECT md5(string_agg(key_id || encode(wrapped, 'hex'), ',' ORDER BY key_id)) <> '$material_before' FROM ekm.key_material")" t
+check "it is idempotent" "$(DB=filedb q "SELECT string_agg(DISTINCT action, ',') FROM ekm_rotate_master_key()" | grep -v '^NOTICE')" "already under the configured master key"
+check "it is audited, without key material" "$(DB=filedb q "SELECT count(*) FROM ekm.audit_log WHERE event = 'master_key_rotated' AND detail->>'to_fingerprint' = '$fp2' AND detail::text NOT LIKE '%$(cat "$kdir/mk2")%'")" 2
+check "the data-key rotation running meanwhile finishes" "$(DB=filedb q "SELECT state FROM ekm_rotation_wait($job, 120)" | tail -n 1)" done
+q "ALTER SYSTEM RESET ekm.rotation_batch_pause" >/dev/null; reload
+check "every value decrypts in a new session, on the rotation's new key" \
+  "$(DB=filedb q "SELECT count(*) FROM t WHERE ekm_decrypt(v, 't.v') = 'v' || id AND ekm_key_id(v) = (SELECT key_id FROM ekm.keys WHERE is_active)")" 5000
+check_match "health: the previous setting is still set but no key needs it" "$(DB=filedb q "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'master_key'")" '^warning: every key unwraps under .* but a previous master key is still configured'
+check_match "a database with keys under neither key: refused, nothing changed" \
+  "$(qerr "SELECT * FROM ekm_rotate_master_key()")" "^ERROR:  28000: ekm master key does not match the one key key_X was wrapped with .*the configured master key has fingerprint $fp2 \(and previous $fp1\)"
+q "ALTER SYSTEM SET ekm.previous_master_key_file = '$kdir/mk2'" >/dev/null; reload
+check_match "the same key as current and previous is refused" "$(DB=filedb qerr "SELECT * FROM ekm_rotate_master_key()")" '^ERROR:  22023: the previous master key setting holds the same key as the current one'
+q "ALTER SYSTEM RESET ekm.previous_master_key_file" >/dev/null; reload
+check "without the previous setting: health ok" "$(DB=filedb q "SELECT status FROM ekm_health() WHERE \"check\" = 'master_key'")" ok
+check_match "the old master key no longer opens anything, and the error names the fingerprint expected" \
+  "$(q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk1'" >/dev/null; reload; DB=filedb qerr "SELECT ekm_decrypt(v, 't.v') FROM t LIMIT 1")" "^ERROR:  28000: .*the key expects master key fingerprint $fp2, the configured master key has fingerprint $fp1"
+q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk2'" >/dev/null; reload
+
 # 6. Nothing secret in the log: no master key, no plaintext of a failed statement.
 DB=filedb qerr "SELECT ekm_decrypt(ekm_encrypt('PLAINTEXT-MARKER-42', 'a'), 'b')" >/dev/null
 check_match "the failed statement's error is logged" "$(grep -c 'could not be authenticated' "$dir/server.log")" '^[1-9]'

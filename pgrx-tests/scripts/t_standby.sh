@@ -70,4 +70,28 @@ check_match "ekm_rollback is refused on a standby" "$(qerr_s "SELECT * FROM ekm_
 check_match "ekm_cleanup_old_keys is refused on a standby" "$(qerr_s "SELECT * FROM ekm_cleanup_old_keys(0)")" '^ERROR:  25006: cannot destroy keys on a standby'
 check_match "ekm_encrypt_column is refused on a standby" "$(qerr_s "SELECT * FROM ekm_encrypt_column('people', 'email', 100, false)")" '^ERROR:  25006: cannot encrypt a column on a standby'
 check "standby wrote no WAL (still in recovery, nothing failed)" "$(ask "SELECT pg_is_in_recovery();")" t
+
+# Master key rotation on the primary; the standby follows once its
+# configuration has the new key. (mk1: the development key both started
+# with, as a file; mk2: a new key.)
+kdir=/tmp/ekm-standby-keys; rm -rf "$kdir"; mkdir -p "$kdir"
+cp "$p/data/ekm_dev_master.key" "$kdir/mk1"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$kdir/mk2"
+chmod 600 "$kdir"/*; [ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$kdir"
+qp "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk2'" >/dev/null
+qp "ALTER SYSTEM SET ekm.previous_master_key_file = '$kdir/mk1'" >/dev/null
+qp "SELECT pg_reload_conf()" >/dev/null; sleep 1
+check_match "ekm_rotate_master_key is refused on a standby" "$(qerr_s "SELECT * FROM ekm_rotate_master_key()")" '^ERROR:  25006: cannot rotate the master key on a standby'
+check "the primary re-wraps every key" "$(qp "SELECT string_agg(DISTINCT action, ',') FROM ekm_rotate_master_key()" | grep -v '^NOTICE')" "re-wrapped"
+fp2=$(qp "SELECT master_key_fingerprint FROM ekm_key_status()")
+wait_replay
+check "the standby replays the re-wrapped keys" "$(qs "SELECT string_agg(DISTINCT master_key_fingerprint, ',') FROM ekm.keys WHERE master_key_fingerprint IS NOT NULL")" "$fp2"
+check "a standby session that had loaded its keys keeps decrypting" "$(ask "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') IS NOT NULL;")" 1000
+check_match "a new standby session, still configured with the old key, is refused with the fingerprint it needs" \
+  "$(qerr_s "SELECT count(ekm_decrypt(email, 'people.email')) FROM people")" "^ERROR:  28000: .*the key expects master key fingerprint $fp2"
+check_match "the standby's health says which key is missing" "$(qs "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'master_key'")" "^failed: .*expects master key fingerprint $fp2"
+printf "ekm.master_key_file = '%s/mk2'\n" "$kdir" | as_pg tee -a "$s/data/postgresql.conf" >/dev/null
+as_pg "$PGBIN/pg_ctl" -D "$s/data" reload >/dev/null; sleep 1
+check "after its reload the standby decrypts in new sessions" "$(qs "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') IS NOT NULL")" 1000
+check "and its master key check passes" "$(qs "SELECT status FROM ekm_health() WHERE \"check\" = 'master_key'")" ok
 tap_done

@@ -90,11 +90,12 @@ check "the objects are still $OLD" "$(q "SELECT extversion FROM pg_extension WHE
 check "decryption works meanwhile" "$(q "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'public.people.email') = email_shadow")" 20000
 check "so does encryption" "$(q "SELECT ekm_decrypt(ekm_encrypt('x', 'c'), 'c')")" x
 check_match "key management refuses with a hint to update" \
-  "$(cpsql "$dir" "$port" -d app -At -q -c "SELECT * FROM ekm_key_status()" 2>&1 | tr '\n' ' ')" \
+  "$(cpsql "$dir" "$port" -d app -At -q -c "SELECT ekm_create_key()" 2>&1 | tr '\n' ' ')" \
   "ERROR:  ekm's objects in this database are version $OLD, but the loaded ekm library is version $NEW HINT:  run ALTER EXTENSION ekm UPDATE"
 check_match "so does a rotation" "$(qerr "SELECT * FROM ekm_rotate(dry_run => true)")" "^ERROR:  55000: ekm's objects in this database are version $OLD"
 check_match "a function whose arguments changed is not reached through its old definition" \
   "$(qerr "SELECT * FROM ekm_cleanup_old_keys(0, true)")" '^ERROR:  42883: could not find function "ekm_cleanup_old_keys_wrapper"'
+check_match "nor one whose result changed" "$(qerr "SELECT * FROM ekm_key_status()")" '^ERROR:  42883: could not find function "ekm_key_status_wrapper"'
 check "the server did not crash" "$(grep -cE 'terminated by signal|PANIC|was terminated' "$dir/server.log")" 0
 
 # 4. ALTER EXTENSION UPDATE, and the same objects as a fresh install.
