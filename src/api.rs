@@ -49,6 +49,7 @@ fn ekm_reencrypt(
     context: default!(Option<&str>, "NULL"),
 ) -> Option<String> {
     let ct = ciphertext?;
+    crate::redact::note_plaintext();
     Some(reencrypt(ct, context.unwrap_or("").as_bytes()).or_raise())
 }
 

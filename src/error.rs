@@ -20,6 +20,7 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
         }
         if !edata.is_null() {
             hide_master_key_setting(edata);
+            crate::redact::redact(edata);
         }
         if let Some(prev) = PREV_EMIT_LOG_HOOK {
             prev(edata);

@@ -87,6 +87,7 @@ pub unsafe extern "C-unwind" fn ekm_encrypt_v1(fcinfo: pg_sys::FunctionCallInfo)
         let Some(pt) = text_arg(fcinfo, 0) else {
             return pgrx::fcinfo::pg_return_null(fcinfo);
         };
+        crate::redact::note_plaintext();
         let ctx = context_arg(fcinfo);
         let (v, out) = new_text(format::encoded_len(pt.len()));
         if let Err(e) = keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, pt, ctx, out)) {
@@ -104,6 +105,7 @@ pub unsafe extern "C-unwind" fn ekm_decrypt_v1(fcinfo: pg_sys::FunctionCallInfo)
         let Some(ct) = text_arg(fcinfo, 0) else {
             return pgrx::fcinfo::pg_return_null(fcinfo);
         };
+        crate::redact::note_plaintext();
         let ctx = context_arg(fcinfo);
         let r = format::body_bytes(ct).and_then(|body| {
             let n = format::decoded_len_of_body(body.len())?;

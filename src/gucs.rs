@@ -26,6 +26,7 @@ static AUTO_ROTATE_DATABASES: GucSetting<Option<CString>> =
 static AUTO_ROTATE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 static MASTER_KEY_COMMAND_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 static DEBUG_PAUSE_POINTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static LOG_REDACTION: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// What `SHOW`, `current_setting()` and every other reader of a master key
 /// setting see: `(hidden)` when it is set, nothing when it is not.
@@ -213,6 +214,14 @@ pub fn init() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_bool_guc(
+        c"ekm.log_redaction",
+        c"Whether the server log leaves out the statement text, DETAIL and CONTEXT (and quoted values of data errors) of statements that passed plaintext through ekm.",
+        c"See the README, Security model.",
+        &LOG_REDACTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
         c"ekm.debug_pause_points",
         c"For tests: rotation workers wait at named protocol steps while a session holds that step's advisory lock.",
         c"See docs/design.md (pause points). Off in production.",
@@ -245,6 +254,10 @@ pub fn master_key_source() -> MasterKeySource {
     } else {
         MasterKeySource::DevDefault
     }
+}
+
+pub fn log_redaction() -> bool {
+    LOG_REDACTION.get()
 }
 
 pub fn debug_pause_points() -> bool {

@@ -16,6 +16,7 @@ mod keycache;
 mod masterkey;
 mod ops;
 mod protocol;
+mod redact;
 mod rotation;
 mod scan;
 mod shmem;

@@ -419,6 +419,7 @@ fn health() -> Vec<HealthRow> {
         push(check_auto_rotation(), "auto_rotation");
         push(check_decrypt_keys(), "decrypt_keys");
         push(check_unregistered_ciphertexts(), "unregistered_ciphertexts");
+        push(check_log_statement(), "log_statement");
         match registered_columns() {
             Ok(cols) => {
                 let missing: Vec<&str> =
@@ -710,6 +711,30 @@ fn check_unregistered_ciphertexts() -> EkmResult<HealthRow> {
             format!("the scan of {at} found ekm ciphertexts only in registered columns"),
         ),
     })
+}
+
+/// `log_statement = 'all'` (or 'mod') logs every statement's text before it
+/// runs: ekm redacts those that name its functions, but a statement that
+/// passes plaintext to a function calling ekm internally is logged as is.
+fn check_log_statement() -> EkmResult<HealthRow> {
+    let (setting, registered) = catalog::two::<String, i64>(
+        "SELECT pg_catalog.current_setting('log_statement'), (SELECT count(*) FROM ekm.registered_column)",
+        vec![],
+    )?;
+    let setting = setting.unwrap_or_default();
+    Ok(
+        if matches!(setting.as_str(), "all" | "mod") && registered.unwrap_or(0) > 0 {
+            row("log_statement", "warning", format!(
+                "log_statement = '{setting}' writes statements to the server log before they run: ekm leaves out those that name its functions, not those that pass plaintext on through a function of their own; set log_statement = 'ddl' or 'none' in a database with encrypted columns"
+            ))
+        } else {
+            row(
+                "log_statement",
+                "ok",
+                format!("log_statement = '{setting}'; ekm.log_redaction = {}", if gucs::log_redaction() { "on" } else { "off" }),
+            )
+        },
+    )
 }
 
 fn check_decrypt_keys() -> EkmResult<HealthRow> {

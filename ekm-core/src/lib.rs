@@ -7,6 +7,7 @@ pub mod format;
 pub mod gcm;
 pub mod keyid;
 pub mod lifecycle;
+pub mod redact;
 
 pub use crypto::{DataKey, MasterKey};
 pub use error::{EkmError, Result};

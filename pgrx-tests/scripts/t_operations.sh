@@ -225,7 +225,7 @@ scan=$(q app "SELECT job_id FROM ekm_scan_database()")
 check "a new scan finishes" "$(wait_job app "$scan" 300)" done
 check "all checks pass" "$(q app "SELECT ekm_health_status()")" ok
 check "one row per check" "$(q app "SELECT string_agg(\"check\", ',' ORDER BY \"check\" COLLATE \"C\") FROM ekm_health()")" \
-  "active_key,auto_rotation,decrypt_keys,encryptions,key_age,master_key,registered_columns,rotation_jobs,round_trip,unregistered_ciphertexts,unusable_values"
+  "active_key,auto_rotation,decrypt_keys,encryptions,key_age,log_statement,master_key,registered_columns,rotation_jobs,round_trip,unregistered_ciphertexts,unusable_values"
 q postgres "CREATE DATABASE other" >/dev/null; q other "CREATE EXTENSION ekm" >/dev/null
 foreign_ct=$(q other "SELECT ekm_encrypt('from another database')")
 q app "INSERT INTO people VALUES (-1, '$foreign_ct', NULL, 0)" >/dev/null

@@ -62,7 +62,7 @@ qerr_s() { cpsql "$s" "$sport" -d postgres -At -q -v VERBOSITY=verbose -c "$1" 2
 qp "SELECT ekm_register_column('people', 'email', 'people.email')" >/dev/null
 wait_replay
 check "health runs on the standby: one row per check, none failed" \
-  "$(qs "SELECT count(*) || ':' || count(*) FILTER (WHERE status = 'failed') FROM ekm_health()")" "11:0"
+  "$(qs "SELECT count(*) || ':' || count(*) FILTER (WHERE status = 'failed') FROM ekm_health()")" "12:0"
 check_match "the one-line health status runs on the standby" "$(qs "SELECT ekm_health_status()")" '^(ok|warning: .*)$'
 check "keys needing rotation runs on the standby" "$(qs "SELECT count(*) FROM ekm_keys_needing_rotation()")" 0
 check_match "a migration's dry run runs on the standby" "$(qs "SELECT plaintext_values || ':' || encrypted_values FROM ekm_encrypt_column('people', 'email', 100, true)")" '^0:1000$'

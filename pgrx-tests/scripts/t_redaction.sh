@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Plaintext stays out of the server log (issue 12): statements that passed
+# plaintext through ekm fail for reasons of their own (a cast error, a
+# unique violation, a check violation), are logged as slow statements and by
+# auto_explain, or are logged by log_statement; a failed ekm_decrypt too.
+# The whole server log is then searched for every plaintext marker. The
+# same kinds of statements without ekm still log their values (the control),
+# and with ekm.log_redaction = off the markers appear (it does something).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/lib.sh"
+source "$here/tap.sh"
+dir=/tmp/ekm-redaction; port=55447
+trap 'cluster_stop "$dir" immediate >/dev/null 2>&1 || true' EXIT
+cluster_start "$dir" "$port" "shared_preload_libraries = 'ekm,auto_explain'" \
+  "auto_explain.log_min_duration = 0" "auto_explain.log_verbose = on" "log_min_duration_statement = 0" || exit 1
+q() { cpsql "$dir" "$port" -d postgres -At -q -v ON_ERROR_STOP=0 -c "$1" 2>&1; }
+q "CREATE EXTENSION ekm" >/dev/null
+q "CREATE TABLE u (e text UNIQUE); CREATE TABLE c (v text CHECK (length(v) < 5)); CREATE TABLE people (id int, email text)" >/dev/null
+q "SELECT ekm_register_column('people', 'email')" >/dev/null
+log=$dir/server.log
+markers=()
+# statements that passed plaintext through ekm
+check_match "a cast error after ekm_decrypt is an error" "$(q "SELECT ekm_decrypt(ekm_encrypt('4111111111111111'))::int")" '^ERROR:  value "\(redacted by ekm\)" is out of range for type integer'
+markers+=(4111111111111111)
+q "INSERT INTO u VALUES (ekm_decrypt(ekm_encrypt('secret-ssn-123')))" >/dev/null
+check_match "a unique violation on a decrypted value still tells the client its key" \
+  "$(q "INSERT INTO u VALUES (ekm_decrypt(ekm_encrypt('secret-ssn-123')))")" 'DETAIL:  Key \(e\)=\(secret-ssn-123\) already exists'
+markers+=(secret-ssn-123)
+check_match "a check violation" "$(q "INSERT INTO c VALUES (ekm_decrypt(ekm_encrypt('MARKER-CHECK-777')))")" '^ERROR:  new row for relation "c" violates check constraint'
+markers+=(MARKER-CHECK-777)
+q "SELECT ekm_encrypt('MARKER-SLOW-555')" >/dev/null   # log_min_duration_statement = 0, auto_explain
+markers+=(MARKER-SLOW-555)
+check_match "a failed ekm_decrypt" "$(q "SELECT ekm_decrypt(ekm_encrypt('MARKER-DECRYPT-999', 'a'), 'b')")" '^ERROR:  ekm ciphertext could not be authenticated'
+markers+=(MARKER-DECRYPT-999)
+q "SELECT 1 / 0, ekm_encrypt('MARKER-BEFORE-131')" >/dev/null   # fails before ekm runs
+markers+=(MARKER-BEFORE-131)
+q "SET log_statement = 'all'; SELECT ekm_encrypt('MARKER-LOGSTMT-212')" >/dev/null
+markers+=(MARKER-LOGSTMT-212)
+# the same kinds of statements without ekm
+q "SELECT 'CONTROL-5222222222222222'::int" >/dev/null
+q "INSERT INTO u VALUES ('CONTROL-SSN-1'); INSERT INTO u VALUES ('CONTROL-SSN-1')" >/dev/null
+q "SELECT 'CONTROL-SLOW-2'" >/dev/null
+sleep 0.5
+for m in "${markers[@]}"; do
+  check "the server log never holds $m" "$(grep -c -- "$m" "$log")" 0
+done
+check_match "it says what it left out" "$(grep -c '(redacted by ekm)' "$log")" '^[1-9]'
+check_match "the cast error is logged, its value left out" "$(grep -c 'ERROR:  value "(redacted by ekm)" is out of range for type integer' "$log")" '^[1-9]'
+check_match "the unique violation is logged, its DETAIL left out" "$(grep -A1 'duplicate key value violates unique constraint "u_e_key"' "$log" | grep -c 'DETAIL:  (redacted by ekm)')" '^[1-9]'
+check_match "the slow statement is logged, without its text" "$(grep -c 'duration: .* ms  statement: (redacted by ekm)' "$log")" '^[1-9]'
+check_match "auto_explain's plan is left out" "$(grep -c 'plan: (redacted by ekm)' "$log")" '^[1-9]'
+for m in CONTROL-5222222222222222 CONTROL-SSN-1 CONTROL-SLOW-2; do
+  check_match "statements without ekm log as before ($m)" "$(grep -c -- "$m" "$log")" '^[1-9]'
+done
+check "health warns about log_statement = 'all' with registered columns" \
+  "$(q "SET log_statement = 'all'; SELECT status FROM ekm_health() WHERE \"check\" = 'log_statement'" | tail -n 1)" warning
+q "ALTER SYSTEM SET ekm.log_redaction = off" >/dev/null; q "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
+q "SELECT ekm_decrypt(ekm_encrypt('OFF-6333333333333333'))::int" >/dev/null
+check_match "with ekm.log_redaction = off the value is logged (the setting works)" "$(grep -c 'OFF-6333333333333333' "$log")" '^[1-9]'
+check_match "ekm.log_redaction is for superusers only" \
+  "$(q "CREATE ROLE r LOGIN; GRANT ekm_user TO r" >/dev/null; cpsql "$dir" "$port" -d postgres -U r -At -q -c "SET ekm.log_redaction = off" 2>&1)" 'permission denied to set parameter "ekm.log_redaction"'
+check "no crash" "$(grep -cE 'terminated by signal|PANIC' "$log")" 0
+tap_done
