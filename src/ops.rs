@@ -731,7 +731,10 @@ fn check_log_statement() -> EkmResult<HealthRow> {
             row(
                 "log_statement",
                 "ok",
-                format!("log_statement = '{setting}'; ekm.log_redaction = {}", if gucs::log_redaction() { "on" } else { "off" }),
+                format!(
+                    "log_statement = '{setting}'; ekm.log_redaction = {}",
+                    if gucs::log_redaction() { "on" } else { "off" }
+                ),
             )
         },
     )
