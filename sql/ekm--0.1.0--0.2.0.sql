@@ -158,6 +158,12 @@ STRICT VOLATILE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'ekm_rotate_master_key_wrapper';
 
+-- The lifecycle guard answers before the foreign key from key_material
+-- does (an edit of a key's id is refused by ekm, with its hint).
+DROP TRIGGER key_transition ON ekm.key;
+CREATE TRIGGER key_transition BEFORE UPDATE ON ekm.key
+    FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_transition();
+
 -- Privileges, as a fresh install grants them: nothing to PUBLIC.
 REVOKE ALL ON FUNCTION @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
     @extschema@.ekm_scan_database(integer), @extschema@.ekm_key_status(),

@@ -19,7 +19,7 @@ COMMENT ON FUNCTION @extschema@.ekm_decrypt(text, text) IS 'Decrypts an ekm ciph
 -- and exactly one active key at every commit.
 CREATE TRIGGER key_restore BEFORE INSERT ON ekm.key
     FOR EACH ROW WHEN (NEW.rotation_status = 'active') EXECUTE FUNCTION ekm._ekm_key_restore();
-CREATE TRIGGER key_transition AFTER UPDATE ON ekm.key
+CREATE TRIGGER key_transition BEFORE UPDATE ON ekm.key
     FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_transition();
 CREATE TRIGGER key_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ekm.key
     FOR EACH STATEMENT EXECUTE FUNCTION ekm._ekm_key_changed();

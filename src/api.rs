@@ -523,14 +523,17 @@ mod ekm {
         Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByRust>>)
     }
 
-    /// Row trigger on `ekm.key`: only lifecycle transitions the core allows,
-    /// ids and creation times never change, and every transition is audited.
+    /// Row trigger on `ekm.key`, BEFORE UPDATE (so that it answers before
+    /// the foreign key from ekm.key_material does): only lifecycle
+    /// transitions the core allows, ids and creation times never change, and
+    /// every transition is audited (in the same transaction: an update that
+    /// fails later takes its audit row with it).
     #[pg_trigger]
     fn _ekm_key_transition<'a>(
         trigger: &'a PgTrigger<'a>,
     ) -> std::result::Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, PgTriggerError> {
         let (Some(old), Some(new)) = (trigger.old(), trigger.new()) else {
-            return Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByRust>>);
+            return Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>);
         };
         let get = |t: &PgHeapTuple<'_, _>, c: &str| -> String {
             t.get_by_name::<String>(c)
@@ -556,7 +559,10 @@ mod ekm {
             );
         }
         let from: KeyState = get(&old, "rotation_status").parse().or_raise();
-        let to: KeyState = get(&new, "rotation_status").parse().or_raise();
+        // a state that is not one: the table's CHECK constraint refuses it
+        let Ok(to) = get(&new, "rotation_status").parse::<KeyState>() else {
+            return Ok(Some(new));
+        };
         if from != to {
             let restoring = RESTORE_DEMOTION.with(|d| d.get())
                 && from == KeyState::Active
@@ -571,6 +577,7 @@ mod ekm {
             )
             .or_raise();
         }
-        Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByRust>>)
+        // the row as it is to be written (a BEFORE trigger's answer)
+        Ok(Some(new))
     }
 }
