@@ -24,7 +24,9 @@ data_origin=$(q origin "SELECT md5(string_agg(email || mobno, ',' ORDER BY id)) 
 check_match "origin has an active and a rotating key" "$keys_origin" 'key_.*:(active|rotating),key_.*:(active|rotating)'
 
 dump=$dir/origin.dump
-as_pg "$PGBIN/pg_dump" -h "$dir" -p "$port" -U postgres -Fc -f "$dump" origin 2>&1 | grep -v '^$' && not_ok "pg_dump printed errors" || ok "pg_dump ran cleanly"
+dump_out=$(as_pg "$PGBIN/pg_dump" -h "$dir" -p "$port" -U postgres -Fc -f "$dump" origin 2>&1); dump_rc=$?
+check "pg_dump ran cleanly (exit status 0, no output)" "$dump_rc:$dump_out" "0:"
+check_match "and wrote a dump" "$(stat -c %s "$dump" 2>/dev/null || echo 0)" '^[1-9][0-9]+$'
 for mode in custom plain; do
   db=restored_$mode
   q postgres "CREATE DATABASE $db" >/dev/null

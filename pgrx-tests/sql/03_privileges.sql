@@ -63,11 +63,16 @@ BEGIN INSERT INTO evil.calls VALUES (current_user); RETURN a OPERATOR(pg_catalog
 CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.texteq);
 SET ROLE ekm_test_dba;
 SET search_path = evil, pg_catalog, public;
+-- positive control: with this search_path an unqualified text = text is the planted one
+SELECT 'a'::text = 'a'::text AS control_equal;
 SELECT ekm_activate_key(ekm_create_key()) IS NOT NULL AS dba_rotates_with_planted_operator;
 SELECT current_key_id IS NOT NULL AS status_ok FROM ekm_key_status();
+SELECT count(*) >= 0 AS health_ran FROM ekm_health();
 RESET search_path;
 RESET ROLE;
+-- ekm never called it, as the owner or as the caller: only the control did
 SELECT count(*) AS planted_operator_calls_as_owner FROM evil.calls WHERE who <> 'ekm_test_dba';
+SELECT count(*) AS planted_operator_calls_in_all FROM evil.calls;
 DROP SCHEMA evil CASCADE;
 DROP OWNED BY ekm_test_app, ekm_test_dba, ekm_test_nobody;
 DROP ROLE ekm_test_app, ekm_test_dba, ekm_test_nobody;
