@@ -36,14 +36,20 @@ run() {
   fi
   p=$((p + tp + rp)); f=$((f + tf + rf))
   if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
-    if [ "$rc" -eq 0 ]; then p=1; else f=1; fi
+    case " fmt clippy install " in
+      *" $name "*) if [ "$rc" -eq 0 ]; then p=1; else f=1; fi ;;
+      # a stage that runs tests but reported none ran nothing: a failure
+      *) echo "--- $name reported no tests"; f=1; rc=1 ;;
+    esac
   elif [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
     f=1
   fi
   passed=$((passed + p)); failed=$((failed + f))
   [ "$rc" -eq 0 ] || failures+=("$name")
   echo "--- $name: rc=$rc ($p passed, $f failed)"
+  stages+=("$(printf '%-16s %5d passed %3d failed' "$name" "$p" "$f")")
 }
+stages=()
 
 run fmt cargo fmt --all -- --check
 run clippy cargo clippy --workspace --all-targets -- -D warnings
@@ -78,6 +84,7 @@ fi
 
 echo
 echo "=== summary"
+printf '%s\n' "${stages[@]}"
 [ ${#failures[@]} -eq 0 ] || echo "failed stages: ${failures[*]}"
 echo "ekm: $passed passed, $failed failed"
 [ ${#failures[@]} -eq 0 ] && [ "$failed" -eq 0 ]

@@ -51,8 +51,20 @@ pause_id() {
 # pause_release: workers of DB reaching NAME wait there.
 pause_hold() {
   session_start 14 pause "$1"
-  session_send 14 "SELECT pg_advisory_lock($PAUSE_CLASS, $(pause_id "$2")); SELECT 'held';"
-  session_line pause '^held$' >/dev/null || { echo "pause_hold: the lock was not taken" >&2; return 1; }
+  pause_also "$2"
+}
+
+# pause_also NAME: the holding session takes pause point NAME as well.
+pause_also() {
+  session_send 14 "SELECT pg_advisory_lock($PAUSE_CLASS, $(pause_id "$1")); SELECT 'held $1';"
+  session_line pause "^held $1\$" >/dev/null || { echo "pause_hold: the lock of $1 was not taken" >&2; return 1; }
+}
+
+# pause_let NAME: the holding session lets pause point NAME go (and keeps
+# the others): a worker waiting there goes on.
+pause_let() {
+  session_send 14 "SELECT pg_advisory_unlock($PAUSE_CLASS, $(pause_id "$1")); SELECT 'let $1';"
+  session_line pause "^let $1\$" >/dev/null || { echo "pause_let: $1 was not let go" >&2; return 1; }
 }
 
 # pause_release: ends the holding session (its lock goes with it).

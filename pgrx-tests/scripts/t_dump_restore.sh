@@ -54,4 +54,45 @@ out=$(as_pg "$PGBIN/pg_restore" -h "$dir" -p "$port" -U postgres -d busy --data-
 check_match "restoring keys over a key in use is refused, with the reason" "$out" 'is already active in this database'
 check "the busy database keeps its keys" "$(q busy "SELECT string_agg(key_id || ':' || rotation_status, ',') FROM ekm.keys")" "$busy_keys"
 check "and its values decrypt" "$(q busy "SELECT ekm_decrypt('$busy_ct')")" "busy value"
+
+# No background worker slot free (max_worker_processes = 2: ekm's launcher
+# and the logical replication launcher take both): the job is recorded,
+# stays running and resumable, and the DBA is told how to start it; with
+# slots again, it resumes by itself.
+cluster_stop "$dir"
+echo "max_worker_processes = 2" | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+cluster_restart_only "$dir"
+q busy "CREATE TABLE w (v text); INSERT INTO w SELECT ekm_encrypt('w' || g) FROM generate_series(1, 100) g; SELECT ekm_register_column('w', 'v')" >/dev/null
+out=$(cpsql "$dir" "$port" -d busy -At -q -c "SELECT job_id FROM ekm_rotate(force => true)" 2>&1)
+job=$(printf '%s\n' "$out" | grep -E '^[0-9]+$')
+check_match "with no worker slot free, ekm_rotate records the job" "$job" '^[0-9]+$'
+check_match "and says how to start it" "$out" \
+  "^WARNING:  ekm: could not start the rotation worker now .*the job stays running: SELECT ekm_rotation_resume\\($job\\) starts it"
+check_match "resuming it is refused with the fix while no slot is free" \
+  "$(cpsql "$dir" "$port" -d busy -At -q -v VERBOSITY=verbose -c "SELECT ekm_rotation_resume($job)" 2>&1 | tr '\n' ' ')" \
+  '^ERROR:  53400: could not start the rotation worker.*HINT:  raise max_worker_processes, or retry when a background worker slot is free'
+check_match "health names the stuck job and the command" "$(q busy "SELECT status || ':' || detail FROM ekm_health() WHERE \"check\" = 'rotation_jobs'")" "^failed:job $job is running but no worker"
+check "every value still decrypts" "$(q busy "SELECT count(*) FROM w WHERE ekm_decrypt(v) LIKE 'w%'")" 100
+cluster_stop "$dir"
+as_pg sed -i "\$d" "$dir/data/postgresql.conf"
+cluster_restart_only "$dir"
+check "with slots again the job resumes by itself and finishes" "$(cpsql "$dir" "$port" -d busy -At -q -c "SELECT state FROM ekm_rotation_wait($job, 120)" 2>/dev/null)" done
+
+# The same cluster restarted without ekm in shared_preload_libraries (a
+# configuration mistake): every use of ekm is refused with the fix, nothing
+# crashes, and the values are back once the library is preloaded again.
+cluster_stop "$dir"
+echo "shared_preload_libraries = ''" | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+cluster_restart_only "$dir"
+check_match "without preloading, ekm refuses with the fix" \
+  "$(cpsql "$dir" "$port" -d busy -At -q -v VERBOSITY=verbose -c "SELECT ekm_decrypt('$busy_ct')" 2>&1 | tr '\n' ' ')" \
+  '^ERROR:  55000: ekm must be loaded at server start .*HINT:  add ekm to shared_preload_libraries in postgresql.conf and restart the server'
+check_match "and so does CREATE EXTENSION" \
+  "$(cpsql "$dir" "$port" -d postgres -At -q -c "CREATE DATABASE fresh" -c "\\c fresh" -c "CREATE EXTENSION ekm" 2>&1 | tr '\n' ' ')" \
+  'ERROR:  ekm must be loaded at server start'
+cluster_stop "$dir"
+as_pg sed -i "\$d" "$dir/data/postgresql.conf"
+cluster_restart_only "$dir"
+check "preloaded again, the values decrypt" "$(q busy "SELECT count(*) FROM w WHERE ekm_decrypt(v) LIKE 'w%'")" 100
+check_log_clean "$dir/server.log"
 tap_done

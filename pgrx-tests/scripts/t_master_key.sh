@@ -162,4 +162,5 @@ for secret in "$devkey" "$mk1" "$mk2" "$(cat "$kdir/mk1.b64")" PLAINTEXT-MARKER-
   check "log never holds ${secret:0:6}…" "$(grep -c -- "$secret" "$dir/server.log")" 0
 done
 cluster_stop "$dir"
+check_log_clean "$dir/server.log"
 tap_done

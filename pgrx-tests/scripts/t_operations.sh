@@ -8,6 +8,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
+source "$here/pause.sh"
 dir=/tmp/ekm-operations; port=55441
 ROWS=${ROWS:-100000}
 CTX=public.people.email
@@ -23,7 +24,7 @@ mkdir_mk=/tmp/ekm-operations-mk; rm -rf "$mkdir_mk"; mkdir -p "$mkdir_mk"
 MK=$mkdir_mk/master.key
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$MK"; chmod 600 "$MK"
 [ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$mkdir_mk"
-cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "ekm.auto_rotate_naptime = 1" "ekm.master_key_file = '$MK'" || exit 1
+cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "ekm.auto_rotate_naptime = 1" "ekm.master_key_file = '$MK'" "ekm.debug_pause_points = on" || exit 1
 q() { local db=$1; shift; cpsql "$dir" "$port" -d "$db" -At -q -c "$1" 2>&1; }
 qerr() { cpsql "$dir" "$port" -d "$1" -At -q -v VERBOSITY=verbose -c "$2" 2>&1 | grep -E '^ERROR' | head -n 1 | sed -E 's/key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}/key_X/g'; }
 wait_job() { cpsql "$dir" "$port" -d "$1" -At -q -c "SELECT state FROM ekm_rotation_wait($2, $3)" 2>/dev/null; }
@@ -94,30 +95,50 @@ writer() { # seed mode phase; mode: mixed (plaintext and ciphertext) or cipher
     [ "$2" = cipher ] && plain="ekm_encrypt('n$1-$i@example.com', '$CTX')"
     sql+="INSERT INTO people VALUES ($ROWS + $1 * 1000000 + $3 * 200000 + $i, $plain, 'n$1-$i@example.com', 1);"
     sql+="DELETE FROM people WHERE id = $(( (RANDOM * 32768 + RANDOM) % (ROWS - 1000) + 1001 ));"
+    sql+="UPDATE writer_tx SET n = n + 1 WHERE w = $1;"
     printf 'BEGIN;%sCOMMIT;\n' "$sql"
-  done | cpsql "$dir" "$port" -d app -q >/dev/null 2>"$dir/writer$1.err"
+  done | cpsql "$dir" "$port" -d app -q >/dev/null 2>"$dir/writer$1.err" 11>&- 12>&- 13>&- 14>&-
 }
+# each writer counts its committed transactions, in the same transaction
+committed() { q app "SELECT sum(n) FROM writer_tx"; }
 phase=0
 start_writers() {
   phase=$((phase + 1)); touch "$dir/writers.on"
+  q app "DROP TABLE IF EXISTS writer_tx; CREATE TABLE writer_tx (w int PRIMARY KEY, n bigint NOT NULL); INSERT INTO writer_tx VALUES (1, 0), (2, 0), (3, 0)" >/dev/null
   for w in 1 2 3; do writer $w "$1" "$phase" & writer_pids+=($!); done
-  sleep 1
+  for _ in $(seq 1 100); do [ "$(committed)" -gt 0 ] && break; sleep 0.1; done
+}
+# writers_overlap JOB POINT: with the worker held at POINT (the end of a
+# pass, or its first check; the job still running), the writers committed
+# transactions since $tx0 (read when the job had started).
+writers_overlap() {
+  check "the worker reaches $2 and waits there" "$(paused_at app "$2")" yes
+  local tx1; tx1=$(committed)
+  check_match "the writers committed transactions while the job's passes ran ($tx0 -> $tx1)" \
+    "$(q app "SELECT state FROM ekm.rotation_job WHERE job_id = $1"):$((tx1 - tx0))" '^running:[1-9][0-9]*$'
 }
 stop_writers() { rm -f "$dir/writers.on"; for p in "${writer_pids[@]}"; do wait "$p"; done; writer_pids=(); }
 
 start_writers mixed
+pause_hold app pass_end  # (a migration retires no key: it has no check)
 job=$(q app "SELECT job_id FROM ekm_encrypt_column('people', 'email', 500, false, '$CTX')")
+tx0=$(committed)
 check_match "ekm_encrypt_column returns a job id at once" "$job" '^[0-9]+$'
 check_match "a rotation is refused while the migration runs" "$(qerr app "SELECT * FROM ekm_rotate(force => true)")" "^ERROR:  55006: rotation job $job is already running"
 check_match "progress shows the migration" "$(q app "SELECT kind || ':' || table_name || '.' || column_name FROM ekm.rotation_progress WHERE job_id = $job")" '^encrypt:people.email$'
-wait_job app "$job" 15 >/dev/null   # writers run during (at least) the first pass
+writers_overlap "$job" pass_end
+pause_release
 stop_writers
 state=$(wait_job app "$job" 600)
 check "the migration under concurrent writers finishes" "$state" done
-check "writers saw no errors" "$(cat "$dir"/writer*.err | grep ERROR | head -n 1)" ""
-# plaintext the old application wrote after the last sweep: a second run takes it
+check "writers saw no errors (nor a failed connection)" "$(client_errors "$dir"/writer*.err)" 0
+# plaintext the old application writes after the migration's last sweep (as
+# the writers may have, and this one surely does): a second run takes it
+q app "INSERT INTO people VALUES (2000000000, 'late@example.com', 'late@example.com', 1)" >/dev/null
+late=$(plaintext_left)
+check_match "plaintext was written after the migration ($late values)" "$late" '^[1-9][0-9]*$'
 job2=$(q app "SELECT job_id FROM ekm_encrypt_column('people', 'email', 500, false)")
-check "a second run (for late plaintext writes) finishes" "$(wait_job app "$job2" 300)" done
+check "a second run (for late plaintext writes) finishes, having moved exactly those" "$(wait_job app "$job2" 300):$(q app "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job2")" "done:$late"
 check "no plaintext is left" "$(plaintext_left)" 0
 check "no write lost: every row holds what the application last wrote" "$(consistent)" "$(total)"
 check "values encrypted before the migration are untouched" "$(q app "SELECT md5(string_agg(email, ',' ORDER BY id)) FROM people WHERE id <= 100")" "$pre_encrypted"
@@ -172,17 +193,20 @@ q app "SELECT ekm_rotation_cancel($job)" >/dev/null
 sleep 0.5
 check_match "mid-rotation: values are on both keys" "$(q app "SELECT count(DISTINCT ekm_key_id(email)) FROM people WHERE email LIKE 'ekm1:%'")" '^2$'
 start_writers cipher
+pause_hold app check
 rb_out=$(q app "SELECT job_id || ':' || from_key || ':' || to_key FROM ekm_rollback()")
+tx0=$(committed)
 rb=$(printf '%s\n' "$rb_out" | grep -v '^NOTICE')
 check_match "superseding the cancelled rotation is said" "$rb_out" "NOTICE:  ekm: unfinished job $job \\(cancelled\\) is superseded by a rollback"
 resetconf ekm.rotation_batch_pause
 check "rollback in the middle of a rotation goes back to the key before it" "${rb#*:}" "$K3:$K1"
 check "the interrupted rotation is marked superseded" "$(q app "SELECT state || ':' || error FROM ekm.rotation_job WHERE job_id = $job")" "failed:superseded by a rollback"
-wait_job app "${rb%%:*}" 10 >/dev/null
+writers_overlap "${rb%%:*}" check
+pause_release
 stop_writers
 state=$(wait_job app "${rb%%:*}" 300)
 check "the mid-rotation rollback finishes under concurrent writers" "$state" done
-check "writers saw no errors" "$(cat "$dir"/writer*.err | grep ERROR | head -n 1)" ""
+check "writers saw no errors (nor a failed connection)" "$(client_errors "$dir"/writer*.err)" 0
 check "every value is back on the previous key" "$(on_key "$K1")" "$(( $(total) - 6 ))"
 check "no write lost" "$(consistent)" "$(total)"
 check "the half-used key is retired" "$(state_of "$K3")" retired
@@ -394,6 +418,60 @@ check "after a rollback automatic rotation does not undo it" "$(jobs)" "$n_app"
 check_match "health says why" "$(health auto_rotation):$(health_detail auto_rotation)" '^warning:paused since rollback job'
 setconf ekm.auto_rotate off
 resetconf ekm.rotation_due_age_days
+
+# 6. The health failures not met above, each simulated in a database of its
+#    own. The catalog edits go around ekm's guards (a superuser with
+#    triggers off), as only a damaged or hand-edited catalog would.
+q postgres "CREATE DATABASE h" >/dev/null; q h "CREATE EXTENSION ekm" >/dev/null
+hh() { q h "SELECT status || ':' || detail FROM ekm_health() WHERE \"check\" = '$1'"; }
+hack() { q h "SET session_replication_role = replica; $1" >/dev/null; }
+q h "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, ekm_encrypt('v' || g) FROM generate_series(1, 2000) g; SELECT ekm_register_column('t', 'v')" >/dev/null
+hack "UPDATE ekm.key SET created_at = created_at - interval '400 days' WHERE rotation_status = 'active'"
+check_match "an expired key fails key_age, with the command that fixes it" "$(hh key_age)" '^failed:key_.* expired on [0-9-]+ \(400 days old\): SELECT ekm_rotate\(\)'
+hack "UPDATE ekm.key SET created_at = created_at + interval '400 days' WHERE rotation_status = 'active'"
+hack "UPDATE ekm.key SET encryptions = 4294967296 WHERE rotation_status = 'active'"
+check_match "a key at the random-nonce bound fails encryptions" "$(hh encryptions)" '^failed:key_.* encrypted 42949[0-9]{5} values \(100\.0+% of the 2\^32 random-nonce bound\): rotate now'
+hack "UPDATE ekm.key SET encryptions = 0 WHERE rotation_status = 'active'"
+hack "UPDATE ekm.key SET rotation_status = 'rotating' WHERE rotation_status = 'active'"
+check_match "no active key fails active_key, with the command that fixes it" "$(hh active_key)" '^failed:no key is active: nothing can be encrypted; SELECT ekm_activate_key\(key_id\)'
+hack "UPDATE ekm.key SET rotation_status = 'active' WHERE rotation_status = 'rotating'"
+check "and with the key active again every check passes" "$(q h "SELECT ekm_health_status()")" ok
+# A row an application holds: the batch gives up its wait after
+# ekm.rotation_lock_timeout and goes on without the row (SKIP LOCKED); later
+# passes come back for it. The application's transaction is not disturbed.
+session_start 11 locker h
+session_send 11 "BEGIN; SELECT 'locked' FROM t WHERE id = 1 FOR UPDATE;"
+session_line locker '^locked$' >/dev/null
+job=$(q h "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+new_key=$(q h "SELECT key_id FROM ekm.keys WHERE is_active")
+moved() { q h "SELECT count(*) FROM t WHERE ekm_key_id(v) = '$new_key'"; }
+for _ in $(seq 1 300); do [ "$(moved)" = 1999 ] && break; sleep 0.1; done
+check "every row but the locked one moves, and the job keeps running" "$(moved):$(q h "SELECT state FROM ekm.rotation_job WHERE job_id = $job")" "1999:running"
+session_send 11 "UPDATE t SET v = ekm_encrypt('locker wrote') WHERE id = 1; COMMIT; SELECT 'committed';"
+check "the application's transaction goes through" "$(session_line locker '^committed$')" committed
+session_end 11 locker
+check "the job then finishes" "$(wait_job h "$job" 120)" done
+check "with the application's write kept" "$(q h "SELECT ekm_decrypt(v) FROM t WHERE id = 1")" "locker wrote"
+check "the application saw no error" "$(client_errors "$dir/locker.out")" 0
+old_copy=$(q h "SELECT v FROM t WHERE id = 1")
+pause_hold h batch
+job=$(q h "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+check "the worker waits at its first batch" "$(paused_at h batch)" yes
+q h "SELECT ekm_rotation_cancel($job)" >/dev/null
+pause_release
+check_match "a cancelled job is a warning, with the command that resumes it" "$(hh rotation_jobs)" "^warning:job $job was cancelled before it finished; values stay decryptable: SELECT ekm_rotation_resume\\($job\\)"
+hack "UPDATE ekm.rotation_job SET state = 'failed', error = 'simulated' WHERE job_id = $job"
+check_match "a failed job with keys still rotating is a warning, with the command" "$(hh rotation_jobs)" "^warning:job $job failed \\(simulated\\) and keys are still rotating: SELECT ekm_rotation_resume\\($job\\)"
+check_match "that command resumes it" "$(q h "SELECT ekm_rotation_resume($job)")" "failed -> running"
+check "and it finishes" "$(wait_job h "$job" 120)" done
+scan=$(q h "SELECT job_id FROM ekm_scan_database()")
+check "a scan finds no value left on the old key" "$(wait_job h "$scan" 120)" done
+check_match "the old key is destroyed by cleanup" "$(q h "SELECT string_agg(action, ',') FROM ekm_cleanup_old_keys(0)")" '^destroyed'
+# a value restored from a backup taken before the rotation
+q h "UPDATE t SET v = '$old_copy' WHERE id = 1" >/dev/null
+check_match "a value on a destroyed key fails unusable_values" "$(hh unusable_values)" '^failed:values that cannot be decrypted: (public\.)?t\.v: 1 on destroyed keys'
+check_match "and reading it is an error with its SQLSTATE" "$(qerr h "SELECT ekm_decrypt(v) FROM t WHERE id = 1")" '^ERROR:  55000: '
 check "every value decrypts at the end" "$(consistent)" "$(total)"
 check_match "no worker left running" "$(q app "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")" '^0$'
+check_log_clean "$dir/server.log"
 tap_done

@@ -61,4 +61,5 @@ check_match "with ekm.log_redaction = off the value is logged (the setting works
 check_match "ekm.log_redaction is for superusers only" \
   "$(q "CREATE ROLE r LOGIN; GRANT ekm_user TO r" >/dev/null; cpsql "$dir" "$port" -d postgres -U r -At -q -c "SET ekm.log_redaction = off" 2>&1)" 'permission denied to set parameter "ekm.log_redaction"'
 check "no crash" "$(grep -cE 'terminated by signal|PANIC' "$log")" 0
+check_log_clean "$dir/server.log"
 tap_done

@@ -7,6 +7,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
+source "$here/pause.sh"
 dir=/tmp/ekm-rotation; port=55438
 ROWS=${ROWS:-100000}
 writer_pids=()
@@ -15,7 +16,7 @@ cleanup() {
   cluster_stop "$dir" immediate >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "max_prepared_transactions = 5" || exit 1
+cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 200" "max_prepared_transactions = 5" "ekm.debug_pause_points = on" || exit 1
 q() { local db=$1; shift; cpsql "$dir" "$port" -d "$db" -At -q -c "$1" 2>&1; }
 qerr() { cpsql "$dir" "$port" -d "$1" -At -q -v VERBOSITY=verbose -c "$2" 2>&1 | grep -E '^ERROR' | head -n 1 | sed -E 's/key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}/key_X/g'; }
 wait_job() { # db job timeout_s -> final state
@@ -75,25 +76,38 @@ writer() { # seed
     # version, with values maybe still on the old key, goes to the end of
     # the table, past where the pass ends
     sql+="UPDATE people SET email_shadow = email_shadow WHERE id = $(( (RANDOM * 32768 + RANDOM) % ROWS + 1 ));"
+    sql+="UPDATE writer_tx SET n = n + 1 WHERE w = $1;"
     printf 'BEGIN;%sCOMMIT;\n' "$sql"
-  done | cpsql "$dir" "$port" -d app -q >/dev/null 2>"$dir/writer$1.err"
+  done | cpsql "$dir" "$port" -d app -q >/dev/null 2>"$dir/writer$1.err" 11>&- 12>&- 13>&- 14>&-
 }
+# each writer counts its committed transactions, in the same transaction
+q app "CREATE TABLE writer_tx (w int PRIMARY KEY, n bigint NOT NULL); INSERT INTO writer_tx VALUES (1, 0), (2, 0), (3, 0)" >/dev/null
+committed() { q app "SELECT sum(n) FROM writer_tx"; }
 touch "$dir/writers.on"
 for w in 1 2 3; do writer $w & writer_pids+=($!); done
-sleep 1
+for _ in $(seq 1 100); do [ "$(committed)" -gt 0 ] && break; sleep 0.1; done
+# the worker is held at its first check, so the job is still running when
+# the writers' count is read there
+pause_hold app check
 job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 500, force => true) LIMIT 1")
+tx0=$(committed)
 check_match "ekm_rotate returns a job id at once" "$job" '^[0-9]+$'
 check_match "a second rotation is refused while one runs" "$(qerr app "SELECT * FROM ekm_rotate(force => true)")" "^ERROR:  55006: rotation job $job is already running"
 check_match "progress is visible from another session" "$(q app "SELECT count(*) FROM ekm.rotation_progress WHERE job_id = $job")" '^2$'
+check "the worker ends its passes and waits at its first check" "$(paused_at app check)" yes
+tx1=$(committed)
+check_match "the writers committed transactions during the passes ($tx0 -> $tx1)" "$(q app "SELECT state FROM ekm.rotation_job WHERE job_id = $job"):$((tx1 - tx0))" '^running:[1-9][0-9]*$'
+pause_release
 state=$(wait_job app "$job" 300)
 rm -f "$dir/writers.on"; for p in "${writer_pids[@]}"; do wait "$p"; done; writer_pids=()
 check "rotation under concurrent writers finishes" "$state" done
-check "writers saw no errors" "$(cat "$dir"/writer*.err | grep -c ERROR)" 0
+check "writers saw no errors (nor a failed connection)" "$(client_errors "$dir"/writer*.err)" 0
 check "no write lost: every row decrypts to what the application last wrote" "$(consistent app)" "$(total app)"
 check "every value is on the new key" "$(on_active app)" "$(total app)"
 check "the final check found values moved past the end of the pass and sent them back for another pass" "$(q app "SELECT max(passes) > 1 FROM ekm.rotation_cursor WHERE job_id = $job")" t
 check "the old key is retired" "$(q app "SELECT rotation_status FROM ekm.keys k JOIN ekm.rotation_job j ON j.from_key = k.key_id WHERE j.job_id = $job")" retired
-check "counts are right (rows_done = values moved)" "$(q app "SELECT (SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job) = (SELECT sum(rows_done) FROM ekm.rotation_cursor WHERE job_id = $job)")" t
+# (the job's count against values counted independently: sections 4 and 5,
+# without writers)
 check_match "job start and finish are audited" "$(q app "SELECT string_agg(event, ',' ORDER BY id) FROM ekm.audit_log WHERE event LIKE 'rotation%'")" 'rotation_started,rotation_done$'
 
 # 2b. A transaction that began after the key switch copies values still on
@@ -180,35 +194,62 @@ check "after resume every value is on the new key" "$(on_active app)" "$(total a
 sleep 1; kill "$listener" 2>/dev/null; wait "$listener" 2>/dev/null
 check_match "NOTIFY ekm_rotation carries the job id and outcome" "$(cat "$listen_out")" "\"job_id\": \"$job\", \"outcome\": \"done\""
 
-# 4. The worker is SIGKILLed mid-rotation (the postmaster restarts every
-#    backend); the launcher resumes the job by itself.
-job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 200, force => true) LIMIT 1")
-for _ in $(seq 1 50); do
-  wpid=$(q app "SELECT pid FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")
-  [ -n "$wpid" ] && [ "$(q app "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break
-  sleep 0.1
-done
-check_match "worker found mid-rotation" "$wpid" '^[0-9]+$'
-kill -KILL "$wpid" 2>/dev/null
-sleep 3
-for _ in $(seq 1 50); do q app "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2; done
-check "after SIGKILL every value decrypts" "$(consistent app)" "$(total app)"
-check "after SIGKILL the job resumes by itself and finishes" "$(wait_job app "$job" 120)" done
-check "every value is on the new key" "$(on_active app)" "$(total app)"
-check "counts stay right after the kill" "$(q app "SELECT (SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job) = (SELECT sum(rows_done) FROM ekm.rotation_cursor WHERE job_id = $job)")" t
+# 4. and 5. A crash and an immediate shutdown in the middle of a job. The
+#    worker is held at named steps (docs/design.md, "Pause points"): at the
+#    end of people's pass, then at the first batch of the second table, so
+#    the job is running with people moved and "more" not yet: a state the
+#    kill or the shutdown provably interrupts. Without writers, the job's
+#    count must equal the values that were on the old key before it began,
+#    counted here from the table.
+q app "CREATE TABLE more (id int PRIMARY KEY, email text)" >/dev/null
+q app "INSERT INTO more SELECT g, ekm_encrypt('more' || g || '@example.com', 'public.people.email') FROM generate_series(1, 5000) g" >/dev/null
+q app "SELECT ekm_register_column('more', 'email', 'public.people.email')" >/dev/null
+values_on_active() { q app "SELECT (SELECT count(*) FILTER (WHERE ekm_key_id(email) = k.key_id) + count(*) FILTER (WHERE ekm_key_id(mobno) = k.key_id) FROM people) + (SELECT count(*) FROM more WHERE ekm_key_id(email) = k.key_id) FROM ekm.keys k WHERE k.is_active"; }
+# hold_mid_job: starts a job and holds its worker at more's first batch;
+# sets $job and $wpid and checks the state reached.
+hold_mid_job() {
+  to_move=$(values_on_active)
+  pause_hold app pass_end
+  job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 200, force => true) LIMIT 1")
+  check "the worker ends people's pass and waits" "$(paused_at app pass_end)" yes
+  pause_also batch
+  pause_let pass_end
+  check "the worker waits at the first batch of the second table" "$(paused_at app batch)" yes
+  check "the job is running, with people moved and more not yet" \
+    "$(q app "SELECT state || ':' || rows_done FROM ekm.rotation_job WHERE job_id = $job"):$(q app "SELECT count(*) FROM more WHERE ekm_key_id(email) = (SELECT from_key FROM ekm.rotation_job WHERE job_id = $job)")" \
+    "running:$((2 * $(total app))):5000"
+  wpid=$(q app "SELECT pid FROM pg_stat_activity WHERE backend_type = 'ekm rotation' AND wait_event_type = 'Lock'")
+  check_match "the worker is the process waiting there" "$wpid" '^[0-9]+$'
+}
+wait_up() { for _ in $(seq 1 100); do q app "SELECT 1" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
+after_interruption() { # what
+  check "after $1 every value decrypts" "$(consistent app)" "$(total app)"
+  check "after $1 the job resumes by itself and finishes" "$(wait_job app "$job" 120)" done
+  check "every value is on the new key" "$(on_active app):$(q app "SELECT count(*) FROM more WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active)")" "$(total app):5000"
+  check "the job counted each value it moved once (the interrupted batch rolled back)" "$(q app "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job")" "$to_move"
+}
 
-# 5. Immediate shutdown mid-rotation, then restart: resumes by itself.
-job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 200, force => true) LIMIT 1")
-for _ in $(seq 1 50); do
-  [ "$(q app "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break
-  sleep 0.1
-done
+# 4. SIGKILL: the postmaster ends every backend and reinitializes; the
+#    launcher resumes the job by itself.
+hold_mid_job
+kill -KILL "$wpid"; check "the worker was sent SIGKILL" "$?" 0
+wait_up
+check "the server log shows the worker killed and the crash restart" \
+  "$(grep -c "(PID $wpid) was terminated by signal 9" "$dir/server.log"):$(grep -c 'all server processes terminated; reinitializing' "$dir/server.log")" "1:1"
+pause_release # (its session ended with the crash)
+after_interruption "SIGKILL"
+
+# 5. Immediate shutdown in the middle of a job, then a restart.
+hold_mid_job
+recoveries=$(grep -c 'automatic recovery in progress' "$dir/server.log")
 cluster_stop "$dir" immediate
-check "stopped mid-rotation" "$(test -f "$dir/data/postmaster.pid" && echo running || echo stopped)" stopped
+check "the server stopped while the job was held" "$(test -f "$dir/data/postmaster.pid" && echo running || echo stopped)" stopped
+pause_release
 cluster_restart_only "$dir"
-check "after immediate shutdown every value decrypts" "$(consistent app)" "$(total app)"
-check "after restart the job resumes by itself and finishes" "$(wait_job app "$job" 120)" done
-check "every value is on the new key" "$(on_active app)" "$(total app)"
+wait_up
+check "the server log shows the immediate shutdown and the recovery at restart" \
+  "$(grep -c 'received immediate shutdown request' "$dir/server.log"):$(grep -c 'automatic recovery in progress' "$dir/server.log")" "1:$((recoveries + 1))"
+after_interruption "an immediate shutdown"
 
 # 6. Two databases rotate independently.
 ROWS=20000 setup_db other
@@ -222,4 +263,7 @@ check "other: every value decrypts and is on its new key" "$(consistent other):$
 ka=$(q app "SELECT key_id FROM ekm.keys WHERE is_active"); kb=$(q other "SELECT key_id FROM ekm.keys WHERE is_active")
 check "the databases have their own keys" "$([ -n "$ka" ] && [ "$ka" != "$kb" ] && echo distinct)" distinct
 check_match "no rotation worker left running" "$(q app "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")" '^0$'
+# the crash of section 4 (the worker killed, the others ended, the
+# reinitialization): nothing else crashed
+check_log_clean "$dir/server.log" 3
 tap_done

@@ -97,4 +97,6 @@ printf "ekm.master_key_file = '%s/mk2'\n" "$kdir" | as_pg tee -a "$s/data/postgr
 as_pg "$PGBIN/pg_ctl" -D "$s/data" reload >/dev/null; sleep 1
 check "after its reload the standby decrypts in new sessions" "$(qs "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') IS NOT NULL")" 1000
 check "and its master key check passes" "$(qs "SELECT status FROM ekm_health() WHERE \"check\" = 'master_key'")" ok
+check_log_clean "$p/server.log"
+check_log_clean "$s/server.log"
 tap_done

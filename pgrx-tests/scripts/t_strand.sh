@@ -249,4 +249,5 @@ check "every audit value decrypts to what acct held" \
   "$(q "SELECT count(*) FILTER (WHERE ekm_decrypt(old_ssn, 'public.acct.ssn') = 'ssn-' || id) = count(*) FROM acct_audit")" t
 check "after ekm_cleanup_old_keys(0) every value still decrypts" \
   "$(q "SELECT count(*) FROM ekm_cleanup_old_keys(0) WHERE action = 'destroyed'" >/dev/null; q "SELECT (SELECT count(*) FROM orders WHERE ekm_decrypt(card, 'public.orders.card') = card_shadow) = (SELECT count(*) FROM orders) AND (SELECT count(*) FROM pv WHERE ekm_decrypt(v, 'public.pv.v') IS NOT NULL) = 10000 AND (SELECT count(*) FROM pv_copy WHERE ekm_decrypt(v, 'public.pv.v') IS NOT NULL) = 1")" t
+check_log_clean "$dir/server.log"
 tap_done

@@ -36,6 +36,10 @@ DO $$ BEGIN
 END $$;
 SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 1701539184 AND objid = 1 AND NOT granted) AS worker_paused,
        (SELECT state FROM ekm.rotation_job WHERE job_id = (SELECT max(job_id) FROM ekm.rotation_job)) AS state;
+-- Progress of the held job, per column (nothing moved yet).
+SELECT kind, table_name, column_name, rows_done, rows_total, percent, column_state, passes, job_state, eta IS NULL AS no_eta_yet
+FROM ekm.rotation_progress WHERE job_id = (SELECT max(job_id) FROM ekm.rotation_job);
+SELECT table_name, column_name, context, key_state, values FROM ekm.registered_columns WHERE table_name = 'refusals'::regclass ORDER BY key_state;
 -- While it runs: a second rotation, a rollback, a column encryption and
 -- unregistering are refused; so is waiting inside the transaction that
 -- has written.
@@ -60,6 +64,8 @@ SELECT pg_advisory_unlock(1701539184, 1);
 SET client_min_messages = warning;
 SELECT state FROM ekm_rotation_wait((SELECT max(job_id) FROM ekm.rotation_job));
 RESET client_min_messages;
+SELECT kind, table_name, column_name, rows_done, rows_total, percent, column_state, passes, job_state, finished_at IS NOT NULL AS finished
+FROM ekm.rotation_progress WHERE job_id = (SELECT max(job_id) FROM ekm.rotation_job);
 SELECT tryj($$SELECT ekm_rotation_cancel((SELECT max(job_id) FROM ekm.rotation_job))$$) AS cancel_done;
 SELECT tryj($$SELECT ekm_rotation_resume((SELECT max(job_id) FROM ekm.rotation_job))$$) AS resume_done;
 SELECT count(*) FILTER (WHERE ekm_decrypt(v, 'refusals.v') = 'r' || id) AS values_decrypt FROM refusals;
