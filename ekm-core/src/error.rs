@@ -64,6 +64,12 @@ pub enum EkmError {
         installed: String,
         library: &'static str,
     },
+    #[error("Fernet token is malformed: {0}")]
+    FernetMalformed(&'static str),
+    #[error("Fernet token could not be authenticated with {0}: the value was altered, or it was made with another key")]
+    FernetAuthenticationFailed(String),
+    #[error("the Fernet key is not valid: {0}")]
+    FernetKeyInvalid(&'static str),
     #[error("ekm internal error: {0}")]
     Internal(String),
 }
@@ -93,6 +99,9 @@ impl EkmError {
             EkmError::NoSuchTable(_) => "42P01", // undefined_table
             EkmError::NotATable { .. } => "42809", // wrong_object_type
             EkmError::ObjectsOutdated { .. } => "55000",
+            EkmError::FernetMalformed(_) => "22P03",
+            EkmError::FernetAuthenticationFailed(_) => "XX001",
+            EkmError::FernetKeyInvalid(_) => "22023",
             EkmError::Internal(_) => "XX000",
         }
     }
@@ -140,6 +149,12 @@ impl EkmError {
             EkmError::NotATable { .. } => "ekm works on columns of ordinary and partitioned tables: name the table that holds the values".into(),
             EkmError::ObjectsOutdated { .. } => {
                 "run ALTER EXTENSION ekm UPDATE in this database (encryption and decryption keep working until then)".into()
+            }
+            EkmError::FernetMalformed(_) | EkmError::FernetAuthenticationFailed(_) => {
+                "Fernet values decrypt with the keys imported by ekm_import_fernet_key (SELECT key_id FROM ekm.keys WHERE kind = 'fernet'); import the key that made it, or restore the value from a backup".into()
+            }
+            EkmError::FernetKeyInvalid(_) => {
+                "pass the key exactly as the application's key store holds it (Fernet.generate_key() output, 44 characters)".into()
             }
             EkmError::Internal(_) => return None,
         })

@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod error;
+pub mod fernet;
 pub mod format;
 pub mod gcm;
 pub mod keyid;
