@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing ekm needs on Debian 12, idempotently:
 # apt packages (pinned to the installed PostgreSQL 15 so the server is not
-# upgraded under us), cargo-pgrx at the version pinned in Cargo.toml,
+# upgraded under us; python3-venv for the Fernet test's real cryptography package), cargo-pgrx at the version pinned in Cargo.toml,
 # `cargo pgrx init` against the system PostgreSQL 15, and the unprivileged OS
 # user that runs test clusters (PostgreSQL refuses to run as root).
 # Works as root and as a normal user with sudo.
@@ -18,7 +18,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 need_pkgs=()
 PGV=$(dpkg-query -W -f='${Version}' postgresql-15 2>/dev/null || true)
 dpkg-query -W -f='${Status}' postgresql-15 2>/dev/null | grep -q 'ok installed' || need_pkgs+=(postgresql-15)
-for p in postgresql-server-dev-15 libclang-dev clang build-essential pkg-config libssl-dev sudo qemu-user; do
+for p in postgresql-server-dev-15 libclang-dev clang build-essential pkg-config libssl-dev sudo qemu-user python3 python3-venv; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -19,8 +19,7 @@ $$;
 -- Key metadata (the runbook's EncryptionKeyMetadata). is_active is derived
 -- from the state, so the two can never disagree.
 CREATE TABLE ekm.key (
-    key_id          text PRIMARY KEY
-                    CHECK (key_id ~ '^key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}$'),
+    key_id          text PRIMARY KEY,
     rotation_status text NOT NULL DEFAULT 'created'
                     CHECK (rotation_status IN ('created', 'active', 'rotating', 'retired', 'destroyed')),
     is_active       boolean GENERATED ALWAYS AS (rotation_status = 'active') STORED,
@@ -31,14 +30,24 @@ CREATE TABLE ekm.key (
     destroyed_at    timestamptz,
     encryptions     bigint NOT NULL DEFAULT 0 CHECK (encryptions >= 0),
     -- the key CREATE EXTENSION made; while unused, a restored dump's keys replace it
-    bootstrap       boolean NOT NULL DEFAULT false
+    bootstrap       boolean NOT NULL DEFAULT false,
+    -- ekm: an ekm data key (AES-256-GCM, ekm1: values); fernet: a key imported
+    -- from the runbook's key store (ekm_import_fernet_key), decrypt only
+    kind            text NOT NULL DEFAULT 'ekm' CHECK (kind IN ('ekm', 'fernet')),
+    -- ekm's ids are ekm's format; imported ids are the runbook's (no ':', which
+    -- ends the id in FERNET_V2:<key_id>:<token>)
+    CONSTRAINT key_key_id_check CHECK (CASE WHEN kind = 'ekm' THEN key_id ~ '^key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}$'
+                                            ELSE key_id ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' END),
+    -- ekm never encrypts with an imported key
+    CONSTRAINT key_fernet_decrypt_only CHECK (kind = 'ekm' OR rotation_status IN ('rotating', 'retired', 'destroyed'))
 );
 COMMENT ON TABLE ekm.key IS 'ekm data keys: metadata only. Managed with ekm_* functions; see the ekm.keys view.';
 
 -- At most one active key, enforced by the database itself.
 CREATE UNIQUE INDEX key_one_active ON ekm.key ((true)) WHERE rotation_status = 'active';
 
--- Wrapped data keys (AES-256-GCM under the master key, bound to key_id).
+-- Wrapped data keys (AES-256-GCM under the master key, bound to key_id and
+-- kind); imported Fernet keys are wrapped the same way.
 -- Readable by the owner only; NULL once the key is destroyed.
 CREATE TABLE ekm.key_material (
     key_id     text PRIMARY KEY REFERENCES ekm.key (key_id),

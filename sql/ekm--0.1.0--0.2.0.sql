@@ -117,13 +117,24 @@ AS 'MODULE_PATHNAME', 'ekm_scan_database_wrapper';
 -- Master key rotation: each wrapped key's fingerprint (the check value of
 -- the master key that wrapped it) is shown; ekm_key_status() gains the
 -- configured key's (a new C symbol: one column more).
+--
+-- Keys imported from the runbook's key store (Fernet, decrypt only) sit in
+-- ekm.key with kind 'fernet' and the runbook's ids; ekm never encrypts with
+-- them.
+ALTER TABLE ekm.key ADD COLUMN kind text NOT NULL DEFAULT 'ekm' CHECK (kind IN ('ekm', 'fernet'));
+ALTER TABLE ekm.key DROP CONSTRAINT key_key_id_check;
+ALTER TABLE ekm.key ADD CONSTRAINT key_key_id_check CHECK (CASE WHEN kind = 'ekm' THEN key_id ~ '^key_[0-9]{8}_[0-9]{6}_[0-9a-f]{4}$'
+                                            ELSE key_id ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$' END);
+ALTER TABLE ekm.key ADD CONSTRAINT key_fernet_decrypt_only CHECK (kind = 'ekm' OR rotation_status IN ('rotating', 'retired', 'destroyed'));
 CREATE OR REPLACE VIEW ekm.keys AS
 SELECT k.key_id, k.rotation_status, k.is_active,
        k.created_at, k.activated_at, k.rotated_at, k.retired_at, k.destroyed_at,
        p.expires_at, p.age_days, p.expires_in_days, p.needs_rotation, p.rotation_due_at,
        p.encryptions,
        -- which master key wrapped it (its check value: names the key, never reveals it)
-       encode(m.master_kcv, 'hex') AS master_key_fingerprint
+       encode(m.master_kcv, 'hex') AS master_key_fingerprint,
+       -- ekm, or fernet (imported with ekm_import_fernet_key: decrypt only)
+       k.kind
 FROM ekm.key k
 LEFT JOIN ekm.key_material m USING (key_id)
 CROSS JOIN LATERAL ekm._ekm_key_policy(k.key_id, k.created_at, k.encryptions) p
@@ -164,7 +175,40 @@ DROP TRIGGER key_transition ON ekm.key;
 CREATE TRIGGER key_transition BEFORE UPDATE ON ekm.key
     FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_transition();
 
+-- Adopting the runbook's Fernet data: key imports, and a token's time.
+CREATE FUNCTION @extschema@."ekm_import_fernet_key"(
+	"key_id" TEXT,
+	"fernet_key" TEXT,
+	"created_at" timestamp with time zone DEFAULT NULL,
+	"state" TEXT DEFAULT 'rotating'
+) RETURNS TEXT
+VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ekm_import_fernet_key_wrapper';
+
+CREATE FUNCTION @extschema@."ekm_import_fernet_keys"(
+	"keys" jsonb
+) RETURNS TABLE (
+	"key_id" TEXT,
+	"action" TEXT
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ekm_import_fernet_keys_wrapper';
+
+CREATE FUNCTION @extschema@."ekm_fernet_token_time"(
+	"value" TEXT
+) RETURNS timestamp with time zone
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ekm_fernet_token_time_wrapper';
+
 -- Privileges, as a fresh install grants them: nothing to PUBLIC.
+REVOKE ALL ON FUNCTION @extschema@.ekm_import_fernet_key(text, text, timestamptz, text),
+    @extschema@.ekm_import_fernet_keys(jsonb), @extschema@.ekm_fernet_token_time(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.ekm_import_fernet_key(text, text, timestamptz, text),
+    @extschema@.ekm_import_fernet_keys(jsonb) TO ekm_admin;
+GRANT EXECUTE ON FUNCTION @extschema@.ekm_fernet_token_time(text) TO ekm_user;
 REVOKE ALL ON FUNCTION @extschema@.ekm_cleanup_old_keys(integer, boolean, boolean),
     @extschema@.ekm_scan_database(integer), @extschema@.ekm_key_status(),
     @extschema@.ekm_rotate_master_key() FROM PUBLIC;

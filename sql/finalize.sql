@@ -47,7 +47,9 @@ SELECT k.key_id, k.rotation_status, k.is_active,
        p.expires_at, p.age_days, p.expires_in_days, p.needs_rotation, p.rotation_due_at,
        p.encryptions,
        -- which master key wrapped it (its check value: names the key, never reveals it)
-       encode(m.master_kcv, 'hex') AS master_key_fingerprint
+       encode(m.master_kcv, 'hex') AS master_key_fingerprint,
+       -- ekm, or fernet (imported with ekm_import_fernet_key: decrypt only)
+       k.kind
 FROM ekm.key k
 LEFT JOIN ekm.key_material m USING (key_id)
 CROSS JOIN LATERAL ekm._ekm_key_policy(k.key_id, k.created_at, k.encryptions) p
@@ -132,7 +134,7 @@ GRANT EXECUTE ON FUNCTION
     @extschema@.ekm_encrypt(text), @extschema@.ekm_encrypt(text, text),
     @extschema@.ekm_decrypt(text), @extschema@.ekm_decrypt(text, text),
     @extschema@.ekm_reencrypt(text, text), @extschema@.ekm_key_id(text),
-    @extschema@.ekm_is_encrypted(text)
+    @extschema@.ekm_is_encrypted(text), @extschema@.ekm_fernet_token_time(text)
     TO ekm_user;
 GRANT ekm_user TO ekm_admin;
 GRANT EXECUTE ON FUNCTION
@@ -149,7 +151,9 @@ GRANT EXECUTE ON FUNCTION
     @extschema@.ekm_scan_database(integer), @extschema@.ekm_rotate_master_key(),
     @extschema@.ekm_health(), @extschema@.ekm_health_status(), @extschema@.ekm_keys_needing_rotation(),
     @extschema@.ekm_encrypt_column(regclass, name, integer, boolean, text),
-    ekm._ekm_encrypt_column(oid, text, integer, boolean, text)
+    ekm._ekm_encrypt_column(oid, text, integer, boolean, text),
+    @extschema@.ekm_import_fernet_key(text, text, timestamptz, text),
+    @extschema@.ekm_import_fernet_keys(jsonb)
     TO ekm_admin;
 GRANT USAGE ON SCHEMA ekm TO ekm_admin;
 GRANT SELECT ON ekm.keys, ekm.audit_log, ekm.registered_column, ekm.registered_columns,

@@ -32,13 +32,24 @@ fn now() -> DateTime<Utc> {
 /// Which key encrypted `ciphertext` (read from its header; no lookup).
 #[pg_extern(immutable, strict, parallel_safe)]
 fn ekm_key_id(ciphertext: &str) -> String {
-    format::key_of(ciphertext).or_raise().to_string()
+    match format::key_of(ciphertext) {
+        Ok(k) => k.to_string(),
+        // the runbook's values: the imported key's id (named by FERNET_V2;
+        // for a bare token, the key that authenticates it)
+        Err(EkmError::NotCiphertext) => match ekm_core::fernet::parse(ciphertext.as_bytes()) {
+            Some(fv) => keycache::fernet_key_id(&fv).or_raise(),
+            None => crate::error::raise(EkmError::NotCiphertext),
+        },
+        Err(e) => crate::error::raise(e),
+    }
 }
 
-/// Whether `value` is an ekm ciphertext (of any format version). Never raises.
+/// Whether `value` is an ekm ciphertext (of any format version) or one of
+/// the runbook's Fernet values (`FERNET_V2:<key_id>:<token>`, a bare
+/// token). Never raises.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn ekm_is_encrypted(value: &str) -> bool {
-    format::looks_encrypted(value)
+    format::looks_encrypted(value) || ekm_core::fernet::parse(value.as_bytes()).is_some()
 }
 
 /// The same plaintext under the active key; never returns plaintext. A value
@@ -162,8 +173,21 @@ fn ekm_activate_key(key_id: &str) -> String {
 }
 
 pub fn activate(key_id: &str) -> EkmResult<String> {
-    let id = KeyId::parse(key_id)?;
     let (_, owner) = catalog::ekm_tables()?;
+    let kind = as_owner(owner, || {
+        catalog::one::<String>(
+            "SELECT kind FROM ekm.key WHERE key_id = $1",
+            vec![key_id.into()],
+        )
+    })?;
+    if kind.as_deref() == Some("fernet") {
+        crate::error::raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("key {key_id} is an imported Fernet key: ekm never encrypts with it"),
+            Some("activate an ekm key (SELECT ekm_activate_key(ekm_create_key())); Fernet values move onto it with ekm_encrypt_column or ekm_rotate".into()),
+        );
+    }
+    let id = KeyId::parse(key_id)?;
     as_owner(owner, || -> EkmResult<()> {
         // waits for a rotation's final step (its check and retire see one
         // set of keys), and for other key changes
@@ -339,10 +363,11 @@ fn rotate_master_key() -> EkmResult<Vec<(String, String, String, String)>> {
         || -> EkmResult<Vec<(String, String, String, String)>> {
             crate::rotation::lock_key_changes()?;
             // the rows, locked: nothing else re-wraps or destroys them meanwhile
-            let keys = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<(String, Vec<u8>, Vec<u8>)>> {
+            let keys = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<(String, Vec<u8>, Vec<u8>, String)>> {
             let mut v = Vec::new();
             for r in c.update(
-                "SELECT key_id, wrapped, master_kcv FROM ekm.key_material WHERE wrapped IS NOT NULL ORDER BY key_id FOR UPDATE",
+                "SELECT m.key_id, m.wrapped, m.master_kcv, k.kind FROM ekm.key_material m JOIN ekm.key k USING (key_id) \
+                 WHERE m.wrapped IS NOT NULL ORDER BY m.key_id FOR UPDATE OF m",
                 None,
                 &[],
             )? {
@@ -350,6 +375,7 @@ fn rotate_master_key() -> EkmResult<Vec<(String, String, String, String)>> {
                     r.get::<String>(1)?.unwrap_or_default(),
                     r.get::<Vec<u8>>(2)?.unwrap_or_default(),
                     r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                    r.get::<String>(4)?.unwrap_or_default(),
                 ));
             }
             Ok(v)
@@ -358,7 +384,8 @@ fn rotate_master_key() -> EkmResult<Vec<(String, String, String, String)>> {
             let to = new.fingerprint();
             let mut out = Vec::new();
             let mut rewrapped = 0;
-            for (id, wrapped, kcv) in keys {
+            for (id, wrapped, kcv, kind) in keys {
+                let kind = ekm_core::crypto::KeyKind::parse(&kind)?;
                 let from = ekm_core::crypto::fingerprint_of(&kcv);
                 if kcv[..] == new.check_value()[..] {
                     out.push((
@@ -380,8 +407,7 @@ fn rotate_master_key() -> EkmResult<Vec<(String, String, String, String)>> {
                         },
                     });
                 };
-                let key = KeyId::parse(&id)?;
-                let (w, k) = p.rewrap(&new, &key, &wrapped, &kcv)?;
+                let (w, k) = p.rewrap(&new, kind, &id, &wrapped, &kcv)?;
                 catalog::exec(
                     "UPDATE ekm.key_material SET wrapped = $2, master_kcv = $3 WHERE key_id = $1",
                     vec![id.clone().into(), w.into(), k.to_vec().into()],
@@ -543,6 +569,7 @@ mod ekm {
         };
         let key_id = get(&old, "key_id");
         if get(&new, "key_id") != key_id
+            || get(&new, "kind") != get(&old, "kind")
             || old
                 .get_by_name::<TimestampWithTimeZone>("created_at")
                 .ok()
@@ -554,7 +581,7 @@ mod ekm {
         {
             crate::error::raise_with(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("the id and creation time of key {key_id} cannot change"),
+                format!("the id, kind and creation time of key {key_id} cannot change"),
                 Some("keys are managed with ekm_* functions, not by editing ekm.key".into()),
             );
         }

@@ -7,6 +7,7 @@
 use crate::error::raise;
 use crate::keycache;
 use ekm_core::crypto::SecretBuf;
+use ekm_core::fernet::{self, FernetValue};
 use ekm_core::format;
 use ekm_core::keyid::KEY_REF_LEN;
 use ekm_core::EkmError;
@@ -107,22 +108,72 @@ pub unsafe extern "C-unwind" fn ekm_decrypt_v1(fcinfo: pg_sys::FunctionCallInfo)
         };
         crate::redact::note_plaintext();
         let ctx = context_arg(fcinfo);
-        let r = format::body_bytes(ct).and_then(|body| {
-            let n = format::decoded_len_of_body(body.len())?;
-            let (v, buf) = new_text(n);
-            format::b64_decode(body, buf)?;
-            let mut key_ref = [0u8; KEY_REF_LEN];
-            key_ref.copy_from_slice(&buf[..KEY_REF_LEN]);
-            let range = keycache::with_decrypt_key(&key_ref, |k| k.open_decoded(buf, ctx))?;
-            let len = range.len();
-            buf.copy_within(range, 0);
-            set_varsize_4b(v, (VARHDRSZ + len) as i32);
-            Ok(v)
-        });
+        let r = match format::body_bytes(ct) {
+            Ok(body) => (|| {
+                let n = format::decoded_len_of_body(body.len())?;
+                let (v, buf) = new_text(n);
+                format::b64_decode(body, buf)?;
+                let mut key_ref = [0u8; KEY_REF_LEN];
+                key_ref.copy_from_slice(&buf[..KEY_REF_LEN]);
+                let range = keycache::with_decrypt_key(&key_ref, |k| k.open_decoded(buf, ctx))?;
+                let len = range.len();
+                buf.copy_within(range, 0);
+                set_varsize_4b(v, (VARHDRSZ + len) as i32);
+                Ok(v)
+            })(),
+            // the runbook's values (the context does not apply: Fernet has none)
+            Err(EkmError::NotCiphertext) => match fernet::parse(ct) {
+                Some(fv) => decrypt_fernet(&fv),
+                None => Err(EkmError::NotCiphertext),
+            },
+            Err(e) => Err(e),
+        };
         match r {
             Ok(v) => pg_sys::Datum::from(v),
             Err(e) => raise(e),
         }
+    }
+}
+
+/// A Fernet value decrypted into a new text (one allocation, as for ekm's).
+unsafe fn decrypt_fernet(fv: &FernetValue) -> Result<*mut pg_sys::varlena, EkmError> {
+    unsafe {
+        let (v, buf) = new_text(fernet::decoded_capacity(fv.token().len()));
+        let range = keycache::fernet_open(fv, buf)?;
+        let len = range.len();
+        buf.copy_within(range, 0);
+        set_varsize_4b(v, (VARHDRSZ + len) as i32);
+        Ok(v)
+    }
+}
+
+/// A Fernet value on a rotating imported key re-encrypted under the active
+/// ekm key with `ctx` (the plaintext only in wiped scratch); None if the
+/// value is not Fernet or its key is not rotating. Errors: it does not open.
+fn move_fernet(v: &[u8], ctx: &[u8]) -> Result<Option<*mut pg_sys::varlena>, EkmError> {
+    let Some(fv) = fernet::parse(v) else {
+        return Ok(None);
+    };
+    if keycache::fernet_state(&fv)? != Some(ekm_core::KeyState::Rotating) {
+        return Ok(None);
+    }
+    let mut scratch = SecretBuf::new();
+    let buf = scratch.take(fernet::decoded_capacity(fv.token().len()))?;
+    let range = keycache::fernet_open(&fv, buf)?;
+    let plain = &buf[range];
+    let (out, bytes) = unsafe { new_text(format::encoded_len(plain.len())) };
+    keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, plain, ctx, bytes))?;
+    Ok(Some(out))
+}
+
+/// Whether a value is a Fernet value on a rotating imported key.
+fn on_rotating_fernet_key(v: &[u8]) -> bool {
+    match fernet::parse(v) {
+        Some(fv) => match keycache::fernet_state(&fv) {
+            Ok(s) => s == Some(ekm_core::KeyState::Rotating),
+            Err(e) => raise(e),
+        },
+        None => false,
     }
 }
 
@@ -200,13 +251,15 @@ fn count_moved(fcinfo: pg_sys::FunctionCallInfo) {
     }
 }
 
+/// Whether a stored value is on a rotating key: an ekm key, or an imported
+/// Fernet key (what a rotation moves).
 fn on_rotating_key(v: &[u8]) -> bool {
     match format::key_ref_of_bytes(v) {
         Some(r) => match keycache::state_of(&r) {
             Ok(s) => s == Some(ekm_core::KeyState::Rotating),
             Err(e) => raise(e),
         },
-        None => false,
+        None => on_rotating_fernet_key(v),
     }
 }
 
@@ -267,6 +320,9 @@ pub unsafe extern "C-unwind" fn ekm_left_v1(fcinfo: pg_sys::FunctionCallInfo) ->
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         let ctx = context_arg(fcinfo);
         check_gate(Some(ctx));
+        if let Some(fv) = fernet::parse(v) {
+            return pg_sys::Datum::from(fernet_left(&fv));
+        }
         if !on_rotating_key(v) {
             return pg_sys::Datum::from(0i32);
         }
@@ -284,8 +340,40 @@ pub unsafe extern "C-unwind" fn ekm_left_v1(fcinfo: pg_sys::FunctionCallInfo) ->
     }
 }
 
+/// `_ekm_left` for a Fernet value. Once keys are imported, ekm answers for
+/// Fernet values: on a rotating imported key, 1 if it opens (the context
+/// does not apply), 2 if not; a value no imported key names or
+/// authenticates, 2 (a problem value: it keeps the keys from retiring); on
+/// a retired or destroyed key, 0 (as for ekm's keys: health reports it).
+/// Without imported keys they are another scheme's values: 0.
+fn fernet_left(fv: &FernetValue) -> i32 {
+    match keycache::fernet_imported() {
+        Ok(false) => return 0,
+        Ok(true) => {}
+        Err(e) => raise(e),
+    }
+    match keycache::fernet_state(fv) {
+        Ok(Some(ekm_core::KeyState::Rotating)) => {
+            let mut scratch = SecretBuf::new();
+            let opens = scratch
+                .take(fernet::decoded_capacity(fv.token().len()))
+                .and_then(|buf| keycache::fernet_open(fv, buf))
+                .is_ok();
+            if opens {
+                1
+            } else {
+                2
+            }
+        }
+        Ok(None) => 2,
+        Ok(Some(_)) => 0,
+        Err(e) => raise(e),
+    }
+}
+
 /// `pg_temp._ekm_is_plaintext(value text) -> bool` (STRICT): what a column
-/// encryption moves (not an ekm ciphertext, not another scheme's).
+/// encryption moves: plaintext (not an ekm ciphertext, not another
+/// scheme's), and Fernet values on rotating imported keys.
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn ekm_is_plaintext_v1(
@@ -294,7 +382,7 @@ pub unsafe extern "C-unwind" fn ekm_is_plaintext_v1(
     check_gate(None);
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
-        pg_sys::Datum::from(is_plaintext(v))
+        pg_sys::Datum::from(is_plaintext(v) || on_rotating_fernet_key(v))
     }
 }
 
@@ -325,7 +413,21 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
         let ctx = context_arg(fcinfo);
         check_gate(Some(ctx));
         let Some(key_ref) = format::key_ref_of_bytes(v) else {
-            return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+            return match move_fernet(v, ctx) {
+                Ok(Some(out)) => {
+                    count_moved(fcinfo);
+                    pg_sys::Datum::from(out)
+                }
+                Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+                // one that does not open stays (the check records it)
+                Err(
+                    EkmError::FernetAuthenticationFailed(_)
+                    | EkmError::FernetMalformed(_)
+                    | EkmError::FernetKeyNotImported(_)
+                    | EkmError::NoFernetKeys,
+                ) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+                Err(e) => raise(e),
+            };
         };
         // decoded into wiped scratch, re-encrypted there in place (without
         // AES-NI the plaintext is in it in between), encoded into the result
@@ -370,7 +472,21 @@ pub unsafe extern "C-unwind" fn ekm_encrypt_plain_v1(
         let ctx = context_arg(fcinfo);
         check_gate(Some(ctx));
         if !is_plaintext(v) {
-            return pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+            // the runbook's values on rotating imported keys move too
+            return match move_fernet(v, ctx) {
+                Ok(Some(out)) => {
+                    count_moved(fcinfo);
+                    pg_sys::Datum::from(out)
+                }
+                Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+                Err(
+                    EkmError::FernetAuthenticationFailed(_)
+                    | EkmError::FernetMalformed(_)
+                    | EkmError::FernetKeyNotImported(_)
+                    | EkmError::NoFernetKeys,
+                ) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+                Err(e) => raise(e),
+            };
         }
         let (out, bytes) = new_text(format::encoded_len(v.len()));
         if let Err(e) = keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, v, ctx, bytes)) {

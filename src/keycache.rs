@@ -9,6 +9,7 @@ use crate::catalog;
 use crate::masterkey;
 use crate::shmem;
 use ekm_core::crypto::DataKey;
+use ekm_core::fernet::{FernetKey, FernetValue};
 use ekm_core::format::NONCE_LEN;
 use ekm_core::keyid::KEY_REF_LEN;
 use ekm_core::{EkmError, KeyId, KeyState, MasterKey, Result};
@@ -16,6 +17,7 @@ use pgrx::pg_sys;
 use rand::rngs::{StdRng, SysRng};
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 struct Entry {
@@ -27,9 +29,19 @@ struct Entry {
     counter: Option<&'static AtomicU64>,
 }
 
+/// An imported Fernet key (decrypt only).
+struct FernetEntry {
+    id: String,
+    state: KeyState,
+    /// Unwrapped for keys that may decrypt (rotating); the error if that failed.
+    key: Option<std::result::Result<FernetKey, EkmError>>,
+}
+
 #[derive(Default)]
 struct Cache {
     entries: Vec<Entry>,
+    /// imported Fernet keys, newest first
+    fernet: Vec<FernetEntry>,
     active: Option<usize>,
     owner: pg_sys::Oid,
     /// index of the entry `find` returned last
@@ -172,11 +184,56 @@ impl Cache {
             }
             self.entries = entries;
             self.active = active;
+            // imported Fernet keys: unwrapped the same way, kept by id
+            let mut old = std::mem::take(&mut self.fernet);
+            let mut fernet = Vec::new();
+            for row in catalog::load_fernet_keys(owner)? {
+                let reuse = old
+                    .iter()
+                    .position(|e| e.id == row.id)
+                    .map(|i| old.swap_remove(i));
+                let key = if !row.state.can_decrypt() {
+                    None
+                } else if let Some(FernetEntry {
+                    key: Some(Ok(k)), ..
+                }) = reuse
+                {
+                    Some(Ok(k))
+                } else {
+                    let m = master.get_or_insert_with(masterkey::load);
+                    Some(match (m, &row.wrapped) {
+                        (Err(e), _) => Err(e.clone()),
+                        (Ok(_), None) => Err(EkmError::KeyNotUsable {
+                            key_id: row.id.clone(),
+                            state: KeyState::Destroyed,
+                            action: "decrypt",
+                        }),
+                        (Ok(m), Some(w)) => match m.unwrap_fernet(&row.id, w, &row.kcv) {
+                            Err(e @ EkmError::MasterKeyMismatch { .. }) => {
+                                match previous.get_or_insert_with(masterkey::load_previous) {
+                                    Some(Ok(p)) if p.check_value()[..] == row.kcv[..] => {
+                                        p.unwrap_fernet(&row.id, w, &row.kcv)
+                                    }
+                                    _ => Err(e),
+                                }
+                            }
+                            r => r,
+                        },
+                    })
+                };
+                fernet.push(FernetEntry {
+                    id: row.id,
+                    state: row.state,
+                    key,
+                });
+            }
+            self.fernet = fernet;
             Ok(())
         })();
         if r.is_err() {
             STALE.store(true, Ordering::Relaxed);
             self.entries.clear();
+            self.fernet.clear();
             self.active = None;
         }
         r
@@ -405,5 +462,132 @@ pub fn state_of(key_ref: &[u8; KEY_REF_LEN]) -> Result<Option<KeyState>> {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         Ok(c.find_known(key_ref)?.map(|i| c.entries[i].state))
+    })
+}
+
+// ---- imported Fernet keys (the runbook's values; decrypt only) ----
+
+impl Cache {
+    /// The index of the Fernet key `id`, loading once more if this backend
+    /// does not know it (imported since the last load).
+    fn fernet_index(&mut self, id: &str) -> Result<Option<usize>> {
+        self.fresh()?;
+        if let Some(i) = self.fernet.iter().position(|e| e.id == id) {
+            return Ok(Some(i));
+        }
+        self.reload()?;
+        Ok(self.fernet.iter().position(|e| e.id == id))
+    }
+
+    /// Opens a Fernet value into `buf`: the key it names (FERNET_V2), or
+    /// each key that may decrypt, newest first (a bare token, as
+    /// MultiFernet does). The plaintext's range and the key's index.
+    fn fernet_open(&mut self, v: &FernetValue, buf: &mut [u8]) -> Result<(Range<usize>, usize)> {
+        match v {
+            FernetValue::V2 { key_id, token } => {
+                let i = self
+                    .fernet_index(key_id)?
+                    .ok_or_else(|| EkmError::FernetKeyNotImported(key_id.to_string()))?;
+                let e = &self.fernet[i];
+                let k = fernet_usable(e)?;
+                Ok((k.open_in(token, buf, &format!("Fernet key {}", e.id))?, i))
+            }
+            FernetValue::Bare { token } => {
+                self.fresh()?;
+                if self.fernet.is_empty() {
+                    self.reload()?;
+                }
+                if self.fernet.is_empty() {
+                    return Err(EkmError::NoFernetKeys);
+                }
+                let mut first_err = None;
+                for (i, e) in self.fernet.iter().enumerate() {
+                    let Some(Ok(k)) = &e.key else {
+                        continue;
+                    };
+                    match k.open_in(token, buf, "any imported Fernet key") {
+                        Ok(r) => return Ok((r, i)),
+                        Err(EkmError::FernetAuthenticationFailed(_)) => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+                // none verifies: report the first key that could not be
+                // used, if one could not (retired, failed to unwrap)
+                for e in &self.fernet {
+                    if let Err(err) = fernet_usable(e) {
+                        first_err.get_or_insert(err);
+                    }
+                }
+                Err(first_err.unwrap_or(EkmError::FernetAuthenticationFailed(
+                    "any imported Fernet key".into(),
+                )))
+            }
+        }
+    }
+}
+
+fn fernet_usable(e: &FernetEntry) -> Result<&FernetKey> {
+    match &e.key {
+        Some(Ok(k)) => Ok(k),
+        Some(Err(err)) => Err(err.clone()),
+        None => Err(EkmError::KeyNotUsable {
+            key_id: e.id.clone(),
+            state: e.state,
+            action: "decrypt",
+        }),
+    }
+}
+
+/// Decrypts a Fernet value into `buf` (scratch of at least
+/// `fernet::decoded_capacity(token length)` bytes): where the plaintext is.
+pub fn fernet_open(v: &FernetValue, buf: &mut [u8]) -> Result<Range<usize>> {
+    CACHE.with(|c| c.borrow_mut().fernet_open(v, buf).map(|(r, _)| r))
+}
+
+/// The id of the Fernet key a value is on: named by a FERNET_V2 value; for
+/// a bare token, the key that authenticates it.
+pub fn fernet_key_id(v: &FernetValue) -> Result<String> {
+    match v {
+        FernetValue::V2 { key_id, .. } => Ok(key_id.to_string()),
+        FernetValue::Bare { token } => {
+            let mut scratch = ekm_core::crypto::SecretBuf::new();
+            let buf = scratch.take(ekm_core::fernet::decoded_capacity(token.len()))?;
+            CACHE.with(|c| {
+                let mut c = c.borrow_mut();
+                let (_, i) = c.fernet_open(v, buf)?;
+                Ok(c.fernet[i].id.clone())
+            })
+        }
+    }
+}
+
+/// The state of the imported key a Fernet value is on, if this database has
+/// one that names (FERNET_V2) or authenticates (bare token) it.
+pub fn fernet_state(v: &FernetValue) -> Result<Option<KeyState>> {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        match v {
+            FernetValue::V2 { key_id, .. } => {
+                Ok(c.fernet_index(key_id)?.map(|i| c.fernet[i].state))
+            }
+            FernetValue::Bare { token } => {
+                let mut scratch = ekm_core::crypto::SecretBuf::new();
+                let buf = scratch.take(ekm_core::fernet::decoded_capacity(token.len()))?;
+                match c.fernet_open(v, buf) {
+                    Ok((_, i)) => Ok(Some(c.fernet[i].state)),
+                    Err(_) => Ok(None),
+                }
+            }
+        }
+    })
+}
+
+/// Whether this database has imported any Fernet key (its Fernet values
+/// are then values ekm answers for; otherwise they are another scheme's).
+pub fn fernet_imported() -> Result<bool> {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.fresh()?;
+        Ok(!c.fernet.is_empty())
     })
 }

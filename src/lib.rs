@@ -11,6 +11,7 @@ mod api;
 mod catalog;
 mod error;
 mod fastpath;
+mod fernet;
 mod gucs;
 mod keycache;
 mod masterkey;

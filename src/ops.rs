@@ -193,6 +193,11 @@ fn cleanup(days: i32, dry_run: bool, force: bool) -> EkmResult<Vec<CleanupRow>> 
                 in_use[i] += count;
             }
         }
+        for (k, count) in &n.by_fernet_key {
+            if let Some(i) = ids.iter().position(|x| x == k) {
+                in_use[i] += count;
+            }
+        }
     }
     if cols.iter().any(|c| !c.3) {
         raise_with(
@@ -462,6 +467,18 @@ fn check_master_key(owner: pg_sys::Oid) -> EkmResult<HealthRow> {
         match master.unwrap(&k.id, w, &k.kcv) {
             Ok(_) => {}
             Err(EkmError::MasterKeyMismatch { .. }) if matches!(&previous, Some(Ok(p)) if p.unwrap(&k.id, w, &k.kcv).is_ok()) => {
+                under_previous += 1
+            }
+            Err(e) => bad.push(format!("{}: {e}", k.id)),
+        }
+    }
+    // imported Fernet keys are wrapped the same way
+    for k in catalog::load_fernet_keys(owner)? {
+        let Some(w) = &k.wrapped else { continue };
+        n += 1;
+        match master.unwrap_fernet(&k.id, w, &k.kcv) {
+            Ok(_) => {}
+            Err(EkmError::MasterKeyMismatch { .. }) if matches!(&previous, Some(Ok(p)) if p.unwrap_fernet(&k.id, w, &k.kcv).is_ok()) => {
                 under_previous += 1
             }
             Err(e) => bad.push(format!("{}: {e}", k.id)),
@@ -783,13 +800,20 @@ fn check_values(cols: &[(pg_sys::Oid, String, String, bool)]) -> EkmResult<Healt
             .pop()
             .unwrap_or_default();
         let mut counts = Vec::new();
-        for class in ["created", "destroyed", "malformed", "retired", "unknown"] {
+        for class in [
+            "created",
+            "destroyed",
+            "malformed",
+            "retired",
+            "unknown",
+            "fernet_undecryptable",
+        ] {
             let c = n.count(&[class]);
             if c > 0 {
-                counts.push(if class == "malformed" {
-                    format!("{c} malformed")
-                } else {
-                    format!("{c} on {class} keys")
+                counts.push(match class {
+                    "malformed" => format!("{c} malformed"),
+                    "fernet_undecryptable" => format!("{c} Fernet values no imported key decrypts"),
+                    _ => format!("{c} on {class} keys"),
                 });
             }
         }
@@ -1049,9 +1073,13 @@ fn encrypt_column_as_caller(
                 )),
             );
         }
-        let n = scan::census(&t, &[(col.to_string(), context.clone())], true)?
+        let census = scan::census(&t, &[(col.to_string(), context.clone())], true)?
             .pop()
             .unwrap_or_default();
+        let fernet = census.count(&["fernet"]);
+        let lost = census.count(&["fernet_undecryptable"]);
+        let by_key = fernet_by_key(&census);
+        let n = census;
         let (p, e, f, n, x) = (
             n.count(&["plaintext"]),
             n.count(&[
@@ -1062,26 +1090,37 @@ fn encrypt_column_as_caller(
                 "destroyed",
                 "unknown",
             ]),
-            n.count(&["foreign", "malformed"]),
+            n.count(&["foreign", "malformed", "fernet_undecryptable"]),
             n.count(&["null"]),
             n.wrong_context,
         );
         let mut note = format!("dry run: {p} plaintext values would be encrypted");
+        if fernet > 0 {
+            note.push_str(&format!(
+                "; {fernet} Fernet values would move onto the active key ({by_key})"
+            ));
+        }
+        if lost > 0 {
+            note.push_str(&format!(
+                "; {lost} Fernet values no imported key decrypts are left as they are (ekm_rotate's check lists them in ekm.rotation_problem by row)"
+            ));
+        }
         if x > 0 {
             note.push_str(&format!(
                 "; {x} encrypted values do not decrypt with the context '{context}' (encrypted with another context, or altered): a later rotation would stop at them"
             ));
         }
-        if f > 0 {
+        if f > lost {
             note.push_str(&format!(
-                "; {f} values are another scheme's ciphertext (e.g. FERNET_V2) or malformed ekm values and are left as they are"
+                "; {} values are another scheme's ciphertext (e.g. FERNET_V2 before its keys are imported) or malformed ekm values and are left as they are",
+                f - lost
             ));
         }
         return Ok((
             None,
             name,
             col.to_string(),
-            Some(p),
+            Some(p + fernet),
             Some(e),
             Some(f),
             Some(n),
@@ -1121,4 +1160,13 @@ fn encrypt_column_as_caller(
         None,
         format!("encrypting in the background: SELECT * FROM ekm.rotation_progress WHERE job_id = {job}, or SELECT ekm_rotation_wait({job})"),
     ))
+}
+
+/// "key_a: 3, key_b: 5": Fernet values per imported key, for notes.
+pub(crate) fn fernet_by_key(n: &scan::Census) -> String {
+    n.by_fernet_key
+        .iter()
+        .map(|(k, c)| format!("{k}: {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

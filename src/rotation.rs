@@ -86,8 +86,14 @@ fn column_key_counts(tbl: pg_sys::Oid, col: &str) -> EkmResult<Vec<KeyCountRow>>
         .iter()
         .map(|(k, (class, count))| (Some(k.to_string()), class.to_string(), Some(*count)))
         .collect();
+    for (k, count) in &n.by_fernet_key {
+        rows.push((Some(k.clone()), "fernet".into(), Some(*count)));
+    }
     for (class, count) in &n.by_class {
-        if matches!(*class, "null" | "plaintext" | "foreign" | "malformed") {
+        if matches!(
+            *class,
+            "null" | "plaintext" | "foreign" | "malformed" | "fernet_undecryptable"
+        ) {
             rows.push((None, class.to_string(), Some(*count)));
         }
     }
@@ -582,12 +588,32 @@ fn rotate(batch_size: i32, dry_run: bool, force: bool) -> EkmResult<Vec<RotateRo
                     .pop()
                     .unwrap_or_default();
                 let (m, p, u, x) = (
-                    n.count(&["active", "rotating"]),
+                    n.count(&["active", "rotating", "fernet"]),
                     n.count(&["plaintext", "foreign"]),
-                    n.count(&["unknown", "retired", "destroyed", "created", "malformed"]),
+                    n.count(&[
+                        "unknown",
+                        "retired",
+                        "destroyed",
+                        "created",
+                        "malformed",
+                        "fernet_undecryptable",
+                    ]),
                     n.wrong_context,
                 );
                 let mut notes = Vec::new();
+                if n.count(&["fernet"]) > 0 {
+                    notes.push(format!(
+                        "{} Fernet values move onto the new key ({})",
+                        n.count(&["fernet"]),
+                        crate::ops::fernet_by_key(&n)
+                    ));
+                }
+                if n.count(&["fernet_undecryptable"]) > 0 {
+                    notes.push(format!(
+                        "{} Fernet values no imported key decrypts: the job lists them in ekm.rotation_problem and keeps the imported keys rotating",
+                        n.count(&["fernet_undecryptable"])
+                    ));
+                }
                 if x > 0 {
                     notes.push(format!(
                         "{x} values do not decrypt with the registered context '{context}' (bound to another context, or altered): the rotation would stop at them; fix them before rotating"

@@ -9,7 +9,7 @@
 use crate::catalog::{self, Table};
 use crate::keycache;
 use ekm_core::crypto::SecretBuf;
-use ekm_core::{format, EkmError, KeyId};
+use ekm_core::{format, EkmError, KeyId, KeyState};
 use pgrx::prelude::*;
 use std::collections::BTreeMap;
 
@@ -24,6 +24,17 @@ const FETCH: i64 = 1000;
 pub fn value_class(v: Option<&str>) -> EkmResult<&'static str> {
     let Some(v) = v else { return Ok("null") };
     if !format::looks_encrypted(v) {
+        // the runbook's values, once its keys are imported: "fernet" on a
+        // rotating imported key (it moves), "fernet_undecryptable" if no
+        // imported key that may decrypt names or authenticates it
+        if let Some(fv) = ekm_core::fernet::parse(v.as_bytes()) {
+            if keycache::fernet_imported()? {
+                return Ok(match keycache::fernet_state(&fv)? {
+                    Some(KeyState::Rotating) => "fernet",
+                    _ => "fernet_undecryptable",
+                });
+            }
+        }
         return Ok(if format::looks_foreign(v) {
             "foreign"
         } else {
@@ -46,6 +57,8 @@ pub struct Census {
     pub by_class: BTreeMap<&'static str, i64>,
     /// ekm ciphertexts per key they name (with that key's class)
     pub by_key: BTreeMap<KeyId, (&'static str, i64)>,
+    /// Fernet values on rotating imported keys, per key id
+    pub by_fernet_key: BTreeMap<String, i64>,
     /// values on a key that decrypts which do not open with the column's
     /// context (bound to another context, or altered); counted only when
     /// asked for
@@ -102,6 +115,14 @@ pub fn census(t: &Table, cols: &[(String, String)], check_context: bool) -> EkmR
                         let class = value_class(v)?;
                         let n = &mut out[i];
                         *n.by_class.entry(class).or_insert(0) += 1;
+                        if class == "fernet" {
+                            if let Some(fv) = v.and_then(|v| ekm_core::fernet::parse(v.as_bytes()))
+                            {
+                                *n.by_fernet_key
+                                    .entry(keycache::fernet_key_id(&fv)?)
+                                    .or_insert(0) += 1;
+                            }
+                        }
                         if let Some(v) = v.filter(|v| format::looks_encrypted(v)) {
                             if let Ok(k) = format::key_of(v) {
                                 n.by_key.entry(k).or_insert((class, 0)).1 += 1;
@@ -172,6 +193,25 @@ pub fn readable(tbl: pg_sys::Oid, col: &str, for_caller: bool) -> EkmResult<Resu
 /// Why a value on a rotating key cannot be moved with `context`, and the key
 /// it names: for ekm.rotation_problem. Never the value itself.
 pub fn why_stuck(v: &str, context: &str) -> (Option<String>, String) {
+    if let Some(fv) = ekm_core::fernet::parse(v.as_bytes()) {
+        let named = match fv {
+            ekm_core::fernet::FernetValue::V2 { key_id, .. } => Some(key_id.to_string()),
+            ekm_core::fernet::FernetValue::Bare { .. } => None,
+        };
+        let mut scratch = SecretBuf::new();
+        let r = scratch
+            .take(ekm_core::fernet::decoded_capacity(fv.token().len()))
+            .and_then(|buf| keycache::fernet_open(&fv, buf).map(|_| ()));
+        let reason = match r {
+            Ok(()) => "it decrypts now (fixed since the check)".to_string(),
+            Err(EkmError::FernetKeyNotImported(_) | EkmError::NoFernetKeys) => match &named {
+                Some(id) => format!("a Fernet value on key {id}, which is not imported (SELECT ekm_import_fernet_key(...))"),
+                None => "a Fernet value, and no Fernet key is imported".into(),
+            },
+            Err(err) => format!("a Fernet value that does not decrypt: {err}"),
+        };
+        return (named, reason);
+    }
     let Ok(k) = format::key_of(v) else {
         return (None, "malformed ekm ciphertext".into());
     };

@@ -470,6 +470,12 @@ impl MasterKey {
 
     /// Wraps a data key, bound to its id.
     pub fn wrap(&self, id: &KeyId, dek: &[u8; KEY_LEN]) -> Result<Vec<u8>> {
+        self.wrap_labeled(&KeyKind::Ekm.label(&id.to_string()), dek)
+    }
+
+    /// Wraps 32 bytes of key material bound to `label` (the associated
+    /// data: the key's kind and id, [`KeyKind::label`]).
+    pub fn wrap_labeled(&self, label: &str, dek: &[u8; KEY_LEN]) -> Result<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         loop {
             os_random(&mut nonce)?;
@@ -480,12 +486,11 @@ impl MasterKey {
         let mut out = vec![0u8; WRAPPED_LEN];
         out[..NONCE_LEN].copy_from_slice(&nonce);
         out[NONCE_LEN..NONCE_LEN + KEY_LEN].copy_from_slice(dek);
-        let aad = format!("ekm-dek-v1:{id}");
         let tag = self
             .cipher()
             .encrypt_inout_detached(
                 &Nonce::from(nonce),
-                aad.as_bytes(),
+                label.as_bytes(),
                 (&mut out[NONCE_LEN..NONCE_LEN + KEY_LEN]).into(),
             )
             .map_err(|_| EkmError::Internal("wrap failed".into()))?;
@@ -500,31 +505,48 @@ impl MasterKey {
         hex::encode(self.check_value())
     }
 
-    /// Re-wraps a data key wrapped under this master key (`wrapped`, with
-    /// its check value `kcv`) under `new`: the wrapped form and `new`'s
-    /// check value. The data key itself never changes, so every value stays
-    /// as it is; it exists unwrapped only in a buffer wiped on return.
+    /// Re-wraps key material wrapped under this master key (`wrapped`, with
+    /// its check value `kcv`, bound to the key's kind and id) under `new`:
+    /// the wrapped form and `new`'s check value. The key itself never
+    /// changes, so every value stays as it is; it exists unwrapped only in a
+    /// buffer wiped on return.
     pub fn rewrap(
         &self,
         new: &MasterKey,
-        id: &KeyId,
+        kind: KeyKind,
+        id: &str,
         wrapped: &[u8],
         kcv: &[u8],
     ) -> Result<(Vec<u8>, [u8; KCV_LEN])> {
-        let dek = self.unwrap_bytes(id, wrapped, kcv)?;
-        Ok((new.wrap(id, &dek)?, new.check_value()))
+        let label = kind.label(id);
+        let dek = self.unwrap_labeled(&label, id, wrapped, kcv)?;
+        Ok((new.wrap_labeled(&label, &dek)?, new.check_value()))
     }
 
     /// Unwraps a data key. `kcv` is the check value stored with it: a
     /// mismatch means the wrong master key is configured.
     pub fn unwrap(&self, id: &KeyId, wrapped: &[u8], kcv: &[u8]) -> Result<DataKey> {
-        let k = self.unwrap_bytes(id, wrapped, kcv)?;
+        let name = id.to_string();
+        let k = self.unwrap_labeled(&KeyKind::Ekm.label(&name), &name, wrapped, kcv)?;
         Ok(DataKey::new(*id, &k))
     }
 
-    fn unwrap_bytes(
+    /// Unwraps an imported Fernet key (`ekm_import_fernet_key`).
+    pub fn unwrap_fernet(
         &self,
-        id: &KeyId,
+        id: &str,
+        wrapped: &[u8],
+        kcv: &[u8],
+    ) -> Result<crate::fernet::FernetKey> {
+        let k = self.unwrap_labeled(&KeyKind::Fernet.label(id), id, wrapped, kcv)?;
+        Ok(crate::fernet::FernetKey::from_bytes(&k))
+    }
+
+    /// Unwraps key material bound to `label`; `id` names the key in errors.
+    pub fn unwrap_labeled(
+        &self,
+        label: &str,
+        id: &str,
         wrapped: &[u8],
         kcv: &[u8],
     ) -> Result<Zeroizing<[u8; KEY_LEN]>> {
@@ -544,16 +566,50 @@ impl MasterKey {
         nonce.copy_from_slice(&wrapped[..NONCE_LEN]);
         let tag = Tag::try_from(&wrapped[NONCE_LEN + KEY_LEN..])
             .map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
-        let aad = format!("ekm-dek-v1:{id}");
         self.cipher()
             .decrypt_inout_detached(
                 &Nonce::from(nonce),
-                aad.as_bytes(),
+                label.as_bytes(),
                 (&mut k[..]).into(),
                 &tag,
             )
             .map_err(|_| EkmError::WrappedKeyCorrupt(id.to_string()))?;
         Ok(k)
+    }
+}
+
+/// What a key is: an ekm data key (AES-256-GCM, `ekm1:` values), or a
+/// Fernet key imported from the runbook's key store (decrypt only). The kind
+/// is part of what the master key's wrap authenticates, so material of one
+/// kind never unwraps as the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Ekm,
+    Fernet,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Ekm => "ekm",
+            KeyKind::Fernet => "fernet",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "ekm" => Ok(KeyKind::Ekm),
+            "fernet" => Ok(KeyKind::Fernet),
+            other => Err(EkmError::Internal(format!("unknown key kind {other}"))),
+        }
+    }
+
+    /// The associated data of the key's wrap (ekm keys keep 0.1.0's).
+    pub fn label(self, id: &str) -> String {
+        match self {
+            KeyKind::Ekm => format!("ekm-dek-v1:{id}"),
+            KeyKind::Fernet => format!("ekm-fernet-v1:{id}"),
+        }
     }
 }
 

@@ -68,6 +68,10 @@ pub enum EkmError {
     FernetMalformed(&'static str),
     #[error("Fernet token could not be authenticated with {0}: the value was altered, or it was made with another key")]
     FernetAuthenticationFailed(String),
+    #[error("Fernet key {0} is not imported in this database")]
+    FernetKeyNotImported(String),
+    #[error("no Fernet key is imported in this database, so Fernet values cannot be decrypted")]
+    NoFernetKeys,
     #[error("the Fernet key is not valid: {0}")]
     FernetKeyInvalid(&'static str),
     #[error("ekm internal error: {0}")]
@@ -102,6 +106,7 @@ impl EkmError {
             EkmError::FernetMalformed(_) => "22P03",
             EkmError::FernetAuthenticationFailed(_) => "XX001",
             EkmError::FernetKeyInvalid(_) => "22023",
+            EkmError::FernetKeyNotImported(_) | EkmError::NoFernetKeys => "42704",
             EkmError::Internal(_) => "XX000",
         }
     }
@@ -152,6 +157,12 @@ impl EkmError {
             }
             EkmError::FernetMalformed(_) | EkmError::FernetAuthenticationFailed(_) => {
                 "Fernet values decrypt with the keys imported by ekm_import_fernet_key (SELECT key_id FROM ekm.keys WHERE kind = 'fernet'); import the key that made it, or restore the value from a backup".into()
+            }
+            EkmError::FernetKeyNotImported(id) => format!(
+                "import it from the application's key store: SELECT ekm_import_fernet_key('{id}', '<its Fernet key>')"
+            ),
+            EkmError::NoFernetKeys => {
+                "import the application's Fernet keys: SELECT ekm_import_fernet_keys('<JSON of the key store>') or ekm_import_fernet_key(key_id, key)".into()
             }
             EkmError::FernetKeyInvalid(_) => {
                 "pass the key exactly as the application's key store holds it (Fernet.generate_key() output, 44 characters)".into()

@@ -5,8 +5,14 @@
 /// What replaces redacted text.
 pub const MARKER: &str = "(redacted by ekm)";
 
-/// The functions that take or return plaintext.
-const NAMES: [&[u8]; 3] = [b"ekm_encrypt", b"ekm_decrypt", b"ekm_reencrypt"];
+/// The functions that take or return plaintext, and those that take key
+/// material (the Fernet key imports).
+const NAMES: [&[u8]; 4] = [
+    b"ekm_encrypt",
+    b"ekm_decrypt",
+    b"ekm_reencrypt",
+    b"ekm_import_fernet_key",
+];
 
 /// Whether a statement's text names one of them (any case).
 pub fn mentions_plaintext_functions(query: &[u8]) -> bool {
@@ -41,6 +47,9 @@ mod tests {
         ));
         assert!(mentions_plaintext_functions(
             b"SELECT public.Ekm_ReEncrypt(v)"
+        ));
+        assert!(mentions_plaintext_functions(
+            b"SELECT ekm_import_fernet_keys('[...]')"
         ));
         assert!(!mentions_plaintext_functions(b"SELECT ekm_key_id(v)"));
         assert!(!mentions_plaintext_functions(b"SELECT 'plain'::int"));

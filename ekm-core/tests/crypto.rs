@@ -1,5 +1,5 @@
 use chrono::{TimeZone, Utc};
-use ekm_core::crypto::{new_data_key, KCV_LEN};
+use ekm_core::crypto::{new_data_key, KeyKind, KCV_LEN};
 use ekm_core::format::{self, encoded_len};
 use ekm_core::{EkmError, KeyId, MasterKey};
 use proptest::prelude::*;
@@ -127,7 +127,9 @@ fn wrap_unwrap_and_master_key_mismatch() {
     assert_eq!(m.fingerprint().len(), 2 * KCV_LEN);
     assert_ne!(m.fingerprint(), other.fingerprint());
     // re-wrapped under the other master key: the same data key
-    let (rewrapped, new_kcv) = m.rewrap(&other, &id, &wrapped, &kcv).unwrap();
+    let (rewrapped, new_kcv) = m
+        .rewrap(&other, KeyKind::Ekm, &id.to_string(), &wrapped, &kcv)
+        .unwrap();
     assert_eq!(new_kcv, other.check_value());
     assert_ne!(rewrapped, wrapped);
     let dk3 = other.unwrap(&id, &rewrapped, &new_kcv).unwrap();
@@ -137,8 +139,22 @@ fn wrap_unwrap_and_master_key_mismatch() {
         Err(EkmError::MasterKeyMismatch { .. })
     ));
     assert!(matches!(
-        other.rewrap(&m, &id, &wrapped, &kcv),
+        other.rewrap(&m, KeyKind::Ekm, &id.to_string(), &wrapped, &kcv),
         Err(EkmError::MasterKeyMismatch { .. })
+    ));
+    // the kind is bound into the wrap: ekm material never unwraps as a
+    // Fernet key of the same id, nor the other way round
+    assert!(matches!(
+        m.unwrap_fernet(&id.to_string(), &wrapped, &kcv),
+        Err(EkmError::WrappedKeyCorrupt(_))
+    ));
+    let fw = m
+        .wrap_labeled(&KeyKind::Fernet.label(&id.to_string()), &[9; 32])
+        .unwrap();
+    assert!(m.unwrap_fernet(&id.to_string(), &fw, &kcv).is_ok());
+    assert!(matches!(
+        m.unwrap(&id, &fw, &kcv),
+        Err(EkmError::WrappedKeyCorrupt(_))
     ));
     // corrupted material
     let mut bad = wrapped.clone();
