@@ -173,7 +173,7 @@ fn set_batch_timeouts() {
     // transaction, the batch gives up before the application's deadlock
     // check could abort the application's transaction.
     let lock_timeout_ms = crate::gucs::rotation_lock_timeout_ms()
-        .min(unsafe { pg_sys::DeadlockTimeout } / 2)
+        .min(server_deadlock_timeout_ms() / 2)
         .max(1);
     set_local("lock_timeout", &format!("{lock_timeout_ms}ms"));
     // A batch may wait for several application locks in turn (each at most
@@ -185,6 +185,20 @@ fn set_batch_timeouts() {
         "deadlock_timeout",
         &format!("{}ms", (lock_timeout_ms / 5).max(10)),
     );
+}
+
+/// The server's deadlock_timeout (its reset value: a step may already have
+/// set its own, locally, earlier in the same transaction).
+fn server_deadlock_timeout_ms() -> i32 {
+    let v = unsafe { pg_sys::GetConfigOptionResetString(c"deadlock_timeout".as_ptr()) };
+    if v.is_null() {
+        return unsafe { pg_sys::DeadlockTimeout };
+    }
+    unsafe { std::ffi::CStr::from_ptr(v) }
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .unwrap_or(unsafe { pg_sys::DeadlockTimeout })
 }
 
 /// With `ekm.debug_pause_points` on, waits while a session holds the

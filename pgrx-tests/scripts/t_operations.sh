@@ -453,6 +453,41 @@ session_end 11 locker
 check "the job then finishes" "$(wait_job h "$job" 120)" done
 check "with the application's write kept" "$(q h "SELECT ekm_decrypt(v) FROM t WHERE id = 1")" "locker wrote"
 check "the application saw no error" "$(client_errors "$dir/locker.out")" 0
+# A deadlock between a batch and an application: the worker runs its own
+# deadlock check after a fifth of its lock timeout, long before the
+# application's (deadlock_timeout), so the worker is the one the deadlock
+# detector cancels; it retries, the application goes on. Made
+# deterministic: the application holds the table's last row, the worker
+# (held, then let go) locks the rows of that page before it and waits for
+# it, then the application asks for the page's first row. Server
+# deadlock_timeout 60 s and ekm.rotation_lock_timeout 25 s: the worker's
+# check comes 5 s into its wait (the application asks well before), its
+# lock timeout at 25 s, the application's check at 60 s.
+setconf deadlock_timeout 60s; setconf ekm.rotation_lock_timeout 25000; setconf log_lock_waits on
+last=$(q h "SELECT id FROM t ORDER BY ctid DESC LIMIT 1")
+first=$(q h "SELECT id FROM t WHERE (ctid::text::point)[0] = (SELECT (ctid::text::point)[0] FROM t WHERE id = $last) ORDER BY ctid LIMIT 1")
+session_start 11 app h
+session_send 11 "BEGIN; UPDATE t SET v = ekm_encrypt('app last') WHERE id = $last; SELECT 'holding';"
+session_line app '^holding$' >/dev/null
+pause_hold h batch
+job=$(q h "SELECT job_id FROM ekm_rotate(batch_size => 100000, force => true) LIMIT 1")
+check "the worker waits at its first batch" "$(paused_at h batch)" yes
+pause_release
+worker_waits() { q h "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.backend_type = 'ekm rotation' AND NOT l.granted AND l.locktype = 'transactionid'"; }
+for _ in $(seq 1 300); do [ "$(worker_waits)" = 1 ] && break; sleep 0.02; done
+check "the worker's batch waits for the application's row" "$(worker_waits)" 1
+session_send 11 "UPDATE t SET v = ekm_encrypt('app first') WHERE id = $first; COMMIT; SELECT 'committed';"
+check "the application's transaction commits (the worker lost the deadlock)" "$(session_line app '^committed$')" committed
+session_end 11 app
+check "the application saw no error" "$(client_errors "$dir/app.out")" 0
+check "the job finishes" "$(wait_job h "$job" 120)" done
+check_match "the worker logged the deadlock and retried" "$(grep -c "ekm: rotation job $job: batch skipped (deadlock detected" "$dir/server.log")" '^[1-9]'
+# the configured lock timeout held even though the worker had paused
+# (a pause point resets the step's timeouts; they once came out 10x shorter)
+waited=$(grep -E -o 'detected deadlock while waiting for ShareLock on transaction [0-9]+ after [0-9]+' "$dir/server.log" | tail -n 1 | grep -E -o '[0-9]+$')
+check "the worker's deadlock check came a fifth of its lock timeout into the wait (${waited:-none} ms)" "$([ "${waited:-0}" -ge 5000 ] && echo yes)" yes
+check "the application's writes are kept" "$(q h "SELECT ekm_decrypt(v) FROM t WHERE id = $first"),$(q h "SELECT ekm_decrypt(v) FROM t WHERE id = $last")" "app first,app last"
+resetconf ekm.rotation_lock_timeout; resetconf deadlock_timeout; resetconf log_lock_waits
 old_copy=$(q h "SELECT v FROM t WHERE id = 1")
 pause_hold h batch
 job=$(q h "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
