@@ -234,6 +234,7 @@ after_interruption() { # what
 hold_mid_job
 kill -KILL "$wpid"; check "the worker was sent SIGKILL" "$?" 0
 wait_up
+check "the killed worker is gone" "$(q app "SELECT count(*) FROM pg_stat_activity WHERE pid = $wpid")" 0
 check "the server log shows the worker killed and the crash restart" \
   "$(grep -c "(PID $wpid) was terminated by signal 9" "$dir/server.log"):$(grep -c 'all server processes terminated; reinitializing' "$dir/server.log")" "1:1"
 pause_release # (its session ended with the crash)

@@ -58,4 +58,14 @@ SELECT key_id, rotation_status, created_at FROM ekm.keys WHERE kind = 'fernet' A
 -- a retired imported key does not decrypt (as for ekm's keys)
 SELECT try($$SELECT ekm_decrypt('FERNET_V2:key_a:gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==')$$) AS on_retired_key;
 
+
+-- Importing is for ekm_admin; an application role reads.
+CREATE ROLE fernet_app;
+GRANT ekm_user TO fernet_app;
+SET ROLE fernet_app;
+SELECT try($$SELECT ekm_import_fernet_key('key_x', 'BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=')$$) AS application_role_imports;
+SELECT try($$SELECT * FROM ekm_import_fernet_keys('[]')$$) AS application_role_imports_many;
+SELECT ekm_decrypt('FERNET_V2:key_20250927_abc123:gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==') AS application_role_reads;
+RESET ROLE;
+DROP ROLE fernet_app;
 RESET client_min_messages;
