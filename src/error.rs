@@ -90,14 +90,17 @@ fn code(e: &EkmError) -> PgSqlErrorCode {
     }
 }
 
-/// Raises `e` as an ERROR.
+/// Raises `e` as an ERROR. (`track_caller`: the report's LOCATION names the
+/// line that raised it, not this file.)
+#[track_caller]
 pub fn raise(e: EkmError) -> ! {
     raise_with(code(&e), e.to_string(), e.hint())
 }
 
+#[track_caller]
 pub fn raise_with(code: PgSqlErrorCode, message: String, hint: Option<String>) -> ! {
     HIDE_NEXT_STATEMENT.store(true, Ordering::Relaxed);
-    let mut r = ErrorReport::new(code, message, "");
+    let mut r = ErrorReport::new(code, message, "ekm");
     if let Some(h) = hint {
         r = r.set_hint(h);
     }
@@ -110,6 +113,7 @@ pub trait OrRaise<T> {
 }
 
 impl<T> OrRaise<T> for Result<T, EkmError> {
+    #[track_caller]
     fn or_raise(self) -> T {
         match self {
             Ok(v) => v,
