@@ -317,26 +317,15 @@ pub struct KeyRow {
     pub kcv: Vec<u8>,
 }
 
-/// Every key with its material (as owner).
-pub fn load_keys(owner: pg_sys::Oid) -> Result<Vec<KeyRow>> {
-    let current = require_current_objects().is_ok();
+type RawKeyRow = (String, String, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// `key_id, rotation_status, wrapped, master_kcv` of the keys `sql` selects
+/// (as owner).
+fn select_key_rows(owner: pg_sys::Oid, sql: &str) -> Result<Vec<RawKeyRow>> {
     as_owner(owner, || {
-        Spi::connect(|c| -> SpiResult<Vec<(String, String, Option<Vec<u8>>, Option<Vec<u8>>)>> {
-            let t = c.select(
-                // (a new library before ALTER EXTENSION ekm UPDATE: 0.1.0's
-                // ekm.key has no kind, and holds only ekm's keys)
-                if current {
-                    "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
-                     FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id WHERE k.kind = 'ekm' ORDER BY k.key_id"
-                } else {
-                    "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
-                     FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id ORDER BY k.key_id"
-                },
-                None,
-                &[],
-            )?;
+        Spi::connect(|c| -> SpiResult<Vec<RawKeyRow>> {
             let mut v = Vec::new();
-            for row in t {
+            for row in c.select(sql, None, &[])? {
                 v.push((
                     row.get::<String>(1)?.unwrap_or_default(),
                     row.get::<String>(2)?.unwrap_or_default(),
@@ -347,12 +336,31 @@ pub fn load_keys(owner: pg_sys::Oid) -> Result<Vec<KeyRow>> {
             Ok(v)
         })
         .map_err(spi_err)
-    })?
-    .into_iter()
-    .map(|(id, state, wrapped, kcv)| {
-        Ok(KeyRow { id: KeyId::parse(&id)?, state: state.parse()?, wrapped, kcv: kcv.unwrap_or_default() })
     })
-    .collect()
+}
+
+/// Every key with its material (as owner).
+pub fn load_keys(owner: pg_sys::Oid) -> Result<Vec<KeyRow>> {
+    // (a new library before ALTER EXTENSION ekm UPDATE: 0.1.0's ekm.key has
+    // no kind, and holds only ekm's keys)
+    let sql = if require_current_objects().is_ok() {
+        "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
+         FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id WHERE k.kind = 'ekm' ORDER BY k.key_id"
+    } else {
+        "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
+         FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id ORDER BY k.key_id"
+    };
+    select_key_rows(owner, sql)?
+        .into_iter()
+        .map(|(id, state, wrapped, kcv)| {
+            Ok(KeyRow {
+                id: KeyId::parse(&id)?,
+                state: state.parse()?,
+                wrapped,
+                kcv: kcv.unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 /// An imported Fernet key (`ekm_import_fernet_key`) with its material.
@@ -369,30 +377,12 @@ pub fn load_fernet_keys(owner: pg_sys::Oid) -> Result<Vec<FernetRow>> {
     if require_current_objects().is_err() {
         return Ok(Vec::new()); // objects older than Fernet imports
     }
-    as_owner(owner, || {
-        Spi::connect(
-            |c| -> SpiResult<Vec<(String, String, Option<Vec<u8>>, Option<Vec<u8>>)>> {
-                let t = c.select(
-                    "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
-                 FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id \
-                 WHERE k.kind = 'fernet' ORDER BY k.created_at DESC, k.key_id",
-                    None,
-                    &[],
-                )?;
-                let mut v = Vec::new();
-                for row in t {
-                    v.push((
-                        row.get::<String>(1)?.unwrap_or_default(),
-                        row.get::<String>(2)?.unwrap_or_default(),
-                        row.get::<Vec<u8>>(3)?,
-                        row.get::<Vec<u8>>(4)?,
-                    ));
-                }
-                Ok(v)
-            },
-        )
-        .map_err(spi_err)
-    })?
+    select_key_rows(
+        owner,
+        "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
+         FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id \
+         WHERE k.kind = 'fernet' ORDER BY k.created_at DESC, k.key_id",
+    )?
     .into_iter()
     .map(|(id, state, wrapped, kcv)| {
         Ok(FernetRow {

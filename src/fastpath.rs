@@ -413,21 +413,7 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
         let ctx = context_arg(fcinfo);
         check_gate(Some(ctx));
         let Some(key_ref) = format::key_ref_of_bytes(v) else {
-            return match move_fernet(v, ctx) {
-                Ok(Some(out)) => {
-                    count_moved(fcinfo);
-                    pg_sys::Datum::from(out)
-                }
-                Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
-                // one that does not open stays (the check records it)
-                Err(
-                    EkmError::FernetAuthenticationFailed(_)
-                    | EkmError::FernetMalformed(_)
-                    | EkmError::FernetKeyNotImported(_)
-                    | EkmError::NoFernetKeys,
-                ) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
-                Err(e) => raise(e),
-            };
+            return fernet_moved(fcinfo, v, ctx);
         };
         // decoded into wiped scratch, re-encrypted there in place (without
         // AES-NI the plaintext is in it in between), encoded into the result
@@ -459,6 +445,29 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
     }
 }
 
+/// A batch function's answer for a value that is not an ekm ciphertext: a
+/// Fernet value on a rotating imported key moved onto the active key
+/// (counted); one that does not open stays as it is (the job's check
+/// records it); anything else is returned as it is.
+unsafe fn fernet_moved(fcinfo: pg_sys::FunctionCallInfo, v: &[u8], ctx: &[u8]) -> pg_sys::Datum {
+    unsafe {
+        match move_fernet(v, ctx) {
+            Ok(Some(out)) => {
+                count_moved(fcinfo);
+                pg_sys::Datum::from(out)
+            }
+            Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+            Err(
+                EkmError::FernetAuthenticationFailed(_)
+                | EkmError::FernetMalformed(_)
+                | EkmError::FernetKeyNotImported(_)
+                | EkmError::NoFernetKeys,
+            ) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+            Err(e) => raise(e),
+        }
+    }
+}
+
 /// `ekm._ekm_encrypt_plain(value text, context text, position int) -> text`
 /// (STRICT): a plaintext value encrypted under the active key (counted at
 /// `position`); ekm and foreign ciphertexts returned as they are.
@@ -473,20 +482,7 @@ pub unsafe extern "C-unwind" fn ekm_encrypt_plain_v1(
         check_gate(Some(ctx));
         if !is_plaintext(v) {
             // the runbook's values on rotating imported keys move too
-            return match move_fernet(v, ctx) {
-                Ok(Some(out)) => {
-                    count_moved(fcinfo);
-                    pg_sys::Datum::from(out)
-                }
-                Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
-                Err(
-                    EkmError::FernetAuthenticationFailed(_)
-                    | EkmError::FernetMalformed(_)
-                    | EkmError::FernetKeyNotImported(_)
-                    | EkmError::NoFernetKeys,
-                ) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
-                Err(e) => raise(e),
-            };
+            return fernet_moved(fcinfo, v, ctx);
         }
         let (out, bytes) = new_text(format::encoded_len(v.len()));
         if let Err(e) = keycache::with_encrypt_key(|k, nonce| k.seal_into(nonce, v, ctx, bytes)) {

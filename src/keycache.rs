@@ -117,6 +117,37 @@ pub fn invalidate_table(relid: pg_sys::Oid) {
     invalidate_all();
 }
 
+/// Unwraps one key's material (`unwrap`) under the master key, loading it
+/// at most once per reload. A key wrapped under the previous master key (a
+/// master key rotation under way: `made_by_previous` recognises it) unwraps
+/// under that one. No material: the key was destroyed.
+fn unwrap_material<T>(
+    master: &mut Option<Result<MasterKey>>,
+    previous: &mut Option<Option<Result<MasterKey>>>,
+    key_id: &str,
+    wrapped: Option<&[u8]>,
+    unwrap: impl Fn(&MasterKey, &[u8]) -> Result<T>,
+    made_by_previous: impl Fn(&MasterKey) -> bool,
+) -> Result<T> {
+    match (master.get_or_insert_with(masterkey::load), wrapped) {
+        (Err(e), _) => Err(e.clone()),
+        (Ok(_), None) => Err(EkmError::KeyNotUsable {
+            key_id: key_id.to_string(),
+            state: KeyState::Destroyed,
+            action: "decrypt",
+        }),
+        (Ok(m), Some(w)) => match unwrap(m, w) {
+            Err(e @ EkmError::MasterKeyMismatch { .. }) => {
+                match previous.get_or_insert_with(masterkey::load_previous) {
+                    Some(Ok(p)) if made_by_previous(p) => unwrap(p, w),
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        },
+    }
+}
+
 impl Cache {
     fn reload(&mut self) -> Result<()> {
         // Cleared first: an invalidation that arrives while we read marks it again.
@@ -147,28 +178,14 @@ impl Cache {
                 {
                     Some(Ok(k))
                 } else {
-                    let m = master.get_or_insert_with(masterkey::load);
-                    Some(match (m, &row.wrapped) {
-                        (Err(e), _) => Err(e.clone()),
-                        (Ok(_), None) => Err(EkmError::KeyNotUsable {
-                            key_id: row.id.to_string(),
-                            state: KeyState::Destroyed,
-                            action: "decrypt",
-                        }),
-                        (Ok(m), Some(w)) => match m.unwrap(&row.id, w, &row.kcv) {
-                            // a master key rotation under way: keys not yet
-                            // re-wrapped unwrap under the previous master key
-                            Err(e @ EkmError::MasterKeyMismatch { .. }) => {
-                                match previous.get_or_insert_with(masterkey::load_previous) {
-                                    Some(Ok(p)) if p.check_value()[..] == row.kcv[..] => {
-                                        p.unwrap(&row.id, w, &row.kcv)
-                                    }
-                                    _ => Err(e),
-                                }
-                            }
-                            r => r,
-                        },
-                    })
+                    Some(unwrap_material(
+                        &mut master,
+                        &mut previous,
+                        &row.id.to_string(),
+                        row.wrapped.as_deref(),
+                        |m, w| m.unwrap(&row.id, w, &row.kcv),
+                        |p| p.check_value()[..] == row.kcv[..],
+                    ))
                 };
                 if row.state == KeyState::Active {
                     active = Some(entries.len());
@@ -200,26 +217,14 @@ impl Cache {
                 {
                     Some(Ok(k))
                 } else {
-                    let m = master.get_or_insert_with(masterkey::load);
-                    Some(match (m, &row.wrapped) {
-                        (Err(e), _) => Err(e.clone()),
-                        (Ok(_), None) => Err(EkmError::KeyNotUsable {
-                            key_id: row.id.clone(),
-                            state: KeyState::Destroyed,
-                            action: "decrypt",
-                        }),
-                        (Ok(m), Some(w)) => match m.unwrap_fernet(&row.id, w, &row.kcv) {
-                            Err(e @ EkmError::MasterKeyMismatch { .. }) => {
-                                match previous.get_or_insert_with(masterkey::load_previous) {
-                                    Some(Ok(p)) if p.check_value()[..] == row.kcv[..] => {
-                                        p.unwrap_fernet(&row.id, w, &row.kcv)
-                                    }
-                                    _ => Err(e),
-                                }
-                            }
-                            r => r,
-                        },
-                    })
+                    Some(unwrap_material(
+                        &mut master,
+                        &mut previous,
+                        &row.id,
+                        row.wrapped.as_deref(),
+                        |m, w| m.unwrap_fernet(&row.id, w, &row.kcv),
+                        |p| p.check_value()[..] == row.kcv[..],
+                    ))
                 };
                 fernet.push(FernetEntry {
                     id: row.id,
