@@ -488,6 +488,33 @@ waited=$(grep -E -o 'detected deadlock while waiting for ShareLock on transactio
 check "the worker's deadlock check came a fifth of its lock timeout into the wait (${waited:-none} ms)" "$([ "${waited:-0}" -ge 5000 ] && echo yes)" yes
 check "the application's writes are kept" "$(q h "SELECT ekm_decrypt(v) FROM t WHERE id = $first"),$(q h "SELECT ekm_decrypt(v) FROM t WHERE id = $last")" "app first,app last"
 resetconf ekm.rotation_lock_timeout; resetconf deadlock_timeout; resetconf log_lock_waits
+# More sessions waiting in ekm_rotation_wait than it has slots (64): the
+# job is held at its first batch, 64 sessions wait for it, the next one is
+# refused with the way to follow the job instead; the 64 see it finish.
+pause_hold h batch
+job=$(q h "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+check "the worker waits at its first batch" "$(paused_at h batch)" yes
+waiter_pids=()
+for i in $(seq 1 64); do
+  cpsql "$dir" "$port" -d h -At -q -c "SELECT state FROM ekm_rotation_wait($job, 600)" >"$dir/waiter$i.out" 2>&1 11>&- 12>&- 13>&- 14>&- &
+  waiter_pids+=($!)
+done
+# a further session: refused once the 64 hold their slots (until then it
+# waits 0.1 s and returns)
+refused=""
+for _ in $(seq 1 600); do
+  refused=$(qerr h "SELECT state FROM ekm_rotation_wait($job, 0.1)")
+  [ -n "$refused" ] && break
+done
+check "the 65th waiting session is refused with 53400" "$refused" "ERROR:  53400: more than 64 sessions are waiting for rotation jobs"
+check_match "with the way to follow the job instead" \
+  "$(cpsql "$dir" "$port" -d h -At -q -c "SELECT state FROM ekm_rotation_wait($job, 0.1)" 2>&1 | grep '^HINT')" 'ekm\.rotation_progress'
+check "the job is still running, and its progress reads" "$(q h "SELECT job_state || ':' || count(*) FROM ekm.rotation_progress WHERE job_id = $job GROUP BY job_state")" "running:1"
+pause_release
+for p in "${waiter_pids[@]}"; do wait "$p"; done
+check "the 64 waiting sessions saw the job done" "$(cat "$dir"/waiter*.out | grep -c '^done$')" 64
+check "and none had an error" "$(client_errors "$dir"/waiter*.out)" 0
+check_match "a slot is free again: a wait returns" "$(wait_job h "$job" 10)" '^done$'
 old_copy=$(q h "SELECT v FROM t WHERE id = 1")
 pause_hold h batch
 job=$(q h "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
