@@ -23,7 +23,7 @@ out = sys.argv[2]
 os.makedirs(out, exist_ok=True)
 
 old_key, new_key, lost_key = (Fernet.generate_key() for _ in range(3))
-old_id, new_id = "key_20250927_153045_b7c2", "key_20251226_091500_4e1a"
+old_id, new_id = "key_20250927_153045_b7c2", "key_20251226_abc123"
 lost_rows = set(range(7, rows + 1, max(rows // 5, 1))) if "--with-lost" in sys.argv else set()
 
 

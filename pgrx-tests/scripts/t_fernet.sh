@@ -58,22 +58,22 @@ check_match "an encryption dry run counts them as another scheme's" "$(q app "SE
 #    ekm never encrypts with Fernet).
 check "the key store's keys are imported in one call" \
   "$(echo "SELECT string_agg(action, ',' ORDER BY key_id) FROM ekm_import_fernet_keys(:'keys'::jsonb)" | cpsql "$dir" "$port" -d app -At -q -v keys="$keys_json" 2>&1)" \
-  "imported Fernet key key_20250927_153045_b7c2 (rotating),imported Fernet key key_20251226_091500_4e1a (rotating)"
+  "imported Fernet key key_20250927_153045_b7c2 (rotating),imported Fernet key key_20251226_abc123 (rotating)"
 check "both are rotating (decrypt only), never active" "$(q app "SELECT string_agg(key_id || ':' || rotation_status, ',' ORDER BY key_id) FROM ekm.keys WHERE kind = 'fernet'")" \
-  "key_20250927_153045_b7c2:rotating,key_20251226_091500_4e1a:rotating"
+  "key_20250927_153045_b7c2:rotating,key_20251226_abc123:rotating"
 
 # 2. Every value reads in SQL, as the application reads it.
 check "every value decrypts to what the runbook encrypted" \
   "$(q app "SELECT count(*) FROM people WHERE ekm_decrypt(email) IS NOT DISTINCT FROM email_plain AND ekm_decrypt(mobno, 'public.people.mobno') IS NOT DISTINCT FROM mobno_plain")" "$ROWS"
 check "ekm_key_id names the imported key of each value (bare tokens: the key that made them)" \
-  "$(q app "SELECT count(*) FILTER (WHERE ekm_key_id(email) = 'key_20250927_153045_b7c2') > 0 AND count(*) FILTER (WHERE ekm_key_id(email) = 'key_20251226_091500_4e1a') > 0
+  "$(q app "SELECT count(*) FILTER (WHERE ekm_key_id(email) = 'key_20250927_153045_b7c2') > 0 AND count(*) FILTER (WHERE ekm_key_id(email) = 'key_20251226_abc123') > 0
               AND count(*) FILTER (WHERE email LIKE 'gAAAAA%' AND ekm_key_id(email) <> 'key_20250927_153045_b7c2') = 0 FROM people WHERE email IS NOT NULL")" t
 check "ekm_is_encrypted is true for every Fernet value" "$(q app "SELECT count(*) FILTER (WHERE NOT ekm_is_encrypted(email)) FROM people WHERE email IS NOT NULL")" 0
 check_match "the token's time is there for audits" "$(q app "SELECT ekm_fernet_token_time(email) > now() - interval '1 day' FROM people WHERE id = 1")" '^t$'
 n_email=$(q app "SELECT count(email) FROM people")
 check_match "the encryption dry run reports the Fernet values per key" \
   "$(q app "SELECT plaintext_values || ' | ' || note FROM ekm_encrypt_column('people', 'email', dry_run => true)")" \
-  "^$n_email \| dry run: 0 plaintext values would be encrypted; $n_email Fernet values would move onto the active key \(key_20250927_153045_b7c2: [0-9]+, key_20251226_091500_4e1a: [0-9]+\)"
+  "^$n_email \| dry run: 0 plaintext values would be encrypted; $n_email Fernet values would move onto the active key \(key_20250927_153045_b7c2: [0-9]+, key_20251226_abc123: [0-9]+\)"
 
 # 3. Migrate both columns onto the active ekm key, bound to their contexts,
 #    while the new application writes ekm ciphertexts (and counts its commits).
@@ -144,7 +144,7 @@ scan=$(q app "SELECT job_id FROM ekm_scan_database()")
 check "a scan of the database finishes" "$(wait_job app "$scan" 600)" done
 check "cleanup destroys the imported keys" \
   "$(q app "SELECT string_agg(key_id || ':' || action, ',' ORDER BY key_id) FROM ekm_cleanup_old_keys(0) WHERE key_id IN (SELECT key_id FROM ekm.keys WHERE kind = 'fernet')")" \
-  "key_20250927_153045_b7c2:destroyed,key_20251226_091500_4e1a:destroyed"
+  "key_20250927_153045_b7c2:destroyed,key_20251226_abc123:destroyed"
 check "their material is gone" "$(q app "SELECT count(*) FROM ekm.key_material JOIN ekm.key USING (key_id) WHERE kind = 'fernet' AND wrapped IS NOT NULL")" 0
 check "every value still decrypts" \
   "$(q app "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'public.people.email') IS NOT DISTINCT FROM email_plain AND ekm_decrypt(mobno, 'public.people.mobno') = mobno_plain")" "$ROWS"
