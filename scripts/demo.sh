@@ -3,7 +3,9 @@
 # and installs ekm (release) into the system PostgreSQL 15, starts a
 # throwaway cluster (port 55440, data under /tmp/ekm-demo, run by an
 # unprivileged user), encrypts a sample `people` table, shows key status,
-# decrypts, activates a new key, and stops the cluster.
+# decrypts, activates a new key, rotates under a writing application, rolls
+# back, adopts the runbook's Fernet data, scans and cleans up old keys, moves
+# off the development master key, and stops the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -93,10 +95,62 @@ SELECT ekm_health_status();
 SELECT job_id AS rollback_job FROM ekm_rollback(batch_size => 5000) \gset
 SELECT * FROM ekm_rotation_wait(:rollback_job);
 SELECT key_id, rotation_status, is_active FROM ekm.keys;
-\echo == cleanup of old keys (dry run; keys retired more than 0 days ago)
-SELECT * FROM ekm_cleanup_old_keys(0, dry_run => true);
+\echo == adopting the runbook's Fernet data: a table the old Django EncryptionKeyManager wrote
+\echo == (FERNET_V2:<key_id>:<Fernet token>, and a bare token from before the V2 prefix)
+CREATE TABLE legacy_people (id int PRIMARY KEY, email text, mobno text);
+INSERT INTO legacy_people VALUES
+  (1, 'FERNET_V2:key_20251226_def456:gAAAAABrDI60ea3OCKnq2sQVeoT56Z_vYDQrfDfyOOL7kAuFK1qqTHM18guw0iYPMIVUiUk_I2IPmyZ14tlPeYAr7RI5MIP7M-PKC1fGqgP5BtBgQPSsyIU=',
+      'FERNET_V2:key_20251226_def456:gAAAAABrDI60sZmJ-f2zSsGQV7AzVEDShjE2T1PLoB8FdF5B64SJoYrqN_O-7V3EI6gy26gCO3POjQYLsjCMOih4yCkguc3E6w=='),
+  (2, 'FERNET_V2:key_20250927_abc123:gAAAAABrDI608aG0FNwqusBucU9rpkUNpqMoprbDLlsje6dS4QcmQoqs75mpYZi1M7vNk9zIf5Pxc5EXqVJlbV4m__nbc4HmtqA8sqnwKPMEH1Q9uAL1-zM=',
+      'FERNET_V2:key_20250927_abc123:gAAAAABrDI60IaSP3Te_PNGnU0AzHlUHkJZ0ucaSk5M7rA4bTo3dB9JTMsEI5UVZx8LOF8muITIs-EDOYrVdXz8WS9gWbDUJNg=='),
+  (3, 'gAAAAABrDI605zPDMe4oNGVktrE5UQwCerIrcEwFZiX8VLWda8s2Qd14MhGZNrkt7hnp-UDelbdsY4txRSAgak70di-nyeQP81wFL3LmA5ZIUiILzM1MyxQ=',
+      'gAAAAABrDI60wn9V3kfwFiYuZPBEt6YjFa8vKzn6eyAU4fuh9Oafvj-Y6ajtTQ6S47FPhskjau_4Exu2MA76AF48kSe5OrERug==');
+\echo == import its keys, as its key-status query lists them (each wrapped under the master key at once; decrypt-only)
+SELECT * FROM ekm_import_fernet_keys('[
+  {"key_id": "key_20250927_abc123", "key": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=", "created_at": "2025-09-27T10:00:00Z", "rotation_status": "rotating"},
+  {"key_id": "key_20251226_def456", "key": "ISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OTo7PD0-P0A=", "created_at": "2025-12-26T09:15:00Z", "rotation_status": "active"}]');
+\echo == application SQL reads both formats through ekm_decrypt
+SELECT id, ekm_decrypt(email) AS email, ekm_decrypt(mobno) AS mobno, ekm_key_id(email) AS key, ekm_fernet_token_time(email) AS token_time
+FROM legacy_people ORDER BY id;
+\echo == move the columns onto the active ekm key, in the background, each bound to its column
+SELECT table_name, column_name, plaintext_values, encrypted_values, foreign_values, note
+FROM ekm_encrypt_column('legacy_people', 'email', dry_run => true, context => 'public.legacy_people.email');
+SELECT job_id AS legacy_email_job FROM ekm_encrypt_column('legacy_people', 'email', context => 'public.legacy_people.email') \gset
+SELECT * FROM ekm_rotation_wait(:legacy_email_job);
+SELECT job_id AS legacy_mobno_job FROM ekm_encrypt_column('legacy_people', 'mobno', context => 'public.legacy_people.mobno') \gset
+SELECT * FROM ekm_rotation_wait(:legacy_mobno_job);
+SELECT id, left(email, 30) || '...' AS email_stored, ekm_decrypt(email, 'public.legacy_people.email') AS email,
+       ekm_decrypt(mobno, 'public.legacy_people.mobno') AS mobno FROM legacy_people ORDER BY id;
+\echo == no value is left on the imported keys: the next rotation retires them with the old ekm key
+SELECT job_id AS retire_job FROM ekm_rotate(batch_size => 5000, force => true) LIMIT 1 \gset
+SELECT * FROM ekm_rotation_wait(:retire_job);
+SELECT key_id, kind, rotation_status, is_active FROM ekm.keys ORDER BY created_at;
+\echo == cleanup of old keys: a scan of the whole database first (a key is destroyed only if the scan found none of its values anywhere)
+SELECT job_id AS scan_job FROM ekm_scan_database() \gset
+SELECT * FROM ekm_rotation_wait(:scan_job);
+SELECT table_name, column_name, registered, key_id, key_state, values FROM ekm.ciphertext_locations;
+SELECT * FROM ekm_cleanup_old_keys(0);
+SELECT key_id, kind, rotation_status FROM ekm.keys ORDER BY created_at;
+SQL
+wait "$writer"
+mk=$dir/keys/master.key
+echo "== moving off the development default master key: a key file of its own ($mk), then every data key re-wrapped (no data touched)"
+as_pg mkdir -p "$dir/keys"
+as_pg sh -c 'umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d " \n" > "$1"' _ "$mk"
+cpsql "$dir" "$port" -d postgres -e <<SQL
+ALTER SYSTEM SET ekm.master_key_file = '$mk';
+ALTER SYSTEM SET ekm.previous_master_key_file = '$dir/data/ekm_dev_master.key';
+SELECT pg_reload_conf();
+SELECT pg_sleep(0.5);
+SHOW ekm.master_key_file;
+SELECT "check", status, detail FROM ekm_health() WHERE "check" = 'master_key';
+SELECT * FROM ekm_rotate_master_key();
+ALTER SYSTEM RESET ekm.previous_master_key_file;
+SELECT pg_reload_conf();
+SELECT pg_sleep(0.5);
+SELECT "check", status, detail FROM ekm_health() WHERE "check" = 'master_key';
+SELECT count(*) AS values_that_decrypt FROM people WHERE ekm_decrypt(email, 'public.people.email') IS NOT NULL;
 \echo == the audit log
 SELECT at::timestamp(0), acting_role, event, key_id, detail - 'master_key_source' AS detail FROM ekm.audit_log ORDER BY id;
 SQL
-wait "$writer"
 echo "== stopping the cluster"
