@@ -286,22 +286,39 @@ v1_finfo!(pg_finfo_ekm_is_plaintext_v1);
 v1_finfo!(pg_finfo_ekm_left_v1);
 v1_finfo!(pg_finfo_ekm_keys_in_v1);
 
+/// What a scan of the database records for a bare Fernet token that no
+/// imported key that may decrypt authenticates (it may be on a retired
+/// imported key, or on one never imported): not a key id (ids have no `:`).
+pub const FERNET_UNATTRIBUTED: &str = "fernet:unknown-key";
+
 /// `pg_temp._ekm_keys_in(value text) -> text[]` (STRICT), for
 /// `ekm_scan_database`: the key of every ekm ciphertext embedded in the value
-/// (a whole value, or inside JSON, an array's text form, free text).
+/// (a whole value, or inside JSON, an array's text form, free text); once
+/// Fernet keys are imported, also of every runbook value (the key a
+/// FERNET_V2 value names; for a bare token the key that authenticates it, or
+/// [`FERNET_UNATTRIBUTED`]).
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn ekm_keys_in_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     check_gate(None);
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
-        let keys: Vec<String> = match std::str::from_utf8(v) {
+        let mut keys: Vec<String> = match std::str::from_utf8(v) {
             Ok(s) => format::embedded_keys(s)
                 .iter()
                 .map(|k| k.to_string())
                 .collect(),
             Err(_) => Vec::new(),
         };
+        if keycache::fernet_imported().unwrap_or_else(|e| raise(e)) {
+            for fv in fernet::embedded(v) {
+                keys.push(match fv {
+                    FernetValue::V2 { key_id, .. } => key_id.to_string(),
+                    FernetValue::Bare { .. } => keycache::fernet_key_id(&fv)
+                        .unwrap_or_else(|_| FERNET_UNATTRIBUTED.to_string()),
+                });
+            }
+        }
         match pgrx::IntoDatum::into_datum(keys) {
             Some(d) => d,
             None => pgrx::fcinfo::pg_return_null(fcinfo),

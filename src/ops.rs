@@ -284,10 +284,27 @@ fn scan_verdict(key_id: &str) -> EkmResult<Option<String>> {
          FROM ekm.ciphertext_scan s WHERE s.job_id = $1 AND s.key_id = $2",
         vec![scan.into(), key_id.into()],
     )?;
-    Ok(found.map(|f| {
+    let at = at.unwrap_or_default();
+    if let Some(f) = found {
+        return Ok(Some(format!(
+            "the scan of the database finished {at} found values on it in {f} (register those columns and rotate, or delete the values)"
+        )));
+    }
+    // An imported Fernet key: bare tokens the scan could not attribute (no
+    // imported key that may decrypt authenticates them) may be on it.
+    let unattributed = catalog::one::<String>(
+        "SELECT string_agg(s.tbl::text || '.' || pg_catalog.quote_ident(s.col) || ': ' || s.values, ', ' ORDER BY s.tbl::text, s.col) \
+         FROM ekm.ciphertext_scan s WHERE s.job_id = $1 AND s.key_id = $2 \
+           AND EXISTS (SELECT 1 FROM ekm.key k WHERE k.key_id = $3 AND k.kind = 'fernet')",
+        vec![
+            scan.into(),
+            crate::fastpath::FERNET_UNATTRIBUTED.into(),
+            key_id.into(),
+        ],
+    )?;
+    Ok(unattributed.map(|f| {
         format!(
-            "the scan of the database finished {} found values on it in {f} (register those columns and rotate, or delete the values)",
-            at.unwrap_or_default()
+            "the scan of the database finished {at} found bare Fernet tokens that no imported key still decrypting authenticates, which may be on it, in {f} (register those columns and rotate while their key is rotating, or delete the values)"
         )
     }))
 }

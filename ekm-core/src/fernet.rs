@@ -175,6 +175,80 @@ pub fn parse(v: &[u8]) -> Option<FernetValue<'_>> {
     None
 }
 
+/// A byte of a token's base64url text (padding aside).
+fn token_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'-' || c == b'_'
+}
+
+/// A byte of an imported key's id (`[A-Za-z0-9][A-Za-z0-9_.-]{0,99}`).
+fn id_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-')
+}
+
+/// Longest key id ekm imports.
+pub const MAX_ID_LEN: usize = 100;
+
+/// Every runbook value inside `text`, whole or embedded (in JSON, an array's
+/// text form, free text), for a scan of the database:
+/// `FERNET_V2:<key_id>:<token>` with an id of the form ekm imports, and bare
+/// tokens (a run of base64url that starts `gAAAAA` after a byte that is not
+/// base64url, and that [`parse`] takes for a token). Nothing is decoded.
+pub fn embedded(text: &[u8]) -> Vec<FernetValue<'_>> {
+    // the end of the token text starting at `from`: base64url, then at most
+    // two `=`
+    let token_end = |from: usize| {
+        let mut e = from + text[from..].iter().take_while(|&&c| token_byte(c)).count();
+        for _ in 0..2 {
+            if text.get(e) == Some(&b'=') {
+                e += 1;
+            }
+        }
+        e
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < text.len() {
+        if text[i..].starts_with(V2_PREFIX.as_bytes()) {
+            let id_start = i + V2_PREFIX.len();
+            let id_len = text[id_start..]
+                .iter()
+                .take(MAX_ID_LEN + 1)
+                .take_while(|&&c| id_byte(c))
+                .count();
+            let colon = id_start + id_len;
+            if (1..=MAX_ID_LEN).contains(&id_len)
+                && text[id_start].is_ascii_alphanumeric()
+                && text.get(colon) == Some(&b':')
+            {
+                let end = token_end(colon + 1);
+                if end > colon + 1 {
+                    out.push(FernetValue::V2 {
+                        key_id: std::str::from_utf8(&text[id_start..colon]).expect("ASCII"),
+                        token: &text[colon + 1..end],
+                    });
+                    i = end;
+                    continue;
+                }
+            }
+            i += 1;
+            continue;
+        }
+        if text[i] == TOKEN_START.as_bytes()[0]
+            && (i == 0 || !token_byte(text[i - 1]))
+            && text[i..].starts_with(TOKEN_START.as_bytes())
+        {
+            let end = token_end(i);
+            if let Some(v @ FernetValue::Bare { .. }) = parse(&text[i..end]) {
+                out.push(v);
+            }
+            i = end;
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
 /// The time a token was made (seconds since the epoch), from its
 /// unauthenticated header: for audits, never for decisions.
 pub fn token_time(token: &[u8]) -> Result<u64> {
@@ -186,6 +260,65 @@ pub fn token_time(token: &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedded_values() {
+        let t = format!("{TOKEN_START}{}", "A".repeat(92)) + "==";
+        let t2 = format!("{TOKEN_START}{}", "B".repeat(94));
+        // whole values
+        assert_eq!(
+            embedded(t.as_bytes()),
+            vec![FernetValue::Bare {
+                token: t.as_bytes()
+            }]
+        );
+        let v2 = format!("FERNET_V2:key_20250927_abc123:{t}");
+        assert_eq!(
+            embedded(v2.as_bytes()),
+            vec![FernetValue::V2 {
+                key_id: "key_20250927_abc123",
+                token: t.as_bytes()
+            }]
+        );
+        // in JSON, an array's text form and free text, several at once
+        let json = format!(r#"{{"old": "{v2}", "older": ["{t2}"], "note": "was {t}."}}"#);
+        assert_eq!(
+            embedded(json.as_bytes()),
+            vec![
+                FernetValue::V2 {
+                    key_id: "key_20250927_abc123",
+                    token: t.as_bytes()
+                },
+                FernetValue::Bare {
+                    token: t2.as_bytes()
+                },
+                FernetValue::Bare {
+                    token: t.as_bytes()
+                },
+            ]
+        );
+        let arr = format!("{{{t},NULL,\"FERNET_V2:k.1-x:{t2}\"}}");
+        assert_eq!(
+            embedded(arr.as_bytes()),
+            vec![
+                FernetValue::Bare {
+                    token: t.as_bytes()
+                },
+                FernetValue::V2 {
+                    key_id: "k.1-x",
+                    token: t2.as_bytes()
+                },
+            ]
+        );
+        // not values: inside another base64 run, too short, a bad id, no token
+        assert!(embedded(format!("x{t}").as_bytes()).is_empty());
+        assert!(embedded(b"gAAAAAshort").is_empty());
+        assert!(embedded(format!("FERNET_V2:-bad:{t}").as_bytes()).len() == 1); // the token itself
+        assert!(embedded(format!("FERNET_V2:{}:{t}", "a".repeat(101)).as_bytes()).len() == 1);
+        assert!(embedded(b"FERNET_V2:key:").is_empty());
+        assert!(embedded(b"plain text, FERNET_V2 mentioned").is_empty());
+        assert!(embedded(b"").is_empty());
+    }
 
     #[test]
     fn parse_formats() {

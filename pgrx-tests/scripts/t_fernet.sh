@@ -47,6 +47,14 @@ check "the runbook's table is loaded" "$(q app "SELECT count(*) FROM people")" "
 check_match "with FERNET_V2 values under two keys and bare tokens" \
   "$(q app "SELECT count(DISTINCT split_part(email, ':', 2)) FILTER (WHERE email LIKE 'FERNET_V2:%') || ':' || (count(*) FILTER (WHERE email LIKE 'gAAAAA%') > 0) FROM people")" '^2:true$'
 keys_json=$(cat "$dir/fx_app/keys.json")
+# Copies outside the migrated columns (a history table nobody registers):
+# 5 values on each key id and 5 bare tokens, and the same rows' mobile numbers
+# inside JSON.
+q app "CREATE TABLE people_history (id int PRIMARY KEY, email text, extra jsonb);
+       INSERT INTO people_history SELECT id, email, jsonb_build_object('mobno', mobno) FROM
+         (SELECT *, row_number() OVER (PARTITION BY CASE WHEN email LIKE 'gAAAAA%' THEN 'bare' ELSE split_part(email, ':', 2) END ORDER BY id) AS rn
+          FROM people WHERE email LIKE 'FERNET_V2:%' OR email LIKE 'gAAAAA%') x WHERE rn <= 5" >/dev/null
+check "an unregistered history table holds copies of 15 Fernet values" "$(q app "SELECT count(*) FROM people_history")" 15
 key_texts=$("$venv/bin/python" -c 'import json,sys; print("\n".join(k["key"] for k in json.load(open(sys.argv[1]))))' "$dir/fx_app/keys.json")
 
 # Before the import the values are another scheme's.
@@ -142,6 +150,31 @@ check "a rotation finishes" "$(wait_job app "$job" 600)" done
 check "and retires the imported keys" "$(q app "SELECT string_agg(rotation_status, ',') FROM ekm.keys WHERE kind = 'fernet'")" "retired,retired"
 scan=$(q app "SELECT job_id FROM ekm_scan_database()")
 check "a scan of the database finishes" "$(wait_job app "$scan" 600)" done
+# The copies in people_history: the scan finds them (FERNET_V2 values by the
+# key they name; bare tokens, whose key no longer decrypts, unattributed),
+# health warns, and cleanup keeps the imported keys: destroying them would
+# lose the copies.
+check "the scan finds the Fernet copies in the unregistered table, by key" \
+  "$(q app "SELECT string_agg(key_id || '=' || values, ',' ORDER BY key_id) FROM ekm.ciphertext_locations WHERE table_name = 'people_history'::regclass AND column_name = 'email'")" \
+  "fernet:unknown-key=5,key_20250927_153045_b7c2=5,key_20251226_abc123=5"
+check_match "and the ones inside JSON" \
+  "$(q app "SELECT sum(values) FROM ekm.ciphertext_locations WHERE table_name = 'people_history'::regclass AND column_name = 'extra'")" '^(1[0-5]|[1-9])$'
+check_match "health warns about them" "$(q app "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'unregistered_ciphertexts'")" \
+  '^warning: .*people_history\.email: 15 values'
+check_match "cleanup keeps both imported keys, saying where their values are" \
+  "$(q app "SELECT string_agg(key_id || ' ' || action, ' | ' ORDER BY key_id) FROM ekm_cleanup_old_keys(0) WHERE key_id IN (SELECT key_id FROM ekm.keys WHERE kind = 'fernet')")" \
+  '^key_20250927_153045_b7c2 kept: the scan of the database finished .* found values on it in (public\.)?people_history\.email: 5.* \| key_20251226_abc123 kept: .*people_history\.email: 5'
+check "their material is kept" "$(q app "SELECT count(*) FROM ekm.key_material JOIN ekm.key USING (key_id) WHERE kind = 'fernet' AND wrapped IS NOT NULL")" 2
+# with only bare tokens left, the unattributed ones still keep them
+q app "DELETE FROM people_history WHERE email LIKE 'FERNET_V2:%'; UPDATE people_history SET extra = NULL" >/dev/null
+scan=$(q app "SELECT job_id FROM ekm_scan_database()")
+check "a second scan finishes" "$(wait_job app "$scan" 600)" done
+check_match "cleanup keeps them for the bare tokens it cannot attribute" \
+  "$(q app "SELECT string_agg(key_id || ' ' || action, ' | ' ORDER BY key_id) FROM ekm_cleanup_old_keys(0) WHERE key_id IN (SELECT key_id FROM ekm.keys WHERE kind = 'fernet')")" \
+  '^key_20250927_153045_b7c2 kept: .*bare Fernet tokens .*people_history\.email: 5.* \| key_20251226_abc123 kept: .*bare Fernet tokens'
+q app "DROP TABLE people_history" >/dev/null
+scan=$(q app "SELECT job_id FROM ekm_scan_database()")
+check "once the copies are gone, a scan finishes" "$(wait_job app "$scan" 600)" done
 check "cleanup destroys the imported keys" \
   "$(q app "SELECT string_agg(key_id || ':' || action, ',' ORDER BY key_id) FROM ekm_cleanup_old_keys(0) WHERE key_id IN (SELECT key_id FROM ekm.keys WHERE kind = 'fernet')")" \
   "key_20250927_153045_b7c2:destroyed,key_20251226_abc123:destroyed"
