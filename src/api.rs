@@ -14,7 +14,10 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 pub fn ts_to_chrono(t: TimestampWithTimeZone) -> DateTime<Utc> {
     let pg: i64 = t.into_inner();
-    DateTime::from_timestamp_micros(pg + PG_EPOCH_OFFSET_MICROS).unwrap_or_default()
+    // (+-infinity are i64::MAX / MIN: no overflow, the epoch stands for them)
+    pg.checked_add(PG_EPOCH_OFFSET_MICROS)
+        .and_then(DateTime::from_timestamp_micros)
+        .unwrap_or_default()
 }
 
 pub fn chrono_to_ts(t: DateTime<Utc>) -> TimestampWithTimeZone {

@@ -33,21 +33,40 @@ fn valid_id(id: &str) -> bool {
 /// audited.
 #[pg_extern(volatile)]
 fn ekm_import_fernet_key(
-    key_id: &str,
-    fernet_key: &str,
+    key_id: Option<&str>,
+    fernet_key: Option<&str>,
     created_at: default!(Option<TimestampWithTimeZone>, "NULL"),
-    state: default!(&str, "'rotating'"),
+    state: default!(Option<&str>, "'rotating'"),
 ) -> String {
     crate::redact::note_plaintext(); // the statement holds key material
     crate::rotation::refuse_on_standby("import keys", "ekm_import_fernet_key()");
-    let created = created_at.map(ts_to_chrono);
-    let r = import(&[(
-        key_id.to_string(),
-        fernet_key.to_string(),
-        created,
-        state.to_string(),
-    )])
-    .or_raise();
+    let not_null = |v: Option<&str>, what: &str| -> String {
+        match v {
+            Some(v) => v.to_string(),
+            None => raise_with(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("{what} must not be NULL"),
+                Some("SELECT ekm_import_fernet_key('<key id>', '<Fernet key>' [, created_at => ..., state => 'rotating' | 'retired'])".into()),
+            ),
+        }
+    };
+    let (key_id, fernet_key, state) = (
+        not_null(key_id, "key_id"),
+        not_null(fernet_key, "fernet_key"),
+        not_null(state, "state"),
+    );
+    let created = created_at.map(|t| {
+        let raw: i64 = t.into_inner();
+        if raw == i64::MAX || raw == i64::MIN {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+                "created_at must be a finite time".into(),
+                Some("give the time the runbook created the key, or leave created_at out".into()),
+            );
+        }
+        ts_to_chrono(t)
+    });
+    let r = import(&[(key_id, fernet_key, created, state)]).or_raise();
     r.into_iter().next().map(|(_, a)| a).unwrap_or_default()
 }
 
@@ -113,7 +132,26 @@ fn import(rows: &[ImportRow]) -> EkmResult<Vec<(String, String)>> {
     let (_, owner) = catalog::ekm_tables()?;
     // everything checked before anything is written
     let mut keys = Vec::new();
-    for (id, text, _, state) in rows {
+    for (id, text, created, state) in rows {
+        // the arguments the wrong way round: the key must not be echoed as
+        // an id in the errors below
+        if FernetKey::decode(id).is_ok() {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "the key id given is a Fernet key".into(),
+                Some("the key id comes first, then the key: ekm_import_fernet_key('<key id>', '<Fernet key>')".into()),
+            );
+        }
+        if let Some(c) = created {
+            use chrono::Datelike;
+            if !(1..=9999).contains(&c.year()) {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+                    format!("created_at of key \"{id}\" is out of range (year {})", c.year()),
+                    Some("give the time the runbook created the key (years 1 to 9999), or leave it out".into()),
+                );
+            }
+        }
         if !valid_id(id) {
             raise_with(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -133,7 +171,7 @@ fn import(rows: &[ImportRow]) -> EkmResult<Vec<(String, String)>> {
             Err(e) => raise_with(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!(
-                    "the key given for {id} is not a Fernet key: {}",
+                    "the key given for \"{id}\" is not a Fernet key: {}",
                     match &e {
                         EkmError::FernetKeyInvalid(why) => why.to_string(),
                         other => other.to_string(),
@@ -212,7 +250,7 @@ fn import(rows: &[ImportRow]) -> EkmResult<Vec<(String, String)>> {
             let at = chrono_to_ts(created.unwrap_or_else(chrono::Utc::now));
             catalog::exec(
                 "INSERT INTO ekm.key (key_id, kind, rotation_status, created_at, rotated_at, retired_at) \
-                 VALUES ($1, 'fernet', $2, $3, now(), CASE WHEN $2 = 'retired' THEN now() END)",
+                 VALUES ($1, 'fernet', $2, $3, now(), CASE WHEN $2 = 'retired' THEN pg_catalog.clock_timestamp() END)",
                 vec![id.clone().into(), state.clone().into(), at.into()],
             )?;
             catalog::exec(

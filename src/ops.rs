@@ -153,20 +153,27 @@ fn cleanup(days: i32, dry_run: bool, force: bool) -> EkmResult<Vec<CleanupRow>> 
         crate::rotation::sync_partitions()?;
     }
     // The candidates, locked: no activation can take them while we count.
-    let candidates = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<(String, Option<TimestampWithTimeZone>)>> {
+    let candidates = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<(String, Option<TimestampWithTimeZone>, bool)>> {
         let mut v = Vec::new();
         for r in c.update(
-            "SELECT key_id, retired_at FROM ekm.key WHERE rotation_status = 'retired' \
+            "SELECT key_id, retired_at, kind = 'fernet' FROM ekm.key WHERE rotation_status = 'retired' \
                AND coalesce(retired_at, rotated_at, created_at) < now() - make_interval(days => $1) \
              ORDER BY key_id FOR UPDATE",
             None,
             &[days.into()],
         )? {
-            v.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<TimestampWithTimeZone>(2)?));
+            v.push((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<TimestampWithTimeZone>(2)?,
+                r.get::<bool>(3)?.unwrap_or(false),
+            ));
         }
         Ok(v)
     })
     .map_err(internal)?;
+    let fernet: Vec<bool> = candidates.iter().map(|c| c.2).collect();
+    let candidates: Vec<(String, Option<TimestampWithTimeZone>)> =
+        candidates.into_iter().map(|(id, at, _)| (id, at)).collect();
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
@@ -193,9 +200,17 @@ fn cleanup(days: i32, dry_run: bool, force: bool) -> EkmResult<Vec<CleanupRow>> 
                 in_use[i] += count;
             }
         }
-        for (k, count) in &n.by_fernet_key {
+        // Fernet values on a retired imported key: a FERNET_V2 value names
+        // it; a bare token that no key still decrypting authenticates may be
+        // on any of them (a retired key's material is not unwrapped to tell)
+        for (k, count) in &n.fernet_named {
             if let Some(i) = ids.iter().position(|x| x == k) {
                 in_use[i] += count;
+            }
+        }
+        for (i, is_fernet) in fernet.iter().enumerate() {
+            if *is_fernet {
+                in_use[i] += n.fernet_bare_unattributed;
             }
         }
     }
@@ -914,6 +929,13 @@ fn ekm_scan_database(
     refuse_on_standby("scan the database", "ekm_scan_database()");
     let (_, owner) = catalog::ekm_tables().or_raise();
     let (job, tables, columns) = as_owner(owner, || -> EkmResult<(i64, i64, i64)> {
+        // Serialized with key changes: a key imported (retired) by a
+        // transaction still open when this one starts could otherwise be
+        // missed by the scan (its Fernet values are only recognised once
+        // imported) while the scan, started after the key's retired_at,
+        // still counted for cleanup's guard. The job's switched_at
+        // (clock_timestamp()) is taken after the lock.
+        crate::rotation::lock_key_changes()?;
         let (running, state) = catalog::two::<i64, String>(
             "SELECT job_id, state FROM ekm.rotation_job WHERE kind = 'scan' AND state IN ('running', 'cancelled')",
             vec![],

@@ -59,6 +59,12 @@ pub struct Census {
     pub by_key: BTreeMap<KeyId, (&'static str, i64)>,
     /// Fernet values on rotating imported keys, per key id
     pub by_fernet_key: BTreeMap<String, i64>,
+    /// FERNET_V2 values per key id they name, whatever that key's state
+    /// (once keys are imported): what cleanup must not destroy
+    pub fernet_named: BTreeMap<String, i64>,
+    /// bare tokens no imported key still decrypting authenticates (once keys
+    /// are imported): they may be on any retired imported key
+    pub fernet_bare_unattributed: i64,
     /// values on a key that decrypts which do not open with the column's
     /// context (bound to another context, or altered); counted only when
     /// asked for
@@ -115,12 +121,25 @@ pub fn census(t: &Table, cols: &[(String, String)], check_context: bool) -> EkmR
                         let class = value_class(v)?;
                         let n = &mut out[i];
                         *n.by_class.entry(class).or_insert(0) += 1;
-                        if class == "fernet" {
+                        if matches!(class, "fernet" | "fernet_undecryptable") {
                             if let Some(fv) = v.and_then(|v| ekm_core::fernet::parse(v.as_bytes()))
                             {
-                                *n.by_fernet_key
-                                    .entry(keycache::fernet_key_id(&fv)?)
-                                    .or_insert(0) += 1;
+                                match fv {
+                                    ekm_core::fernet::FernetValue::V2 { key_id, .. } => {
+                                        *n.fernet_named.entry(key_id.to_string()).or_insert(0) += 1
+                                    }
+                                    ekm_core::fernet::FernetValue::Bare { .. }
+                                        if class == "fernet_undecryptable" =>
+                                    {
+                                        n.fernet_bare_unattributed += 1
+                                    }
+                                    _ => {}
+                                }
+                                if class == "fernet" {
+                                    *n.by_fernet_key
+                                        .entry(keycache::fernet_key_id(&fv)?)
+                                        .or_insert(0) += 1;
+                                }
                             }
                         }
                         if let Some(v) = v.filter(|v| format::looks_encrypted(v)) {

@@ -146,17 +146,25 @@ impl<'a> FernetValue<'a> {
     }
 }
 
-/// Whether `v` is in a runbook format: `FERNET_V2:<key_id>:<token>` (any
-/// token text: a damaged one is an error when decrypted, not plaintext), or
+/// Whether `v` is in a runbook format: `FERNET_V2:<key_id>:<token>` (an id
+/// of the form ekm imports; any token text: a damaged one is an error when
+/// decrypted, not plaintext), or
 /// a bare token: `gAAAAA`, base64url with padding, at least the shortest
 /// token's length. Other text is not Fernet.
 pub fn parse(v: &[u8]) -> Option<FernetValue<'_>> {
     if let Some(rest) = v.strip_prefix(V2_PREFIX.as_bytes()) {
         let colon = rest.iter().position(|&c| c == b':')?;
-        let key_id = std::str::from_utf8(&rest[..colon]).ok()?;
-        if key_id.is_empty() {
+        let id = &rest[..colon];
+        // an id ekm could have imported: anything else is not named in
+        // errors and hints (it is another scheme's text)
+        if id.is_empty()
+            || id.len() > MAX_ID_LEN
+            || !id[0].is_ascii_alphanumeric()
+            || !id.iter().all(|&c| id_byte(c))
+        {
             return None;
         }
+        let key_id = std::str::from_utf8(id).ok()?;
         return Some(FernetValue::V2 {
             key_id,
             token: &rest[colon + 1..],
@@ -260,6 +268,24 @@ pub fn token_time(token: &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_ids_of_the_imported_form_only() {
+        let t = format!("{TOKEN_START}{}", "A".repeat(92)) + "==";
+        for bad in ["", "-x", "a'b", "a b", "a\nb", &"a".repeat(101)] {
+            assert_eq!(
+                parse(format!("FERNET_V2:{bad}:{t}").as_bytes()),
+                None,
+                "{bad:?}"
+            );
+        }
+        for good in ["k", "key_20250927_abc123", "a.b-c_d", &"a".repeat(100)] {
+            assert!(matches!(
+                parse(format!("FERNET_V2:{good}:{t}").as_bytes()),
+                Some(FernetValue::V2 { .. })
+            ));
+        }
+    }
 
     #[test]
     fn embedded_values() {

@@ -47,6 +47,9 @@ check "the runbook's table is loaded" "$(q app "SELECT count(*) FROM people")" "
 check_match "with FERNET_V2 values under two keys and bare tokens" \
   "$(q app "SELECT count(DISTINCT split_part(email, ':', 2)) FILTER (WHERE email LIKE 'FERNET_V2:%') || ':' || (count(*) FILTER (WHERE email LIKE 'gAAAAA%') > 0) FROM people")" '^2:true$'
 keys_json=$(cat "$dir/fx_app/keys.json")
+# two of the runbook's values, for a straggling writer in step 4
+v_new=$(q app "SELECT email FROM people WHERE email LIKE 'FERNET_V2:key_20251226_abc123:%' ORDER BY id LIMIT 1")
+v_bare=$(q app "SELECT email FROM people WHERE email LIKE 'gAAAAA%' ORDER BY id LIMIT 1")
 # Copies outside the migrated columns (a history table nobody registers):
 # 5 values on each key id and 5 bare tokens, and the same rows' mobile numbers
 # inside JSON.
@@ -175,6 +178,16 @@ check_match "cleanup keeps them for the bare tokens it cannot attribute" \
 q app "DROP TABLE people_history" >/dev/null
 scan=$(q app "SELECT job_id FROM ekm_scan_database()")
 check "once the copies are gone, a scan finishes" "$(wait_job app "$scan" 600)" done
+# A straggling writer of the old code puts a FERNET_V2 value and a bare token
+# back into the registered column after that scan: cleanup counts the
+# registered columns in its own transaction and keeps the keys, even with
+# force => true (which only overrides the scan guard).
+s1=$(q app "SELECT min(id) FROM people"); s2=$(q app "SELECT min(id) + 1 FROM people")
+q app "UPDATE people SET email = '$v_new' WHERE id = $s1; UPDATE people SET email = '$v_bare' WHERE id = $s2" >/dev/null
+check "cleanup keeps the imported keys for values in a registered column, even forced" \
+  "$(q app "SET client_min_messages = error; SELECT string_agg(key_id || ' ' || action, ' | ' ORDER BY key_id) FROM ekm_cleanup_old_keys(0, force => true) WHERE key_id IN (SELECT key_id FROM ekm.keys WHERE kind = 'fernet')")" \
+  "key_20250927_153045_b7c2 kept: 1 values in registered columns still use it | key_20251226_abc123 kept: 2 values in registered columns still use it"
+q app "UPDATE people SET email = ekm_encrypt(email_plain, 'public.people.email') WHERE id IN ($s1, $s2)" >/dev/null
 check "cleanup destroys the imported keys" \
   "$(q app "SELECT string_agg(key_id || ':' || action, ',' ORDER BY key_id) FROM ekm_cleanup_old_keys(0) WHERE key_id IN (SELECT key_id FROM ekm.keys WHERE kind = 'fernet')")" \
   "key_20250927_153045_b7c2:destroyed,key_20251226_abc123:destroyed"
@@ -202,8 +215,37 @@ check "the lost values are listed by primary key, left untouched" \
   "$(q lost "SELECT count(*) || ':' || bool_and(row_ref LIKE '(id)=(%' AND key_id = 'key_lost' AND reason LIKE '%key_lost, which is not imported%') FROM ekm.rotation_problem WHERE job_id = $job")" "$n_lost:true"
 check "and the imported keys stay rotating" "$(q lost "SELECT string_agg(rotation_status, ',') FROM ekm.keys WHERE kind = 'fernet'")" "rotating,rotating"
 
+# 6. A key imported (retired) by a transaction still open when a scan of the
+#    database starts: key changes and scan starts are serialized, so the
+#    scan waits, finds the values (in a table no one registered) and cleanup
+#    keeps the key.
+fixture late 40 || not_ok "the third fixture is written"
+late_keys=$("$venv/bin/python" -c 'import json,sys; print(" ".join(k["key_id"] + "=" + k["key"] for k in json.load(open(sys.argv[1]))))' "$dir/fx_late/keys.json")
+imports=""
+for kv in $late_keys; do imports="$imports SELECT ekm_import_fernet_key('${kv%%=*}', '${kv#*=}', state => 'retired');"; done
+session_start 11 importer late
+session_send 11 "SET client_min_messages = warning; BEGIN; $imports SELECT 'imported';"
+session_line importer '^imported$' >/dev/null
+cpsql "$dir" "$port" -d late -At -q -c "SELECT job_id FROM ekm_scan_database()" >"$dir/late_scan.out" 2>&1 11>&- 12>&- 13>&- 14>&- &
+scan_pid=$!
+scan_waits() { q late "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 6646638 AND objid = 0 AND NOT granted"; }
+for _ in $(seq 1 200); do [ "$(scan_waits)" = 1 ] && break; sleep 0.05; done
+check "the scan waits for the importing transaction" "$(scan_waits)" 1
+session_send 11 "COMMIT; SELECT 'committed';"
+session_line importer '^committed$' >/dev/null
+session_end 11 importer
+wait "$scan_pid"
+scan=$(cat "$dir/late_scan.out")
+check "then the scan finishes" "$(wait_job late "$scan" 600)" done
+check_match "it found the values on the imported keys" \
+  "$(q late "SELECT string_agg(DISTINCT key_id, ',' ORDER BY key_id) FROM ekm.ciphertext_locations WHERE table_name = 'people'::regclass")" \
+  '^(fernet:unknown-key,)?key_20250927_153045_b7c2,key_20251226_abc123$'
+check_match "and cleanup keeps both keys" \
+  "$(q late "SELECT string_agg(key_id || ' ' || action, ' | ' ORDER BY key_id) FROM ekm_cleanup_old_keys(0)")" \
+  '^key_20250927_153045_b7c2 kept: the scan of the database .* \| key_20251226_abc123 kept: the scan of the database '
+
 # The key material never reached the server log.
-for k in $key_texts; do
+for k in $key_texts $(for kv in $late_keys; do echo "${kv#*=}"; done); do
   check "the server log never holds imported key ${k:0:6}…" "$(grep -c -- "$k" "$dir/server.log")" 0
 done
 # the crash of step 3 (the worker killed, the others ended, the

@@ -495,18 +495,16 @@ pause_hold h batch
 job=$(q h "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
 check "the worker waits at its first batch" "$(paused_at h batch)" yes
 waiter_pids=()
+in_wait() { q h "SELECT count(*) FROM pg_stat_activity WHERE application_name = '$1' AND wait_event_type = 'Extension'"; }
+registered=0
 for i in $(seq 1 64); do
-  cpsql "$dir" "$port" -d h -At -q -c "SELECT state FROM ekm_rotation_wait($job, 600)" >"$dir/waiter$i.out" 2>&1 11>&- 12>&- 13>&- 14>&- &
+  PGAPPNAME=waiter$i cpsql "$dir" "$port" -d h -At -q -c "SELECT state FROM ekm_rotation_wait($job, 600)" >"$dir/waiter$i.out" 2>&1 11>&- 12>&- 13>&- 14>&- &
   waiter_pids+=($!)
+  # one at a time: a session seen in the wait's latch has taken its slot
+  for _ in $(seq 1 200); do [ "$(in_wait "waiter$i")" = 1 ] && { registered=$((registered + 1)); break; }; sleep 0.02; done
 done
-# a further session: refused once the 64 hold their slots (until then it
-# waits 0.1 s and returns)
-refused=""
-for _ in $(seq 1 600); do
-  refused=$(qerr h "SELECT state FROM ekm_rotation_wait($job, 0.1)")
-  [ -n "$refused" ] && break
-done
-check "the 65th waiting session is refused with 53400" "$refused" "ERROR:  53400: more than 64 sessions are waiting for rotation jobs"
+check "64 sessions wait for the job, each in its slot" "$registered" 64
+check "the 65th waiting session is refused with 53400" "$(qerr h "SELECT state FROM ekm_rotation_wait($job, 0.1)")" "ERROR:  53400: more than 64 sessions are waiting for rotation jobs"
 check_match "with the way to follow the job instead" \
   "$(cpsql "$dir" "$port" -d h -At -q -c "SELECT state FROM ekm_rotation_wait($job, 0.1)" 2>&1 | grep '^HINT')" 'ekm\.rotation_progress'
 check "the job is still running, and its progress reads" "$(q h "SELECT job_state || ':' || count(*) FROM ekm.rotation_progress WHERE job_id = $job GROUP BY job_state")" "running:1"

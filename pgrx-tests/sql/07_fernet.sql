@@ -59,6 +59,18 @@ SELECT key_id, rotation_status, created_at FROM ekm.keys WHERE kind = 'fernet' A
 SELECT try($$SELECT ekm_decrypt('FERNET_V2:key_a:gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==')$$) AS on_retired_key;
 
 
+-- Bad input, each a clear error: NULL arguments, the arguments swapped (the
+-- key is not echoed as an id), dates out of range, a FERNET_V2 id that ekm
+-- could never have imported (not named back in the error).
+SELECT try($$SELECT ekm_import_fernet_key(NULL, 'BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=')$$) AS null_id;
+SELECT try($$SELECT ekm_import_fernet_key('key_x', NULL)$$) AS null_key;
+SELECT try($$SELECT ekm_import_fernet_key('key_x', 'BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=', state => NULL)$$) AS null_state;
+SELECT try($$SELECT ekm_import_fernet_key('BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ', 'key_x')$$) AS swapped;
+SELECT try($$SELECT ekm_import_fernet_key('key_x', 'BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=', created_at => 'infinity')$$) AS infinite_date;
+SELECT try($$SELECT * FROM ekm_import_fernet_keys('[{"key_id": "key_x", "key": "BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=", "created_at": "0000-01-01"}]')$$) AS year_zero;
+SELECT try($$SELECT ekm_decrypt('FERNET_V2:a''b:gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==')$$) AS id_with_a_quote;
+SELECT count(*) AS key_x_imported FROM ekm.keys WHERE key_id = 'key_x';
+
 -- Importing is for ekm_admin; an application role reads.
 CREATE ROLE fernet_app;
 GRANT ekm_user TO fernet_app;
