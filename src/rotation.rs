@@ -330,9 +330,14 @@ pub(crate) fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
         raise_with(
             PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
             format!("rotation job {j} {how}"),
-            Some(format!(
-                "finish it with SELECT ekm_rotation_resume({j}), or start {by} with force => true"
-            )),
+            Some(if by == "a column encryption" {
+                // ekm_encrypt_column has no force: the job is finished first
+                format!(
+                    "finish it first with SELECT ekm_rotation_resume({j}), then encrypt the column"
+                )
+            } else {
+                format!("finish it with SELECT ekm_rotation_resume({j}), or start {by} with force => true")
+            }),
         );
     }
     catalog::exec(
@@ -874,7 +879,7 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
             raise_with(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 format!("rotation job {job} does not exist"),
-                None,
+                Some("list the jobs with SELECT job_id, kind, state FROM ekm.rotation_job ORDER BY job_id DESC".into()),
             );
         };
         let ok = match from {
@@ -882,10 +887,20 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
             f => cur == f,
         };
         if !ok {
+            let hint = match (from, cur.as_str()) {
+                ("running", "done") => "only a running job can be cancelled; this one has finished".to_string(),
+                ("running", _) => format!(
+                    "only a running job can be cancelled; this one continues with SELECT ekm_rotation_resume({job})"
+                ),
+                ("resumable", _) => {
+                    "a finished job cannot be resumed; start a new one (e.g. SELECT * FROM ekm_rotate())".to_string()
+                }
+                _ => format!("see SELECT * FROM ekm.rotation_progress WHERE job_id = {job}"),
+            };
             raise_with(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("rotation job {job} is {cur}"),
-                None,
+                Some(hint),
             );
         }
         catalog::exec(
