@@ -223,6 +223,9 @@ fixture late 40 || not_ok "the third fixture is written"
 late_keys=$("$venv/bin/python" -c 'import json,sys; print(" ".join(k["key_id"] + "=" + k["key"] for k in json.load(open(sys.argv[1]))))' "$dir/fx_late/keys.json")
 imports=""
 for kv in $late_keys; do imports="$imports SELECT ekm_import_fernet_key('${kv%%=*}', '${kv#*=}', state => 'retired');"; done
+# (under log_statement = all: the import statements hold keys; the log
+# check at the end covers these keys too)
+q postgres "ALTER SYSTEM SET log_statement = 'all'" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
 session_start 11 importer late
 session_send 11 "SET client_min_messages = warning; BEGIN; $imports SELECT 'imported';"
 session_line importer '^imported$' >/dev/null
@@ -236,6 +239,8 @@ session_line importer '^committed$' >/dev/null
 session_end 11 importer
 wait "$scan_pid"
 scan=$(cat "$dir/late_scan.out")
+q postgres "ALTER SYSTEM RESET log_statement" >/dev/null; q postgres "SELECT pg_reload_conf()" >/dev/null
+check_match "the importing statement was logged, its text redacted" "$(grep -c 'LOG:  statement: (redacted by ekm)' "$dir/server.log")" '^[1-9]'
 check "then the scan finishes" "$(wait_job late "$scan" 600)" done
 check_match "it found the values on the imported keys" \
   "$(q late "SELECT string_agg(DISTINCT key_id, ',' ORDER BY key_id) FROM ekm.ciphertext_locations WHERE table_name = 'people'::regclass")" \

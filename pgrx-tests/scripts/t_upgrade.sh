@@ -96,6 +96,9 @@ check_match "so does a rotation" "$(qerr "SELECT * FROM ekm_rotate(dry_run => tr
 check_match "a function whose arguments changed is not reached through its old definition" \
   "$(qerr "SELECT * FROM ekm_cleanup_old_keys(0, true)")" '^ERROR:  42883: could not find function "ekm_cleanup_old_keys_wrapper"'
 check_match "nor one whose result changed" "$(qerr "SELECT * FROM ekm_key_status()")" '^ERROR:  42883: could not find function "ekm_key_status_wrapper"'
+for _ in $(seq 1 100); do grep -q 'no job runs in this database until ALTER EXTENSION ekm UPDATE' "$dir/server.log" && break; sleep 0.1; done
+check_match "the launcher logs that it starts no job there until the update" \
+  "$(grep -c "ekm: no job runs in this database until ALTER EXTENSION ekm UPDATE: ekm's objects in this database are version $OLD, but the loaded ekm library is version $NEW" "$dir/server.log")" '^[1-9]'
 check_log_clean "$dir/server.log"
 
 # 4. ALTER EXTENSION UPDATE, and the same objects as a fresh install.

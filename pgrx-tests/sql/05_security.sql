@@ -1,6 +1,6 @@
 -- The trust boundary: nobody gains privileges through ekm. Every attack of
 -- issue 10 that a regression test can run (the ones that need a reload, a
--- restart or automatic rotation are in scripts/t_security.sh). Each attack
+-- restart or automatic rotation are in t_master_key.sh and t_operations.sh). Each attack
 -- records in sec.log who ran it and whether it became superuser; the checks
 -- assert the attacker's rolsuper stays false and ekm never ran the code
 -- with more than the table owner's rights.
