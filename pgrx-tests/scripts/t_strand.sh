@@ -103,6 +103,22 @@ q "DROP TABLE orders_jp" >/dev/null
 check "a dropped partition's registration is forgotten at the next job" \
   "$(j=$(q "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1"); wait_job "$j" 300):$(q "SELECT count(*) FROM ekm.registered_column WHERE tbl::oid NOT IN (SELECT oid FROM pg_class)")" done:0
 
+# Two levels: a partition that is itself partitioned, attached after the
+# registration. Its leaves are registered under the top table at the next
+# job and rotated with it.
+q "CREATE TABLE orders_apac (LIKE orders INCLUDING ALL) PARTITION BY LIST (region);
+   CREATE TABLE orders_au PARTITION OF orders_apac FOR VALUES IN ('au');
+   CREATE TABLE orders_nz PARTITION OF orders_apac FOR VALUES IN ('nz');
+   INSERT INTO orders_apac SELECT g, (ARRAY['au', 'nz'])[g % 2 + 1], ekm_encrypt('card-apac-' || g, 'public.orders.card'), 'card-apac-' || g FROM generate_series(1, 2000) g;
+   ALTER TABLE orders ATTACH PARTITION orders_apac FOR VALUES IN ('au', 'nz')" >/dev/null
+job=$(q "SELECT job_id FROM ekm_rotate(force => true) LIMIT 1")
+check "a rotation after a two-level partition was attached finishes" "$(wait_job "$job" 300)" done
+check "its partitions, at both levels, are registered under the top table" \
+  "$(q "SELECT string_agg(tbl::text || ':' || parent::text, ',' ORDER BY tbl::text) FROM ekm.registered_column WHERE tbl::text IN ('orders_apac', 'orders_au', 'orders_nz')")" \
+  "orders_apac:orders,orders_au:orders,orders_nz:orders"
+check "and every value in them is on the new key and decrypts" \
+  "$(q "SELECT count(*) FILTER (WHERE ekm_key_id(card) = '$(active)' AND ekm_decrypt(card, 'public.orders.card') = card_shadow) FROM orders_apac")" 2000
+
 # 2. Inheritance: a parent smaller than its child. Every row of both moves
 #    (the parent's batches used to stop at the parent's size).
 q "CREATE TABLE legacy (id int, v text); CREATE TABLE legacy_child (extra int) INHERITS (legacy);
