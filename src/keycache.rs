@@ -119,15 +119,15 @@ pub fn invalidate_table(relid: pg_sys::Oid) {
 
 /// Unwraps one key's material (`unwrap`) under the master key, loading it
 /// at most once per reload. A key wrapped under the previous master key (a
-/// master key rotation under way: `made_by_previous` recognises it) unwraps
-/// under that one. No material: the key was destroyed.
+/// master key rotation under way: its check value is `kcv`) unwraps under
+/// that one. No material: the key was destroyed.
 fn unwrap_material<T>(
     master: &mut Option<Result<MasterKey>>,
     previous: &mut Option<Option<Result<MasterKey>>>,
     key_id: &str,
     wrapped: Option<&[u8]>,
+    kcv: &[u8],
     unwrap: impl Fn(&MasterKey, &[u8]) -> Result<T>,
-    made_by_previous: impl Fn(&MasterKey) -> bool,
 ) -> Result<T> {
     match (master.get_or_insert_with(masterkey::load), wrapped) {
         (Err(e), _) => Err(e.clone()),
@@ -139,7 +139,7 @@ fn unwrap_material<T>(
         (Ok(m), Some(w)) => match unwrap(m, w) {
             Err(e @ EkmError::MasterKeyMismatch { .. }) => {
                 match previous.get_or_insert_with(masterkey::load_previous) {
-                    Some(Ok(p)) if made_by_previous(p) => unwrap(p, w),
+                    Some(Ok(p)) if p.check_value()[..] == kcv[..] => unwrap(p, w),
                     _ => Err(e),
                 }
             }
@@ -183,8 +183,8 @@ impl Cache {
                         &mut previous,
                         &row.id.to_string(),
                         row.wrapped.as_deref(),
+                        &row.kcv,
                         |m, w| m.unwrap(&row.id, w, &row.kcv),
-                        |p| p.check_value()[..] == row.kcv[..],
                     ))
                 };
                 if row.state == KeyState::Active {
@@ -222,8 +222,8 @@ impl Cache {
                         &mut previous,
                         &row.id,
                         row.wrapped.as_deref(),
+                        &row.kcv,
                         |m, w| m.unwrap_fernet(&row.id, w, &row.kcv),
-                        |p| p.check_value()[..] == row.kcv[..],
                     ))
                 };
                 fernet.push(FernetEntry {
