@@ -32,6 +32,15 @@ pub fn try_zeroed(n: usize) -> Result<Vec<u8>> {
     Ok(v)
 }
 
+/// A copy of `s`, or `OutOfMemory` (see [`try_zeroed`]).
+pub fn try_copy_str(s: &str) -> Result<String> {
+    let mut out = String::new();
+    out.try_reserve_exact(s.len())
+        .map_err(|_| EkmError::OutOfMemory(s.len()))?;
+    out.push_str(s);
+    Ok(out)
+}
+
 /// Fills `buf` from the operating system's random source.
 pub fn os_random(buf: &mut [u8]) -> Result<()> {
     SysRng

@@ -59,6 +59,13 @@ pub enum EkmError {
     NoSuchTable(u32),
     #[error("\"{name}\" is {kind}, not a table")]
     NotATable { name: String, kind: &'static str },
+    #[error("{member} is {kind} ({how} {table}): ekm rotates only values stored in this database's own tables")]
+    NotStoredHere {
+        member: String,
+        kind: &'static str,
+        how: &'static str,
+        table: String,
+    },
     #[error("ekm's objects in this database are version {installed}, but the loaded ekm library is version {library}")]
     ObjectsOutdated {
         installed: String,
@@ -101,7 +108,7 @@ impl EkmError {
             EkmError::TooLong(_) => "54000", // program_limit_exceeded
             EkmError::OutOfMemory(_) => "53200", // out_of_memory
             EkmError::NoSuchTable(_) => "42P01", // undefined_table
-            EkmError::NotATable { .. } => "42809", // wrong_object_type
+            EkmError::NotATable { .. } | EkmError::NotStoredHere { .. } => "42809", // wrong_object_type
             EkmError::ObjectsOutdated { .. } => "55000",
             EkmError::FernetMalformed(_) => "22P03",
             EkmError::FernetAuthenticationFailed(_) => "XX001",
@@ -152,6 +159,17 @@ impl EkmError {
             EkmError::OutOfMemory(_) => "retry with fewer or smaller values at a time".into(),
             EkmError::NoSuchTable(_) => return None,
             EkmError::NotATable { .. } => "ekm works on columns of ordinary and partitioned tables: name the table that holds the values".into(),
+            EkmError::NotStoredHere { member, how: "registered in", .. } => format!(
+                "unregister it (SELECT ekm_unregister_column('{member}', <column>)) and encrypt its values where they are stored"
+            ),
+            EkmError::NotStoredHere { member, how: "a partition of", table, .. } => format!(
+                "detach it (ALTER TABLE {table} DETACH PARTITION {member}) and encrypt its values where they are stored, \
+                 or register the local partitions one by one; nothing was registered or retired"
+            ),
+            EkmError::NotStoredHere { member, table, .. } => format!(
+                "detach it (ALTER TABLE {member} NO INHERIT {table}) and encrypt its values where they are stored, \
+                 or register the other children one by one; nothing was registered or retired"
+            ),
             EkmError::ObjectsOutdated { .. } => {
                 "run ALTER EXTENSION ekm UPDATE in this database (encryption and decryption keep working until then)".into()
             }

@@ -14,10 +14,53 @@ const NAMES: [&[u8]; 4] = [
     b"ekm_import_fernet_key",
 ];
 
+/// The master key settings' names (`ekm.master_key_command`,
+/// `ekm.previous_master_key_file`, ...): a statement naming one may carry
+/// its value (a command with a token).
+const SETTINGS: [&[u8]; 2] = [b"master_key_command", b"master_key_file"];
+
+/// Whether `hay` contains `needle` (ASCII, any case), without allocating:
+/// it runs on every log line, over statements of any size.
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty()
+        || hay
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
 /// Whether a statement's text names one of them (any case).
 pub fn mentions_plaintext_functions(query: &[u8]) -> bool {
-    let q = query.to_ascii_lowercase();
-    NAMES.iter().any(|n| q.windows(n.len()).any(|w| w == *n))
+    NAMES.iter().any(|n| contains_ignore_case(query, n))
+}
+
+/// Whether a statement's text names a master key setting (any case).
+pub fn mentions_master_key_settings(query: &[u8]) -> bool {
+    SETTINGS.iter().any(|n| contains_ignore_case(query, n))
+}
+
+/// A log DETAIL that quotes other sessions' statements (a deadlock report:
+/// `Process 123: UPDATE ...`, one per line), with each line that names an
+/// ekm plaintext function or a master key setting cut after its `: ` and
+/// replaced by the marker. None if no line does.
+pub fn redact_quoted_statements(detail: &str) -> Option<String> {
+    let mut changed = false;
+    let lines: Vec<String> = detail
+        .split('\n')
+        .map(|l| {
+            if mentions_plaintext_functions(l.as_bytes())
+                || mentions_master_key_settings(l.as_bytes())
+            {
+                changed = true;
+                match l.split_once(": ") {
+                    Some((head, _)) => format!("{head}: {MARKER}"),
+                    None => MARKER.to_string(),
+                }
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    changed.then(|| lines.join("\n"))
 }
 
 /// `msg` with every `"..."` part replaced by the marker (data exceptions
@@ -53,6 +96,36 @@ mod tests {
         ));
         assert!(!mentions_plaintext_functions(b"SELECT ekm_key_id(v)"));
         assert!(!mentions_plaintext_functions(b"SELECT 'plain'::int"));
+    }
+
+    #[test]
+    fn finds_the_master_key_settings_in_any_case() {
+        assert!(mentions_master_key_settings(
+            b"ALTER SYSTEM SET ekm.master_key_command = 'vault read token=s3cr3t'"
+        ));
+        assert!(mentions_master_key_settings(
+            b"set EKM.Previous_Master_Key_File to '/k'"
+        ));
+        assert!(!mentions_master_key_settings(
+            b"ALTER SYSTEM SET ekm.key_lifetime_days = 30"
+        ));
+    }
+
+    #[test]
+    fn a_deadlock_report_loses_only_the_lines_that_name_ekm() {
+        let d = "Process 10 waits for ShareLock on transaction 5; blocked by process 11.\n\
+                 Process 11 waits for ShareLock on transaction 6; blocked by process 10.\n\
+                 Process 10: UPDATE dla SET v = 'x' WHERE id = 2\n\
+                 Process 11: UPDATE dla SET v=ekm_encrypt('PLAIN-DL-42') WHERE id = 1";
+        let r = redact_quoted_statements(d).expect("redacted");
+        assert!(!r.contains("PLAIN-DL-42"), "{r}");
+        assert!(r.contains("Process 11: (redacted by ekm)"), "{r}");
+        assert!(
+            r.contains("Process 10: UPDATE dla SET v = 'x' WHERE id = 2"),
+            "{r}"
+        );
+        assert!(r.contains("blocked by process 11."), "{r}");
+        assert_eq!(redact_quoted_statements("Process 1: SELECT 1"), None);
     }
 
     #[test]
