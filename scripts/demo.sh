@@ -95,7 +95,7 @@ SELECT ekm_health_status();
 SELECT job_id AS rollback_job FROM ekm_rollback(batch_size => 5000) \gset
 SELECT * FROM ekm_rotation_wait(:rollback_job);
 SELECT key_id, rotation_status, is_active FROM ekm.keys;
-\echo == adopting the runbook's Fernet data: a table the old Django EncryptionKeyManager wrote
+\echo == adopting the Fernet data of the runbook: a table the old Django EncryptionKeyManager wrote
 \echo == (FERNET_V2:<key_id>:<Fernet token>, and a bare token from before the V2 prefix)
 CREATE TABLE legacy_people (id int PRIMARY KEY, email text, mobno text);
 INSERT INTO legacy_people VALUES

@@ -143,8 +143,9 @@ CREATE TABLE ekm.rotation_cursor (
 
 -- Values a job could not move (wrong context, altered, on a key that does
 -- not decrypt): the job ends needs_attention instead of failing, and says
--- where they are.
-CREATE TABLE ekm.rotation_problem (
+-- where they are. Read through the view ekm.rotation_problem (finalize.sql),
+-- which shows a row's primary key only to roles that may read its table.
+CREATE TABLE ekm.rotation_problem_row (
     job_id   bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
     tbl      regclass NOT NULL,
     col      name NOT NULL,
@@ -168,7 +169,7 @@ CREATE TABLE ekm.ciphertext_scan (
 );
 
 SELECT pg_catalog.pg_extension_config_dump('ekm.registered_column', '');
-SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_problem', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_problem_row', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.ciphertext_scan', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job_job_id_seq', '');

@@ -103,6 +103,22 @@ WHERE s.job_id = (SELECT max(job_id) FROM ekm.rotation_job WHERE kind = 'scan' A
 ORDER BY s.tbl::text, s.col, s.key_id;
 COMMENT ON VIEW ekm.ciphertext_locations IS 'ekm ciphertexts per table, column and key found by the latest ekm_scan_database(), registered or not.';
 
+-- The values a job could not move, for ekm_admin: the row's primary key
+-- (or ctid) only to a role that may SELECT the table, since ekm's check read
+-- it as the table's owner.
+CREATE VIEW ekm.rotation_problem AS
+SELECT p.job_id, p.tbl, p.col,
+       CASE WHEN pg_catalog.has_table_privilege(p.tbl, 'SELECT') THEN p.row_ref
+            ELSE '(hidden: you may not read ' || p.tbl::text || ')' END AS row_ref,
+       p.key_id, p.reason, p.found_at
+FROM ekm.rotation_problem_row p;
+COMMENT ON VIEW ekm.rotation_problem IS 'Values a rotation job could not move (they do not decrypt with their column''s context), by row; the row is shown only to roles that may read its table.';
+
+-- The rows behind ekm.rotation_problem are ekm's own (explicitly: a
+-- database updated from 0.2.0, where ekm_admin could read them, has the
+-- same privileges).
+REVOKE ALL ON ekm.rotation_problem_row FROM ekm_admin;
+
 -- Plaintext migration (the runbook's migrate_secure_encryption).
 CREATE FUNCTION @extschema@.ekm_encrypt_column(tbl regclass, col name, batch_size integer DEFAULT 1000,
                                                dry_run boolean DEFAULT false, context text DEFAULT NULL)

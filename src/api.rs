@@ -72,7 +72,8 @@ pub fn reencrypt(ct: &str, ctx: &[u8]) -> EkmResult<String> {
     let plain = keycache::with_decrypt_key(&key.to_ref(), |k| k.open(ct, ctx))?;
     let (active, _) = keycache::active_key_and_owner()?;
     if active == Some(key) {
-        return Ok(ct.to_string());
+        // input-sized: copied fallibly (53200, not an abort of the backend)
+        return ekm_core::crypto::try_copy_str(ct);
     }
     keycache::with_encrypt_key(|k, nonce| k.seal(nonce, &plain, ctx))
 }
@@ -144,8 +145,10 @@ fn ekm_create_key() -> String {
 /// Adds this database's pending encryption counts to `ekm.key.encryptions` (as owner).
 pub fn flush_encryption_counts() -> EkmResult<()> {
     // one flush at a time: two would both add the same pending count
-    Spi::run("SELECT pg_advisory_xact_lock(6646638, 1)")
-        .map_err(|e| EkmError::Internal(e.to_string()))?;
+    crate::locks::lock_xact(
+        crate::locks::EkmLock::CountFlush,
+        "write down the encryption counts",
+    );
     let keys: Vec<String> = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<String>> {
         let mut v = Vec::new();
         for r in c.select("SELECT key_id FROM ekm.key", None, &[])? {

@@ -81,7 +81,13 @@ pub fn require_current_objects() -> Result<()> {
 /// the caller's identity and settings afterwards (also on error). For ekm's
 /// own tables: like a SECURITY DEFINER function owned by ekm's owner.
 pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    switch_identity(owner, pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32, true, f)
+    switch_identity(
+        owner,
+        pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        true,
+        None,
+        f,
+    )
 }
 
 /// Runs `f` as `owner` of an application table the way VACUUM, ANALYZE and
@@ -91,16 +97,109 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// settings are discarded on exit. Triggers, constraints, index expressions
 /// and generated columns of the table then run as its owner, never with the
 /// rights of whoever runs ekm (a superuser, for the workers).
+///
+/// Row-level security: an owner is not subject to its table's policies
+/// unless the table has FORCE ROW LEVEL SECURITY; `SECURITY_NOFORCE_RLS`
+/// (what PostgreSQL's referential-integrity checks use) lifts FORCE for the
+/// owner too, so every read and write ekm makes sees every row. Without it
+/// a forced tenant policy hid rows from the batches and both checks, and a
+/// job ended `done` with values still on the key it retired.
 pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     switch_identity(
         owner,
-        pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        (pg_sys::SECURITY_RESTRICTED_OPERATION | pg_sys::SECURITY_NOFORCE_RLS) as i32,
         false,
+        None,
         f,
     )
 }
 
-fn switch_identity<R>(owner: pg_sys::Oid, flags: i32, keep_gucs: bool, f: impl FnOnce() -> R) -> R {
+/// [`as_table_owner`] with `search_path` set to `path` (for the batches,
+/// whose triggers and constraints are the application's code: see
+/// [`batch_search_path`]).
+pub fn as_table_owner_with_path<R>(owner: pg_sys::Oid, path: &str, f: impl FnOnce() -> R) -> R {
+    switch_identity(
+        owner,
+        (pg_sys::SECURITY_RESTRICTED_OPERATION | pg_sys::SECURITY_NOFORCE_RLS) as i32,
+        false,
+        Some(path),
+        f,
+    )
+}
+
+/// Whether row-level security would still filter what the current user
+/// reads from `tbl` (for a check that must see every row: false inside
+/// [`as_table_owner`] unless PostgreSQL changed its rules).
+pub fn row_security_active(tbl: pg_sys::Oid) -> Result<bool> {
+    Ok(one::<bool>(
+        "SELECT pg_catalog.row_security_active($1::pg_catalog.oid)",
+        vec![tbl.into()],
+    )?
+    .unwrap_or(true))
+}
+
+/// The search_path the application's code of a table runs with in ekm's
+/// batches: `ekm.batch_search_path` if set, else the one `owner` gets when
+/// it logs in to this database (ALTER ROLE ... IN DATABASE ... SET, then
+/// ALTER ROLE ... SET, then ALTER DATABASE ... SET, then ALTER ROLE ALL
+/// SET, then the server's configuration file, then the built-in default), as
+/// PostgreSQL applies them at login. ekm's own SQL in the batch is
+/// schema-qualified and does not depend on it.
+pub fn batch_search_path(owner: pg_sys::Oid) -> Result<String> {
+    if let Some(p) = crate::gucs::batch_search_path() {
+        return Ok(p);
+    }
+    let server_default = SERVER_SEARCH_PATH.with(|d| d.borrow().clone());
+    let server_default = match server_default {
+        Some(d) => d,
+        None => {
+            // the configuration files' value (pg_file_settings is for
+            // superusers, as the workers are); else the built-in default
+            let sql = if unsafe { pg_sys::superuser() } {
+                "SELECT coalesce((SELECT f.setting FROM pg_catalog.pg_file_settings f \
+                                   WHERE f.name OPERATOR(pg_catalog.=) 'search_path' AND f.applied \
+                                   AND f.error IS NULL ORDER BY f.seqno DESC LIMIT 1), \
+                                  (SELECT s.boot_val FROM pg_catalog.pg_settings s WHERE s.name OPERATOR(pg_catalog.=) 'search_path'))"
+            } else {
+                "SELECT s.boot_val FROM pg_catalog.pg_settings s WHERE s.name OPERATOR(pg_catalog.=) 'search_path'"
+            };
+            let v = one::<String>(sql, vec![])?.unwrap_or_else(|| "\"$user\", public".into());
+            SERVER_SEARCH_PATH.with(|d| *d.borrow_mut() = Some(v.clone()));
+            v
+        }
+    };
+    Ok(one::<String>(
+        "SELECT coalesce(( \
+             SELECT pg_catalog.substr(s.cfg, 13) FROM pg_catalog.pg_db_role_setting d, \
+                    pg_catalog.unnest(d.setconfig) WITH ORDINALITY s(cfg, n) \
+             WHERE d.setdatabase OPERATOR(pg_catalog.=) ANY (ARRAY[0, $2]::pg_catalog.oid[]) \
+               AND d.setrole OPERATOR(pg_catalog.=) ANY (ARRAY[0, $1]::pg_catalog.oid[]) \
+               AND s.cfg OPERATOR(pg_catalog.~~) 'search\\_path=%' \
+             ORDER BY (d.setrole OPERATOR(pg_catalog.<>) 0) DESC, (d.setdatabase OPERATOR(pg_catalog.<>) 0) DESC, s.n DESC \
+             LIMIT 1), $3)",
+        vec![owner.into(), unsafe { pg_sys::MyDatabaseId }.into(), server_default.into()],
+    )?
+    .unwrap_or_default())
+}
+
+thread_local! {
+    /// The configuration files' search_path, read once per worker (dropped
+    /// at a configuration reload: [`forget_server_search_path`]).
+    static SERVER_SEARCH_PATH: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Drops the cached server search_path (after a configuration reload).
+pub fn forget_server_search_path() {
+    SERVER_SEARCH_PATH.with(|d| *d.borrow_mut() = None);
+}
+
+fn switch_identity<R>(
+    owner: pg_sys::Oid,
+    flags: i32,
+    keep_gucs: bool,
+    path: Option<&str>,
+    f: impl FnOnce() -> R,
+) -> R {
     struct Restore {
         uid: pg_sys::Oid,
         sec: i32,
@@ -130,16 +229,26 @@ fn switch_identity<R>(owner: pg_sys::Oid, flags: i32, keep_gucs: bool, f: impl F
         keep_gucs,
         prev_acting,
     };
-    set_safe_search_path();
+    match path {
+        None => set_safe_search_path(),
+        Some(p) => set_search_path(p),
+    }
     f()
 }
 
 /// `search_path = pg_catalog, pg_temp` in the current GUC nest level.
 fn set_safe_search_path() {
+    set_search_path("pg_catalog, pg_temp")
+}
+
+/// `search_path = path` in the current GUC nest level (an invalid value
+/// raises PostgreSQL's own error).
+fn set_search_path(path: &str) {
+    let path = std::ffi::CString::new(path).unwrap_or_default();
     unsafe {
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
+            path.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -443,14 +552,13 @@ pub fn one<T: FromDatum + IntoDatum>(
 
 /// A flat JSON object of string values (escaped), for audit details.
 pub fn json_object(fields: &[(&str, &str)]) -> String {
-    let esc = |s: &str| {
-        s.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    };
+    // serde_json escapes every character JSON requires (control characters
+    // too: an error message with a tab used to make the audit entry, and so
+    // the transaction that ends a failed job, fail)
+    let esc = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
     let body: Vec<String> = fields
         .iter()
-        .map(|(k, v)| format!("\"{}\": \"{}\"", esc(k), esc(v)))
+        .map(|(k, v)| format!("{}: {}", esc(k), esc(v)))
         .collect();
     format!("{{{}}}", body.join(", "))
 }

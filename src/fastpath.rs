@@ -183,11 +183,18 @@ fn on_rotating_fernet_key(v: &[u8]) -> bool {
 // calls them in its batches, which run as each table's owner. They act only
 // while the worker has a batch open (`BatchGate`), and only with the
 // contexts of that batch's columns: anything else that reaches them (a
-// trigger running during the batch) gets an error.
+// trigger running during the batch) gets an error. The two that write
+// ciphertexts (`_ekm_rotate_value`, `_ekm_encrypt_plain`) also take the
+// batch's token, a random number the batch statement passes as a bound
+// parameter: a trigger of the table, which runs inside the batch with the
+// same contexts, cannot know it, so it cannot use them to encrypt values of
+// its own choosing (an encryption oracle for a table owner who may not call
+// ekm_encrypt).
 
 /// The contexts of the batch the worker is running now; None outside one.
 struct Gate {
     contexts: Vec<Vec<u8>>,
+    token: i64,
 }
 
 thread_local! {
@@ -196,13 +203,23 @@ thread_local! {
 
 /// Open while the worker runs a batch (or a count) whose per-value
 /// functions use `contexts`; closed when dropped.
-pub struct BatchGate(());
+pub struct BatchGate(i64);
 
 impl BatchGate {
     pub fn open(contexts: &[String]) -> BatchGate {
         let contexts = contexts.iter().map(|c| c.as_bytes().to_vec()).collect();
-        GATE.with(|g| *g.borrow_mut() = Some(Gate { contexts }));
-        BatchGate(())
+        let mut t = [0u8; 8];
+        if let Err(e) = ekm_core::crypto::os_random(&mut t) {
+            raise(e);
+        }
+        let token = i64::from_ne_bytes(t);
+        GATE.with(|g| *g.borrow_mut() = Some(Gate { contexts, token }));
+        BatchGate(token)
+    }
+
+    /// The token the batch statement passes to the functions that write.
+    pub fn token(&self) -> i64 {
+        self.0
     }
 }
 
@@ -212,11 +229,15 @@ impl Drop for BatchGate {
     }
 }
 
-/// Raises 42501 unless a batch is open (and, for `ctx`, uses that context).
-fn check_gate(ctx: Option<&[u8]>) {
+/// Raises 42501 unless a batch is open (and, for `ctx`, uses that
+/// context; for `token`, is the batch with that token).
+fn check_gate(ctx: Option<&[u8]>, token: Option<i64>) {
     let ok = GATE.with(|g| match &*g.borrow() {
         None => false,
-        Some(gate) => ctx.is_none_or(|c| gate.contexts.iter().any(|x| x.as_slice() == c)),
+        Some(gate) => {
+            ctx.is_none_or(|c| gate.contexts.iter().any(|x| x.as_slice() == c))
+                && token.is_none_or(|t| t == gate.token)
+        }
     });
     if !ok {
         crate::error::raise_with(
@@ -242,6 +263,18 @@ pub fn reset_moved() {
 /// The moved-value counters of the first `n` column positions.
 pub fn moved(n: usize) -> Vec<i64> {
     MOVED.with(|m| m.borrow()[..n.min(64)].to_vec())
+}
+
+/// The batch token a writing batch function was given (argument 4; 0 if
+/// missing or NULL, which no batch's token is checked against successfully
+/// except by chance one in 2^64).
+fn token_arg(fcinfo: pg_sys::FunctionCallInfo) -> i64 {
+    unsafe {
+        if (*fcinfo).nargs < 4 || pgrx::fcinfo::pg_arg_is_null(fcinfo, 3) {
+            return 0;
+        }
+        pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 3).value() as i64
+    }
 }
 
 fn count_moved(fcinfo: pg_sys::FunctionCallInfo) {
@@ -300,7 +333,7 @@ pub const FERNET_UNATTRIBUTED: &str = "fernet:unknown-key";
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn ekm_keys_in_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    check_gate(None);
+    check_gate(None, None);
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         let mut keys: Vec<String> = match std::str::from_utf8(v) {
@@ -336,7 +369,7 @@ pub unsafe extern "C-unwind" fn ekm_left_v1(fcinfo: pg_sys::FunctionCallInfo) ->
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         let ctx = context_arg(fcinfo);
-        check_gate(Some(ctx));
+        check_gate(Some(ctx), None);
         if let Some(fv) = fernet::parse(v) {
             return pg_sys::Datum::from(fernet_left(&fv));
         }
@@ -396,7 +429,7 @@ fn fernet_left(fv: &FernetValue) -> i32 {
 pub unsafe extern "C-unwind" fn ekm_is_plaintext_v1(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    check_gate(None);
+    check_gate(None, None);
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         pg_sys::Datum::from(is_plaintext(v) || on_rotating_fernet_key(v))
@@ -410,14 +443,14 @@ pub unsafe extern "C-unwind" fn ekm_is_plaintext_v1(
 pub unsafe extern "C-unwind" fn ekm_on_rotating_key_v1(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    check_gate(None);
+    check_gate(None, None);
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         pg_sys::Datum::from(on_rotating_key(v))
     }
 }
 
-/// `ekm._ekm_rotate_value(value text, context text, position int) -> text`
+/// `ekm._ekm_rotate_value(value text, context text, position int, token int8) -> text`
 /// (STRICT): a value on a rotating key re-encrypted under the active key
 /// (counted at `position`); any other value returned as it is.
 #[pgrx::pg_guard]
@@ -428,7 +461,7 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         let ctx = context_arg(fcinfo);
-        check_gate(Some(ctx));
+        check_gate(Some(ctx), Some(token_arg(fcinfo)));
         let Some(key_ref) = format::key_ref_of_bytes(v) else {
             return fernet_moved(fcinfo, v, ctx);
         };
@@ -485,7 +518,7 @@ unsafe fn fernet_moved(fcinfo: pg_sys::FunctionCallInfo, v: &[u8], ctx: &[u8]) -
     }
 }
 
-/// `ekm._ekm_encrypt_plain(value text, context text, position int) -> text`
+/// `ekm._ekm_encrypt_plain(value text, context text, position int, token int8) -> text`
 /// (STRICT): a plaintext value encrypted under the active key (counted at
 /// `position`); ekm and foreign ciphertexts returned as they are.
 #[pgrx::pg_guard]
@@ -496,7 +529,7 @@ pub unsafe extern "C-unwind" fn ekm_encrypt_plain_v1(
     unsafe {
         let v = text_arg(fcinfo, 0).unwrap_or(b"");
         let ctx = context_arg(fcinfo);
-        check_gate(Some(ctx));
+        check_gate(Some(ctx), Some(token_arg(fcinfo)));
         if !is_plaintext(v) {
             // the runbook's values on rotating imported keys move too
             return fernet_moved(fcinfo, v, ctx);

@@ -27,6 +27,8 @@ static AUTO_ROTATE_NAPTIME_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 static MASTER_KEY_COMMAND_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 static DEBUG_PAUSE_POINTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static LOG_REDACTION: GucSetting<bool> = GucSetting::<bool>::new(true);
+static LOCK_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+static BATCH_SEARCH_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// What `SHOW`, `current_setting()` and every other reader of a master key
 /// setting see: `(hidden)` when it is set, nothing when it is not.
@@ -221,6 +223,24 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"ekm.lock_wait_timeout",
+        c"Longest wait for one of ekm's own locks (a job's final step, another key change), in milliseconds; then an error.",
+        c"The caller's lock_timeout applies instead when it is shorter.",
+        &LOCK_WAIT_TIMEOUT_MS,
+        1,
+        86_400_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"ekm.batch_search_path",
+        c"search_path of the application's triggers, constraints and defaults while ekm's batches update a table (empty: the one the table's owner gets at login).",
+        c"Set it to 'pg_catalog, pg_temp' to run that code with no schema of the application's on the path, as VACUUM does.",
+        &BATCH_SEARCH_PATH,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"ekm.debug_pause_points",
         c"For tests: rotation workers wait at named protocol steps while a session holds that step's advisory lock.",
@@ -258,6 +278,16 @@ pub fn master_key_source() -> MasterKeySource {
 
 pub fn log_redaction() -> bool {
     LOG_REDACTION.get()
+}
+
+/// `ekm.batch_search_path`, if set (else a batch uses the table owner's
+/// login search_path: `catalog::batch_search_path`).
+pub fn batch_search_path() -> Option<String> {
+    non_empty(&BATCH_SEARCH_PATH)
+}
+
+pub fn lock_wait_timeout_ms() -> i32 {
+    LOCK_WAIT_TIMEOUT_MS.get()
 }
 
 pub fn debug_pause_points() -> bool {

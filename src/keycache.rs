@@ -50,6 +50,12 @@ struct Cache {
     /// material had failed to unwrap: at most one retry per statement, so
     /// a scan over many values on such a key does not reload for each
     last_retry: i64,
+    /// statement (its start time) that last reloaded because a value named
+    /// a key this backend did not know: at most one such reload per
+    /// statement, so a column of values naming unknown keys (planted, or
+    /// from another database) costs one reload, not one per row (and not
+    /// one master key command per row while a key's material fails)
+    last_unknown: i64,
 }
 
 thread_local! {
@@ -283,6 +289,16 @@ impl Cache {
         self.active.ok_or(EkmError::NoActiveKey)
     }
 
+    /// Reloads because a value names a key this backend does not know, at
+    /// most once per statement (see `last_unknown`).
+    fn reload_for_unknown(&mut self) -> Result<()> {
+        let stmt = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+        if std::mem::replace(&mut self.last_unknown, stmt) != stmt {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
     fn find(&mut self, key_ref: &[u8; KEY_REF_LEN]) -> Result<usize> {
         self.fresh()?;
         // consecutive values are mostly on the same key
@@ -295,8 +311,9 @@ impl Cache {
             self.last = i;
             return Ok(i);
         }
-        // A key created since our last load (its invalidation not yet seen).
-        self.reload()?;
+        // A key created since our last load (its invalidation not yet
+        // seen): once per statement.
+        self.reload_for_unknown()?;
         self.entries
             .iter()
             .position(|e| &e.key_ref == key_ref)
@@ -480,7 +497,7 @@ impl Cache {
         if let Some(i) = self.fernet.iter().position(|e| e.id == id) {
             return Ok(Some(i));
         }
-        self.reload()?;
+        self.reload_for_unknown()?;
         Ok(self.fernet.iter().position(|e| e.id == id))
     }
 
@@ -500,7 +517,7 @@ impl Cache {
             FernetValue::Bare { token } => {
                 self.fresh()?;
                 if self.fernet.is_empty() {
-                    self.reload()?;
+                    self.reload_for_unknown()?;
                 }
                 if self.fernet.is_empty() {
                     return Err(EkmError::NoFernetKeys);

@@ -14,6 +14,7 @@ mod fastpath;
 mod fernet;
 mod gucs;
 mod keycache;
+mod locks;
 mod masterkey;
 mod ops;
 mod protocol;

@@ -130,7 +130,7 @@ fn ekm_cleanup_old_keys_v2(
         raise_with(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("days must be 0 or more, not {days}"),
-            None,
+            Some("days is how long a key must have been retired before it is destroyed; 0 takes every retired key the checks allow".into()),
         );
     }
     if !dry_run {
@@ -300,10 +300,37 @@ fn scan_verdict(key_id: &str) -> EkmResult<Option<String>> {
         vec![scan.into(), key_id.into()],
     )?;
     let at = at.unwrap_or_default();
+    // Every reason, in one sentence each: values found; tables the scan
+    // could not read (foreign tables, whose rows live on another server,
+    // and tables whose owner may not read them); bare Fernet tokens it
+    // could not attribute.
+    let mut why: Vec<String> = Vec::new();
     if let Some(f) = found {
-        return Ok(Some(format!(
+        why.push(format!(
             "the scan of the database finished {at} found values on it in {f} (register those columns and rotate, or delete the values)"
-        )));
+        ));
+    }
+    let (foreign, unreadable) = catalog::two::<String, String>(
+        "SELECT string_agg(DISTINCT s.tbl::text, ', ') FILTER (WHERE s.key_id = $2), \
+                string_agg(DISTINCT s.tbl::text, ', ') FILTER (WHERE s.key_id = $3) \
+         FROM ekm.ciphertext_scan s WHERE s.job_id = $1",
+        vec![
+            scan.into(),
+            crate::scan::NOT_SCANNED_FOREIGN.into(),
+            crate::scan::NOT_SCANNED_UNREADABLE.into(),
+        ],
+    )?;
+    if let Some(f) = foreign {
+        why.push(format!(
+            "the scan of the database finished {at} could not read the foreign tables {f} (their rows are stored on another server), which may hold values on it: \
+             check them there, then clean up with force => true"
+        ));
+    }
+    if let Some(f) = unreadable {
+        why.push(format!(
+            "the scan of the database finished {at} could not read {f} (the owner may not SELECT it; ekm reads tables as their owner), which may hold values on it: \
+             grant the owner SELECT and scan again, or check them yourself and clean up with force => true"
+        ));
     }
     // An imported Fernet key: bare tokens the scan could not attribute (no
     // imported key that may decrypt authenticates them) may be on it.
@@ -317,11 +344,12 @@ fn scan_verdict(key_id: &str) -> EkmResult<Option<String>> {
             key_id.into(),
         ],
     )?;
-    Ok(unattributed.map(|f| {
-        format!(
+    if let Some(f) = unattributed {
+        why.push(format!(
             "the scan of the database finished {at} found bare Fernet tokens that no imported key still decrypting authenticates, which may be on it, in {f} (register those columns and rotate while their key is rotating, or delete the values)"
-        )
-    }))
+        ));
+    }
+    Ok((!why.is_empty()).then(|| why.join("; ")))
 }
 
 /// Registered columns: (table oid, column, shown name, whether it exists as a text column).
@@ -330,8 +358,8 @@ fn registered_columns() -> EkmResult<Vec<(pg_sys::Oid, String, String, bool)>> {
         let mut v = Vec::new();
         for r in c.select(
             "SELECT r.tbl::oid, r.col::text, r.tbl::text || '.' || r.col, \
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = r.tbl AND a.attname = r.col \
-                            AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN ('text'::regtype, 'varchar'::regtype)) \
+                    (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = r.tbl AND a.attname = r.col \
+                            AND a.attnum > 0 AND NOT a.attisdropped) \
              FROM ekm.registered_column r ORDER BY 3",
             None,
             &[],
@@ -340,7 +368,11 @@ fn registered_columns() -> EkmResult<Vec<(pg_sys::Oid, String, String, bool)>> {
                 r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
                 r.get::<String>(2)?.unwrap_or_default(),
                 r.get::<String>(3)?.unwrap_or_default(),
-                r.get::<bool>(4)?.unwrap_or(false),
+                // text or varchar, or a domain over one of them
+                r.get::<pg_sys::Oid>(4)?.is_some_and(|t| {
+                    let b = unsafe { pg_sys::getBaseType(t) };
+                    b == pg_sys::TEXTOID || b == pg_sys::VARCHAROID
+                }),
             ));
         }
         Ok(v)
@@ -628,18 +660,20 @@ fn check_encryptions() -> EkmResult<HealthRow> {
 }
 
 fn check_jobs() -> EkmResult<HealthRow> {
-    // A worker holds an advisory lock on its job (worker.rs).
+    // A worker holds its job's lock (src/locks.rs).
     let r = catalog::three::<i64, String, bool>(
-        "SELECT j.job_id, j.state, EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
-                   AND l.classid = $1::oid AND l.objid = j.job_id::oid AND l.objsubid = 2) \
-         FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled', 'needs_attention') AND j.kind <> 'scan'",
-        vec![(crate::worker::JOB_LOCK_CLASS as i64).into()],
+        &format!(
+            "SELECT j.job_id, j.state, EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
+                     WHERE {} AND l.granted AND l.objid = (j.job_id % 4294967296)::oid) \
+             FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled', 'needs_attention') AND j.kind <> 'scan'",
+            crate::locks::job_locks_filter()
+        ),
+        vec![],
     )?;
     if let (Some(j), Some(state), Some(alive)) = r {
         return Ok(if state == "needs_attention" {
             let n = catalog::one::<i64>(
-                "SELECT count(*) FROM ekm.rotation_problem WHERE job_id = $1",
+                "SELECT count(*) FROM ekm.rotation_problem_row WHERE job_id = $1",
                 vec![j.into()],
             )?
             .unwrap_or(0);
@@ -746,10 +780,20 @@ fn check_unregistered_ciphertexts() -> EkmResult<HealthRow> {
     let found = catalog::one::<String>(
         "SELECT string_agg(t || ': ' || n || ' values', ', ' ORDER BY t) FROM \
            (SELECT s.tbl::text || '.' || pg_catalog.quote_ident(s.col) AS t, sum(s.values) AS n FROM ekm.ciphertext_scan s \
-            WHERE s.job_id = $1 AND NOT EXISTS (SELECT 1 FROM ekm.registered_column r WHERE r.tbl = s.tbl AND r.col = s.col) \
+            WHERE s.job_id = $1 AND s.key_id NOT LIKE 'not scanned: %' AND NOT EXISTS (SELECT 1 FROM ekm.registered_column r WHERE r.tbl = s.tbl AND r.col = s.col) \
             GROUP BY 1) u",
         vec![scan.into()],
     )?;
+    let unscanned = catalog::one::<String>(
+        "SELECT string_agg(DISTINCT s.tbl::text || ' (' || s.key_id || ')', ', ') FROM ekm.ciphertext_scan s \
+         WHERE s.job_id = $1 AND s.key_id LIKE 'not scanned: %'",
+        vec![scan.into()],
+    )?;
+    if let (None, Some(f)) = (&found, unscanned) {
+        return Ok(row("unregistered_ciphertexts", "warning", format!(
+            "the scan of {at} could not read {f}; cleanup keeps retired keys until they are checked (then force => true)"
+        )));
+    }
     Ok(match found {
         Some(f) => row("unregistered_ciphertexts", "warning", format!(
             "the scan of {at} found ekm ciphertexts in columns that are not registered: {f}; rotations do not move them and cleanup keeps their keys: register them (ekm_register_column) or remove the copies"
@@ -771,6 +815,21 @@ fn check_log_statement() -> EkmResult<HealthRow> {
         vec![],
     )?;
     let setting = setting.unwrap_or_default();
+    // pg_stat_statements keeps the text of utility statements as it was
+    // written (ALTER SYSTEM SET ekm.master_key_command = '...'), out of
+    // ekm's reach; it replaces the constants of other statements.
+    let pgss = catalog::one::<bool>(
+        "SELECT pg_catalog.current_setting('pg_stat_statements.track_utility', true) IS NOT NULL \
+                AND pg_catalog.current_setting('pg_stat_statements.track_utility', true) OPERATOR(pg_catalog.=) 'on'",
+        vec![],
+    )?
+    .unwrap_or(false);
+    if pgss {
+        return Ok(row("log_statement", "warning",
+            "pg_stat_statements is loaded with pg_stat_statements.track_utility = on: it keeps the text of utility statements as written, \
+             so ALTER SYSTEM SET ekm.master_key_command = '...' (and its value) stays in pg_stat_statements; \
+             set pg_stat_statements.track_utility = off, or configure the master key in postgresql.conf by hand".into()));
+    }
     Ok(
         if matches!(setting.as_str(), "all" | "mod") && registered.unwrap_or(0) > 0 {
             row("log_statement", "warning", format!(
@@ -928,7 +987,7 @@ fn ekm_scan_database(
     check_batch_size(batch_size);
     refuse_on_standby("scan the database", "ekm_scan_database()");
     let (_, owner) = catalog::ekm_tables().or_raise();
-    let (job, tables, columns) = as_owner(owner, || -> EkmResult<(i64, i64, i64)> {
+    let (job, tables, columns, foreign) = as_owner(owner, || -> EkmResult<(i64, i64, i64, i64)> {
         // Serialized with key changes: a key imported (retired) by a
         // transaction still open when this one starts could otherwise be
         // missed by the scan (its Fernet values are only recognised once
@@ -963,28 +1022,50 @@ fn ekm_scan_database(
             vec![active.into(), batch_size.into(), catalog::acting_role_name().into()],
         )?
         .expect("returning");
-        let (tables, columns) = catalog::two::<i64, i64>(
+        // Foreign tables store their rows on another server: they are not
+        // read, but recorded as not scanned (cleanup keeps keys for them).
+        let (tables, columns, foreign) = catalog::three::<i64, i64, i64>(
             "WITH tt AS (SELECT t::oid AS oid FROM unnest(ARRAY['pg_catalog.text', 'pg_catalog.varchar', 'pg_catalog.bpchar', \
                                                                 'pg_catalog.json', 'pg_catalog.jsonb']::pg_catalog.regtype[]) t), \
                   types AS (SELECT oid FROM tt \
                             UNION SELECT typarray FROM pg_catalog.pg_type WHERE oid IN (SELECT oid FROM tt) \
                             UNION SELECT oid FROM pg_catalog.pg_type WHERE typtype = 'd' AND typbasetype IN (SELECT oid FROM tt)), \
-                  ins AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
-                    SELECT $1, c.oid::regclass, a.attname, '', pg_relation_size(c.oid) / current_setting('block_size')::bigint, \
-                           CASE WHEN c.reltuples <= 0 THEN 1 \
-                                ELSE greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int) END, \
-                           greatest(c.reltuples, 0)::bigint \
+                  cols AS (SELECT c.oid, c.relkind, c.reltuples, c.relpages, a.attname, \
+                           pg_catalog.has_column_privilege(c.relowner, c.oid, a.attname, 'SELECT') \
+                             AND pg_catalog.has_column_privilege(c.relowner, c.oid, 'ctid', 'SELECT') AS owner_reads \
                     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
                     WHERE c.relkind IN ('r', 'm') AND c.relpersistence <> 't' AND (c.relkind <> 'm' OR c.relispopulated) \
                       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'ekm') AND n.nspname NOT LIKE 'pg\\_toast%' \
+                      AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT oid FROM types)), \
+                  ins AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
+                    SELECT $1, c.oid::regclass, c.attname, '', pg_relation_size(c.oid) / current_setting('block_size')::bigint, \
+                           CASE WHEN c.reltuples <= 0 THEN 1 \
+                                ELSE greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int) END, \
+                           greatest(c.reltuples, 0)::bigint \
+                    FROM cols c WHERE c.owner_reads \
+                    RETURNING tbl), \
+                  unreadable AS (INSERT INTO ekm.ciphertext_scan (job_id, tbl, col, key_id, values) \
+                    SELECT $1, c.oid::regclass, c.attname, $4, 0 FROM cols c WHERE NOT c.owner_reads \
+                    RETURNING tbl), \
+                  fdw AS (INSERT INTO ekm.ciphertext_scan (job_id, tbl, col, key_id, values) \
+                    SELECT $1, c.oid::regclass, a.attname, $3, 0 \
+                    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                    WHERE c.relkind = 'f' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'ekm') \
                       AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT oid FROM types) \
                     RETURNING tbl) \
-             SELECT count(DISTINCT tbl), count(*) FROM ins",
-            vec![job.into(), batch_size.into()],
+             SELECT count(DISTINCT tbl), count(*), (SELECT count(DISTINCT tbl) FROM fdw) \
+                    + (SELECT count(DISTINCT tbl) FROM unreadable) FROM ins",
+            vec![
+                job.into(),
+                batch_size.into(),
+                crate::scan::NOT_SCANNED_FOREIGN.into(),
+                crate::scan::NOT_SCANNED_UNREADABLE.into(),
+            ],
         )?;
         crate::rotation::size_batches(job, batch_size)?;
-        let (tables, columns) = (tables.unwrap_or(0), columns.unwrap_or(0));
+        let (tables, columns, foreign) = (tables.unwrap_or(0), columns.unwrap_or(0), foreign.unwrap_or(0));
         catalog::audit(
             "database_scan_started",
             None,
@@ -992,18 +1073,20 @@ fn ekm_scan_database(
                 ("job_id", &job.to_string()),
                 ("tables", &tables.to_string()),
                 ("columns", &columns.to_string()),
+                ("foreign_tables_not_scanned", &foreign.to_string()),
             ]),
         )?;
-        Ok((job, tables, columns))
+        Ok((job, tables, columns, foreign))
     })
     .or_raise();
     worker::launch_or_warn(job);
-    TableIterator::once((
-        job,
-        tables,
-        columns,
-        format!("scanning in the background: SELECT * FROM ekm_rotation_wait({job}), then SELECT * FROM ekm.ciphertext_locations"),
-    ))
+    let mut note = format!("scanning in the background: SELECT * FROM ekm_rotation_wait({job}), then SELECT * FROM ekm.ciphertext_locations");
+    if foreign > 0 {
+        note.push_str(&format!(
+            "; {foreign} table(s) not scanned (foreign tables, whose rows are stored on another server, or tables whose owner may not read them: SELECT * FROM ekm.ciphertext_locations WHERE key_id LIKE 'not scanned%'): cleanup keeps retired keys until you have checked them"
+        ));
+    }
+    TableIterator::once((job, tables, columns, note))
 }
 
 // ---------------------------------------------------- plaintext migration

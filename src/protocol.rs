@@ -297,11 +297,18 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
     // function and operator is qualified; values are bound. Each function
     // returns the value unchanged unless it moves it. ONLY: a partition or
     // inheritance child is a registered table of its own.
+    // the batch's token (fastpath::BatchGate) is the last parameter
+    let tok = g.contexts.len() + 3;
     let sets = g
         .quoted
         .iter()
         .enumerate()
-        .map(|(i, q)| format!("{q} = {func}(t.{q}, ${}::pg_catalog.text, {i})", i + 3))
+        .map(|(i, q)| {
+            format!(
+                "{q} = {func}(t.{q}, ${}::pg_catalog.text, {i}, ${tok}::pg_catalog.int8)",
+                i + 3
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let skip_locked = SKIP_LOCKED_NEXT.with(|s| s.replace(false));
@@ -331,26 +338,31 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
     for ctx in &g.contexts {
         args.push(ctx.clone().into());
     }
+    // The application's code (triggers, defaults, constraints, index
+    // expressions) runs with the search_path the owner logs in with, as it
+    // does for the application; ekm's own SQL above is schema-qualified.
+    let path = catalog::batch_search_path(table.owner).map_err(e)?;
     crate::fastpath::reset_moved();
+    let gate = crate::fastpath::BatchGate::open(&g.contexts);
+    args.push(gate.token().to_string().into());
     {
         // As the table's owner, security-restricted: its triggers,
         // constraints and index expressions run as that owner.
-        let _gate = crate::fastpath::BatchGate::open(&g.contexts);
-        table
-            .as_owner(|| {
-                BATCH_PLAN.with(|p| -> pgrx::spi::SpiResult<()> {
-                    let mut p = p.borrow_mut();
-                    Spi::connect_mut(|c| {
-                        if p.as_ref().map(|(s, _)| s != &sql).unwrap_or(true) {
-                            let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
-                            *p = Some((sql.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
-                        }
-                        c.update(&p.as_ref().expect("prepared").1, None, &args)?;
-                        Ok(())
-                    })
+        let _gate = gate;
+        catalog::as_table_owner_with_path(table.owner, &path, || {
+            BATCH_PLAN.with(|p| -> pgrx::spi::SpiResult<()> {
+                let mut p = p.borrow_mut();
+                Spi::connect_mut(|c| {
+                    if p.as_ref().map(|(s, _)| s != &sql).unwrap_or(true) {
+                        let types = vec![PgOid::from(pg_sys::TEXTOID); args.len()];
+                        *p = Some((sql.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
+                    }
+                    c.update(&p.as_ref().expect("prepared").1, None, &args)?;
+                    Ok(())
                 })
             })
-            .map_err(spi_err)?;
+        })
+        .map_err(spi_err)?;
     }
     let ns = crate::fastpath::moved(g.names.len());
     advance(job_id, kind, g, hi, ns)
@@ -598,7 +610,7 @@ fn check(job_id: i64) -> Result<Checked, String> {
     .map_err(spi_err)?;
     // what the problem list says is what this check finds
     catalog::exec(
-        "DELETE FROM ekm.rotation_problem WHERE job_id = $1",
+        "DELETE FROM ekm.rotation_problem_row WHERE job_id = $1",
         vec![job_id.into()],
     )
     .map_err(e)?;
@@ -606,6 +618,18 @@ fn check(job_id: i64) -> Result<Checked, String> {
     let mut stuck = 0;
     for (tbl, quoted, names, contexts) in &tables {
         let t = catalog::Table::require(*tbl).map_err(e)?;
+        // The check must see every row (as_table_owner lifts row-level
+        // security for the owner); if PostgreSQL ever filtered, refuse
+        // rather than call hidden rows clean.
+        if t.as_owner(|| catalog::row_security_active(*tbl))
+            .map_err(e)?
+        {
+            return Err(format!(
+                "row-level security hides rows of {} from its owner, so ekm cannot check that every value moved; \
+                 no key was retired (SELECT ekm_rotation_resume({job_id}) once the table's owner sees every row)",
+                t.qualified
+            ));
+        }
         let movable = count_values(&t, quoted, contexts, "pg_temp._ekm_left({c}, {ctx}) = 1")?;
         if another_pass(job_id, *tbl, names, &movable)? {
             left = true;
@@ -675,7 +699,7 @@ fn record_problems(
     for (row_ref, value) in rows {
         let (key, reason) = crate::scan::why_stuck(&value, context);
         catalog::exec(
-            "INSERT INTO ekm.rotation_problem (job_id, tbl, col, row_ref, key_id, reason) \
+            "INSERT INTO ekm.rotation_problem_row (job_id, tbl, col, row_ref, key_id, reason) \
              VALUES ($1, $2::regclass, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
             vec![
                 job_id.into(),
@@ -857,21 +881,12 @@ fn set_waiting_for(job_id: i64, what: Option<String>) -> Result<(), String> {
 /// a new fence). Then check #2; if clean, exactly the keys checked are
 /// retired, and the job is done only if it is still running.
 fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
-    let locked = catalog::one::<bool>("SELECT pg_try_advisory_xact_lock(6646638, 0)", vec![])
-        .map_err(e)?
-        .unwrap_or(false);
-    if !locked {
-        let holder = catalog::one::<String>(
-            "SELECT string_agg(pid::text, ', ') FROM pg_locks WHERE locktype = 'advisory' AND granted \
-               AND classid = 6646638 AND objid = 0 AND objsubid = 2 AND pid <> pg_backend_pid()",
-            vec![],
-        )
-        .map_err(e)?
-        .unwrap_or_default();
+    if !crate::locks::try_lock_xact(crate::locks::EkmLock::KeyChange) {
+        let holder = crate::locks::holders(crate::locks::EkmLock::KeyChange).map_err(e)?;
         set_waiting_for(
             job_id,
             Some(format!(
-                "a key or registration change in progress (pid {holder}) to finish before the final check"
+                "a key or registration change in progress ({holder}) to finish before the final check"
             )),
         )?;
         set_fence(Some(fence));

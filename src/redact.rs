@@ -22,7 +22,10 @@
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use ekm_core::redact::{mentions_plaintext_functions, redact_quoted, MARKER};
+use ekm_core::redact::{
+    mentions_master_key_settings, mentions_plaintext_functions, redact_quoted,
+    redact_quoted_statements, MARKER,
+};
 
 /// Start time of the statement that last passed plaintext through ekm in
 /// this backend (0: none).
@@ -56,13 +59,50 @@ fn pstrdup(s: &str) -> *mut std::ffi::c_char {
     unsafe { pg_sys::pstrdup(c.as_ptr()) }
 }
 
-/// Redacts `edata` if its statement passed plaintext through ekm (from the
-/// emit_log_hook, for the server log).
+/// Whether the statement being run names a master key setting (`ALTER
+/// SYSTEM SET ekm.master_key_command = ...`): its text may hold the
+/// setting's value, which never reaches the log, whatever
+/// `ekm.log_redaction` says.
+fn statement_names_master_key_setting() -> bool {
+    unsafe {
+        let q = pg_sys::debug_query_string;
+        !q.is_null() && mentions_master_key_settings(std::ffi::CStr::from_ptr(q).to_bytes())
+    }
+}
+
+/// Redacts, in the server log, the lines of a DETAIL that quote another
+/// session's statement naming ekm's plaintext functions or a master key
+/// setting (a deadlock report), whatever the reporting statement was. The
+/// log shows `detail_log` when there is one, else `detail`; the client's
+/// `detail` is left alone.
+unsafe fn redact_other_sessions(e: &mut pg_sys::ErrorData) {
+    let logged = if e.detail_log.is_null() {
+        e.detail
+    } else {
+        e.detail_log
+    };
+    if logged.is_null() {
+        return;
+    }
+    let text = unsafe { std::ffi::CStr::from_ptr(logged) }.to_string_lossy();
+    if let Some(r) = redact_quoted_statements(&text) {
+        e.detail_log = pstrdup(&r);
+    }
+}
+
+/// Redacts `edata` if its statement passed plaintext through ekm or names a
+/// master key setting, and the quoted statements of other sessions that do
+/// (from the emit_log_hook, for the server log).
 ///
 /// # Safety
 /// `edata` is the ErrorData the hook was given.
 pub unsafe fn redact(edata: *mut pg_sys::ErrorData) {
-    if !crate::gucs::log_redaction() || !statement_touched_plaintext() {
+    let secret_setting = statement_names_master_key_setting();
+    if !secret_setting && !crate::gucs::log_redaction() {
+        return;
+    }
+    unsafe { redact_other_sessions(&mut *edata) };
+    if !secret_setting && !statement_touched_plaintext() {
         return;
     }
     unsafe {

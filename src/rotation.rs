@@ -285,7 +285,7 @@ pub(crate) fn check_batch_size(batch_size: i32) {
         raise_with(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("batch_size must be at least 1, not {batch_size}"),
-            None,
+            Some("batch_size is the number of rows per batch transaction; the default, 1000, suits most tables".into()),
         );
     }
 }
@@ -302,8 +302,14 @@ pub(crate) fn refuse_on_standby(what: &str, call: &str) {
 
 /// Serializes ekm_rotate, ekm_rollback, ekm_encrypt_column, ekm_cleanup_old_keys
 /// and automatic rotation within a database (until the transaction ends).
+/// A lock only ekm takes (src/locks.rs), waited for at most
+/// `ekm.lock_wait_timeout`.
 pub(crate) fn lock_key_changes() -> EkmResult<()> {
-    Spi::run("SELECT pg_advisory_xact_lock(6646638, 0)").map_err(internal)
+    crate::locks::lock_xact(
+        crate::locks::EkmLock::KeyChange,
+        "change ekm's keys, registrations or jobs",
+    );
+    Ok(())
 }
 
 /// Refuses while a job runs. A cancelled job is refused too unless `force`,
@@ -438,6 +444,8 @@ pub(crate) fn sync_partitions() -> EkmResult<i64> {
            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = r.tbl)",
         vec![],
     )?;
+    refuse_rows_stored_elsewhere()?;
+    refuse_owner_without_privileges()?;
     Ok(catalog::one_mut::<i64>(
         "WITH RECURSIVE tree AS ( \
            SELECT r.tbl::oid AS root, r.col, r.context, r.registered_by, i.inhrelid AS rel \
@@ -453,6 +461,84 @@ pub(crate) fn sync_partitions() -> EkmResult<i64> {
         vec![],
     )?
     .unwrap_or(0))
+}
+
+/// Refuses (42809) while a registered table has a partition or inheritance
+/// child, at any depth, that does not store its rows in this database's
+/// own tables (a foreign table), or while a relation registered in
+/// ekm.registered_column is not a table: ekm's batches and checks cannot
+/// read or write it, and a job that skipped it would retire a key its
+/// values are still on. Runs at registration, at the start of every job and
+/// in every settle step, and again under the key-change lock before a
+/// retire (sync_partitions), so a foreign partition attached at any time
+/// fails the job instead of letting it end `done`.
+fn refuse_rows_stored_elsewhere() -> EkmResult<()> {
+    let (member, root, partition) = catalog::three::<pg_sys::Oid, pg_sys::Oid, bool>(
+        "WITH RECURSIVE tree AS ( \
+           SELECT r.tbl::oid AS root, i.inhrelid AS rel FROM ekm.registered_column r \
+           JOIN pg_catalog.pg_inherits i ON i.inhparent = r.tbl WHERE r.parent IS NULL \
+           UNION \
+           SELECT t.root, i.inhrelid FROM tree t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.rel), \
+         m AS (SELECT rel, root FROM tree UNION ALL SELECT r.tbl::oid, coalesce(r.parent, r.tbl)::oid FROM ekm.registered_column r) \
+         SELECT m.rel, m.root, c.relispartition FROM m JOIN pg_catalog.pg_class c ON c.oid = m.rel \
+         WHERE c.relkind NOT IN ('r', 'p') ORDER BY m.root, m.rel LIMIT 1",
+        vec![],
+    )?;
+    let (Some(member), Some(root)) = (member, root) else {
+        return Ok(());
+    };
+    let kind = catalog::Table::lookup(member).map_or("a relation", |t| t.kind_name());
+    Err(EkmError::NotStoredHere {
+        member: catalog::display_name(member),
+        kind,
+        how: if member == root {
+            "registered in"
+        } else if partition.unwrap_or(false) {
+            "a partition of"
+        } else {
+            "an inheritance child of"
+        },
+        table: if member == root {
+            "ekm.registered_column".into()
+        } else {
+            catalog::display_name(root)
+        },
+    })
+}
+
+/// Refuses (42501) while the owner of a registered table may not read and
+/// update what ekm's batches read and update as that owner: the column
+/// (SELECT, UPDATE) and the row addresses (SELECT on `ctid`), e.g. after
+/// `REVOKE ALL ON t FROM owner` left it column privileges only. Checked
+/// with every sync (registration, the start of each job, every settle step,
+/// the final step), so such a table is refused up front or fails the job
+/// before a key is retired, never skipped.
+fn refuse_owner_without_privileges() -> EkmResult<()> {
+    let (tbl, col, owner) = catalog::three::<pg_sys::Oid, String, String>(
+        "SELECT r.tbl::oid, r.col::text, pg_catalog.pg_get_userbyid(c.relowner)::text \
+         FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = r.tbl AND a.attname = r.col AND NOT a.attisdropped \
+         WHERE c.relkind = 'r' \
+           AND NOT (pg_catalog.has_column_privilege(c.relowner, r.tbl, a.attnum, 'SELECT') \
+                    AND pg_catalog.has_column_privilege(c.relowner, r.tbl, a.attnum, 'UPDATE') \
+                    AND pg_catalog.has_column_privilege(c.relowner, r.tbl, (-1)::pg_catalog.int2, 'SELECT')) \
+         ORDER BY r.tbl::oid, r.col LIMIT 1",
+        vec![],
+    )?;
+    let (Some(tbl), Some(col), Some(owner)) = (tbl, col, owner) else {
+        return Ok(());
+    };
+    let name = catalog::display_name(tbl);
+    let (q_owner, q_col) = (catalog::quote_ident(&owner), catalog::quote_ident(&col));
+    raise_with(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!(
+            "{owner}, the owner of {name}, may not read and update {name}.{q_col}: ekm reads and rewrites registered columns as the table's owner"
+        ),
+        Some(format!(
+            "grant them back (GRANT SELECT, UPDATE ON {name} TO {q_owner}, or at least GRANT SELECT (ctid, {q_col}), UPDATE ({q_col}) ON {name} TO {q_owner}); nothing was registered or retired"
+        )),
+    )
 }
 
 /// Gives every registered column of an ordinary table (partitioned tables
@@ -775,7 +861,7 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
             raise_with(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                 format!("rotation job {job} does not exist"),
-                None,
+                Some("list the jobs with SELECT job_id, kind, state FROM ekm.rotation_job ORDER BY job_id DESC".into()),
             );
         };
         let verb = match kind.as_str() {
@@ -910,7 +996,7 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
         if to == "running" {
             // found again by the job's check if they are still there
             catalog::exec(
-                "DELETE FROM ekm.rotation_problem WHERE job_id = $1",
+                "DELETE FROM ekm.rotation_problem_row WHERE job_id = $1",
                 vec![job.into()],
             )?;
         }

@@ -18,6 +18,16 @@ type EkmResult<T> = ekm_core::Result<T>;
 /// Rows fetched per round trip of the cursor.
 const FETCH: i64 = 1000;
 
+/// The key id `ekm.ciphertext_scan` records, with 0 values, for each text
+/// column of a foreign table: a scan reads only this database's own
+/// tables, so what a foreign table holds is unknown and cleanup's guard
+/// keeps every retired key (ops.rs, `scan_verdict`).
+pub const NOT_SCANNED_FOREIGN: &str = "not scanned: foreign table";
+
+/// The same for a column of a table whose owner may not read it (the scan
+/// reads every table as its owner).
+pub const NOT_SCANNED_UNREADABLE: &str = "not scanned: its owner may not read it";
+
 /// The class of a stored value: null, plaintext, foreign (another scheme's
 /// ciphertext), malformed, unknown (a key this database does not have), or
 /// the state of the key it names.
@@ -166,17 +176,21 @@ fn spi_err(e: pgrx::spi::Error) -> EkmError {
 }
 
 /// A column's type, and whether ekm ciphertexts can be stored in it (text
-/// or varchar); None if the relation has no such column.
+/// or varchar, or a domain over one of them); None if the relation has no
+/// such column.
 pub fn column_type(tbl: pg_sys::Oid, col: &str) -> EkmResult<Option<(String, bool)>> {
-    let (ty, is_text) = catalog::two::<String, bool>(
-        "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                a.atttypid OPERATOR(pg_catalog.=) ANY (ARRAY['pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype]::pg_catalog.oid[]) \
+    let (ty, typid) = catalog::two::<String, pg_sys::Oid>(
+        "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid \
          FROM pg_catalog.pg_attribute a \
          WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name \
            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped",
         vec![tbl.into(), col.into()],
     )?;
-    Ok(ty.map(|t| (t, is_text.unwrap_or(false))))
+    // a domain stores its base type; the batches assign text to it, and
+    // its constraints are checked as for the application's own UPDATE
+    let base = typid.map(|t| unsafe { pg_sys::getBaseType(t) });
+    let is_text = matches!(base, Some(b) if b == pg_sys::TEXTOID || b == pg_sys::VARCHAROID);
+    Ok(ty.map(|t| (t, is_text)))
 }
 
 /// A registered column ekm can read for the caller, or why not: the table

@@ -5,14 +5,12 @@
 use crate::catalog;
 use crate::protocol::{self, Step, SKIP_LOCKED_NEXT, STALE_GROUP};
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    DynamicBackgroundWorker, SignalWakeFlags,
 };
 use pgrx::prelude::*;
 use pgrx::PgOid;
 use std::time::Duration;
-
-/// Advisory lock class that a worker holds for its job (one worker per job).
-pub(crate) const JOB_LOCK_CLASS: i32 = 0x656b6d; // "ekm"
 
 /// Starts a rotation worker for `job_id` (0: whatever job is running) in this database.
 pub fn launch(job_id: i64) -> Result<(), String> {
@@ -20,6 +18,10 @@ pub fn launch(job_id: i64) -> Result<(), String> {
 }
 
 fn launch_in(db: pg_sys::Oid, job_id: i64) -> Result<(), String> {
+    start_in(db, job_id).map(|_| ())
+}
+
+fn start_in(db: pg_sys::Oid, job_id: i64) -> Result<DynamicBackgroundWorker, String> {
     BackgroundWorkerBuilder::new(&format!(
         "ekm rotation job {job_id} (database {})",
         db.to_u32()
@@ -31,7 +33,6 @@ fn launch_in(db: pg_sys::Oid, job_id: i64) -> Result<(), String> {
     .set_extra(&db.to_u32().to_string())
     .enable_spi_access()
     .load_dynamic()
-    .map(|_| ())
     .map_err(|e| format!("{e:?}"))
 }
 
@@ -94,6 +95,11 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
     // per listed database checks whether the active key is due.
     let mut next_check = std::time::Instant::now() + crate::gucs::auto_rotate_naptime();
     let mut warned_for = String::new();
+    // the maintenance worker last started in each database: never a second
+    // one while it runs (one stuck behind a lock must not fill the server's
+    // worker slots)
+    let mut maintenance: std::collections::HashMap<u32, DynamicBackgroundWorker> =
+        std::collections::HashMap::new();
     loop {
         let wait = next_check
             .saturating_duration_since(std::time::Instant::now())
@@ -156,10 +162,25 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
             warned_for = key;
         }
         for (db, name) in found {
-            if let Err(e) = launch_in(db, MAINTENANCE_JOB) {
-                pgrx::warning!(
+            if let Some(w) = maintenance.get(&db.to_u32()) {
+                match w.pid() {
+                    Err(BackgroundWorkerStatus::Stopped) => {}
+                    Err(BackgroundWorkerStatus::PostmasterDied) => return,
+                    _ => {
+                        pgrx::log!(
+                            "ekm launcher: the maintenance worker of database {name} is still running; not starting another"
+                        );
+                        continue;
+                    }
+                }
+            }
+            match start_in(db, MAINTENANCE_JOB) {
+                Ok(w) => {
+                    maintenance.insert(db.to_u32(), w);
+                }
+                Err(e) => pgrx::warning!(
                     "ekm launcher: cannot start the maintenance worker in database {name}: {e}"
-                );
+                ),
             }
         }
     }
@@ -174,6 +195,7 @@ fn reload_config_if_asked() -> bool {
     let asked = BackgroundWorker::sighup_received();
     if asked {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        catalog::forget_server_search_path();
     }
     asked
 }
@@ -344,17 +366,17 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     if !found {
         return;
     }
+    // a lock only ekm's workers take (src/locks.rs): no other session can
+    // keep the job from its worker
     let locked = transaction(|| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT pg_try_advisory_lock($1, $2::int)",
-            &[JOB_LOCK_CLASS.into(), (job_id as i32).into()],
-        )
-        .map_err(spi_err)
-        .map(|b| b.unwrap_or(false))
+        Ok(crate::locks::try_lock_session(crate::locks::EkmLock::Job(
+            job_id,
+        )))
     })
     .unwrap_or(false);
     if !locked {
-        return; // another worker runs this job
+        pgrx::log!("ekm: rotation job {job_id}: another worker runs it; this one exits");
+        return;
     }
     if let Err((_, msg)) = transaction(create_batch_functions) {
         pgrx::warning!("ekm: rotation job {job_id}: cannot create the batch functions: {msg}");
@@ -393,10 +415,17 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                     || code.contains("UNDEFINED_FUNCTION")
                     || code.contains("UNDEFINED_OBJECT")
                 {
+                    let path = match crate::gucs::batch_search_path() {
+                        Some(p) => format!("ekm.batch_search_path = {p}"),
+                        None => {
+                            "the search_path that role gets when it logs in to this database".into()
+                        }
+                    };
                     format!(
-                        "{msg} (ekm runs its batches as the table's owner with search_path = pg_catalog, pg_temp, as VACUUM does: \
-                         a trigger, constraint or index expression of the table must schema-qualify what it uses, or set its own search_path, \
-                         e.g. ALTER FUNCTION ... SET search_path = public; then SELECT ekm_rotation_resume({job_id}))"
+                        "{msg} (ekm's batches run a table's triggers, constraints and defaults as the table's owner, with {path}: \
+                         make what that code uses reachable from it (ALTER ROLE <owner> IN DATABASE <database> SET search_path = ...), \
+                         or schema-qualify it, or set the function's own search_path (ALTER FUNCTION ... SET search_path = ...); \
+                         then SELECT ekm_rotation_resume({job_id}))"
                     )
                 } else {
                     msg
@@ -491,11 +520,11 @@ pub(crate) fn notify(job_id: i64, kind: &str, outcome: &str) -> Result<(), Strin
 /// own columns. They disappear with the worker.
 fn create_batch_functions() -> Result<(), String> {
     Spi::run(
-        "CREATE FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4) RETURNS pg_catalog.text \
+        "CREATE FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
            AS '$libdir/ekm', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT; \
          CREATE FUNCTION pg_temp._ekm_on_rotating_key(pg_catalog.text) RETURNS pg_catalog.bool \
            AS '$libdir/ekm', 'ekm_on_rotating_key_v1' LANGUAGE c STABLE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4) RETURNS pg_catalog.text \
+         CREATE FUNCTION pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
            AS '$libdir/ekm', 'ekm_encrypt_plain_v1' LANGUAGE c VOLATILE STRICT; \
          CREATE FUNCTION pg_temp._ekm_is_plaintext(pg_catalog.text) RETURNS pg_catalog.bool \
            AS '$libdir/ekm', 'ekm_is_plaintext_v1' LANGUAGE c IMMUTABLE STRICT; \
@@ -503,9 +532,9 @@ fn create_batch_functions() -> Result<(), String> {
            AS '$libdir/ekm', 'ekm_left_v1' LANGUAGE c STABLE STRICT; \
          CREATE FUNCTION pg_temp._ekm_keys_in(pg_catalog.text) RETURNS pg_catalog.text[] \
            AS '$libdir/ekm', 'ekm_keys_in_v1' LANGUAGE c IMMUTABLE STRICT; \
-         GRANT EXECUTE ON FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4), \
+         GRANT EXECUTE ON FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
            pg_temp._ekm_on_rotating_key(pg_catalog.text), \
-           pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4), \
+           pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
            pg_temp._ekm_is_plaintext(pg_catalog.text), \
            pg_temp._ekm_left(pg_catalog.text, pg_catalog.text), \
            pg_temp._ekm_keys_in(pg_catalog.text) TO PUBLIC",

@@ -27,4 +27,14 @@ if [ -n "$specs" ]; then
     --inputdir="$here" --outputdir="$out/isolation" --dbname=ekm_isolation $specs || {
       rc=1; cat "$out/isolation/regression.diffs" 2>/dev/null | head -n 200; }
 fi
+# the server log of the whole run: no crash (a process terminated by a
+# signal, a PANIC, a crash restart), reported as a test of its own
+crashes=$(grep -cE 'terminated by signal|was terminated by|PANIC|terminating any other active server processes|all server processes terminated; reinitializing' "$dir/server.log" || true)
+if [ "$crashes" -eq 0 ]; then
+  echo "test server_log_no_crash        ... ok"
+else
+  echo "test server_log_no_crash        ... FAILED ($crashes crash lines in $dir/server.log)"
+  grep -E 'terminated by signal|PANIC' "$dir/server.log" | head -n 5
+  rc=1
+fi
 exit $rc

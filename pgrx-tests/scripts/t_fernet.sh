@@ -231,7 +231,7 @@ session_send 11 "SET client_min_messages = warning; BEGIN; $imports SELECT 'impo
 session_line importer '^imported$' >/dev/null
 cpsql "$dir" "$port" -d late -At -q -c "SELECT job_id FROM ekm_scan_database()" >"$dir/late_scan.out" 2>&1 11>&- 12>&- 13>&- 14>&- &
 scan_pid=$!
-scan_waits() { q late "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 6646638 AND objid = 0 AND NOT granted"; }
+scan_waits() { q late "SELECT count(*) FROM pg_locks WHERE locktype = 'userlock' AND classid = 6646637 AND objid = 0 AND objsubid = 1 AND NOT granted"; }
 for _ in $(seq 1 200); do [ "$(scan_waits)" = 1 ] && break; sleep 0.05; done
 check "the scan waits for the importing transaction" "$(scan_waits)" 1
 session_send 11 "COMMIT; SELECT 'committed';"

@@ -8,7 +8,8 @@ source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
 dir=/tmp/ekm-mk; port=55434
 trap 'cluster_stop "$dir" immediate >/dev/null 2>&1 || true' EXIT
-cluster_start "$dir" "$port" || exit 1
+cluster_start "$dir" "$port" "ekm.debug_pause_points = on" || exit 1
+source "$here/pause.sh"
 q() { cpsql "$dir" "$port" -d "${DB:-postgres}" -At -q -c "$1" 2>&1; }
 # Runs a statement, printing SQLSTATE and message on error (key ids masked).
 qerr() {
@@ -122,9 +123,13 @@ check "the status shows the configured key's fingerprint, the keys' own" "$(DB=f
 check_match "a fingerprint is 16 hex digits, never the key" "$fp1:$(grep -c "$fp1" "$kdir/mk1")" '^[0-9a-f]{16}:0$'
 DB=filedb q "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, ekm_encrypt('v' || g, 't.v') FROM generate_series(1, 5000) g; SELECT ekm_register_column('t', 'v', 't.v')" >/dev/null
 q "ALTER SYSTEM SET ekm.rotation_batch_pause = 100" >/dev/null; reload
+# the data-key job is held at a batch (pause point) while the master key
+# rotates: it provably runs throughout
 job=$(DB=filedb q "SELECT job_id FROM ekm_rotate(batch_size => 100, force => true) LIMIT 1")
 for _ in $(seq 1 200); do [ "$(DB=filedb q "SELECT rows_done > 0 FROM ekm.rotation_job WHERE job_id = $job")" = t ] && break; sleep 0.05; done
-check "a data-key rotation is running" "$(DB=filedb q "SELECT state FROM ekm.rotation_job WHERE job_id = $job")" running
+pause_hold filedb batch
+check "a data-key rotation is running, held at a batch" \
+  "$(DB=filedb q "SELECT state || ':' || (rows_done > 0) FROM ekm.rotation_job WHERE job_id = $job"):$(paused_at filedb batch)" "running:true:yes"
 q "ALTER SYSTEM RESET ekm.master_key_command" >/dev/null
 q "ALTER SYSTEM SET ekm.master_key_file = '$kdir/mk2'" >/dev/null
 q "ALTER SYSTEM SET ekm.previous_master_key_file = '$kdir/mk1'" >/dev/null; reload
@@ -139,6 +144,9 @@ check "every key now names the new key's fingerprint" "$(fp)" "$fp2"
 check "the wrapped forms changed" "$(DB=filedb q "SELECT md5(string_agg(key_id || encode(wrapped, 'hex'), ',' ORDER BY key_id)) <> '$material_before' FROM ekm.key_material")" t
 check "it is idempotent" "$(DB=filedb q "SELECT string_agg(DISTINCT action, ',') FROM ekm_rotate_master_key()" | grep -v '^NOTICE')" "already under the configured master key"
 check "it is audited, without key material" "$(DB=filedb q "SELECT count(*) FROM ekm.audit_log WHERE event = 'master_key_rotated' AND detail->>'to_fingerprint' = '$fp2' AND detail::text NOT LIKE '%$(cat "$kdir/mk2")%'")" 2
+check "the data-key rotation is still running, held, after the master key rotation" \
+  "$(DB=filedb q "SELECT state FROM ekm.rotation_job WHERE job_id = $job"):$(paused_at filedb batch)" "running:yes"
+pause_release
 check "the data-key rotation running meanwhile finishes" "$(DB=filedb q "SELECT state FROM ekm_rotation_wait($job, 120)" | tail -n 1)" done
 q "ALTER SYSTEM RESET ekm.rotation_batch_pause" >/dev/null; reload
 check "every value decrypts in a new session, on the rotation's new key" \

@@ -411,7 +411,7 @@ check "a database not listed is not rotated" "$(q other "SELECT count(*) FROM ek
 check "every value still decrypts" "$(consistent)" "$(total)"
 # after a rollback automatic rotation waits for a manual rotation
 rb=$(q app "SELECT job_id FROM ekm_rollback()")
-wait_job app "$rb" 300 >/dev/null
+check "the rollback finishes" "$(wait_job app "$rb" 300)" done
 setconf ekm.rotation_due_age_days 0
 n_app=$(jobs); sleep 3
 check "after a rollback automatic rotation does not undo it" "$(jobs)" "$n_app"

@@ -240,6 +240,61 @@ check "the server log shows the worker killed and the crash restart" \
 pause_release # (its session ended with the crash)
 after_interruption "SIGKILL"
 
+# 4b. A crash inside a batch: a trigger of the table waits (on a lock this
+#     script holds) in the middle of the batch's UPDATE, after it has
+#     rewritten half of the table's rows and written their audit rows; the
+#     worker is killed there. The partial batch is rolled back with the
+#     crash and redone once: every row ends on the new key with exactly one
+#     audit row, and the job counts each value once.
+q app "CREATE TABLE mid (id int PRIMARY KEY, email text, shadow text);
+       CREATE TABLE mid_audit (id int, email text);
+       CREATE FUNCTION mid_audit_fn() RETURNS trigger LANGUAGE plpgsql AS \$\$
+       BEGIN
+         INSERT INTO public.mid_audit VALUES (NEW.id, NEW.email);
+         IF NEW.id = 300 THEN PERFORM pg_catalog.pg_advisory_xact_lock_shared(4242, 1); END IF;
+         RETURN NULL;
+       END \$\$;
+       CREATE TRIGGER mid_audit AFTER UPDATE ON mid FOR EACH ROW EXECUTE FUNCTION mid_audit_fn();
+       INSERT INTO mid SELECT g, ekm_encrypt('mid' || g, 'public.mid.email'), 'mid' || g FROM generate_series(1, 600) g;
+       VACUUM ANALYZE mid;
+       SELECT ekm_register_column('mid', 'email', 'public.mid.email')" >/dev/null
+to_move=$(( $(values_on_active) + 600 ))
+# a batch waits for a lock at most least(ekm.rotation_lock_timeout,
+# deadlock_timeout / 2): long enough here for the wait to be seen
+q app "ALTER SYSTEM SET ekm.rotation_lock_timeout = 600000" >/dev/null
+q app "ALTER SYSTEM SET deadlock_timeout = '20min'" >/dev/null
+q app "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
+session_start 13 midlock app
+session_send 13 "SELECT pg_advisory_lock(4242, 1); SELECT 'held';"
+session_line midlock '^held$' >/dev/null
+job=$(q app "SELECT job_id FROM ekm_rotate(batch_size => 1000, force => true) LIMIT 1")
+wpid=""
+for _ in $(seq 1 600); do
+  wpid=$(q app "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.backend_type = 'ekm rotation' AND l.locktype = 'advisory' AND l.classid = 4242 AND NOT l.granted")
+  [ -n "$wpid" ] && break
+  sleep 0.1
+done
+check_match "the worker waits inside mid's batch (its trigger, at row 300)" "$wpid" '^[0-9]+$'
+check "it holds mid for its UPDATE while it waits" \
+  "$(q app "SELECT count(*) FROM pg_locks WHERE pid = ${wpid:-0} AND relation = 'mid'::regclass AND mode = 'RowExclusiveLock' AND granted")" 1
+check "half a batch done and not committed: no row of mid on the new key, no audit row seen" \
+  "$(q app "SELECT count(*) FROM mid WHERE ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job)"):$(q app "SELECT count(*) FROM mid_audit")" "0:0"
+kill -KILL "$wpid"; check "the worker was sent SIGKILL inside the batch" "$?" 0
+wait_up
+session_end 13 midlock # (its session ended with the crash)
+check "after the crash no row of mid is on the new key yet, every one decrypts" \
+  "$(q app "SELECT count(*) FILTER (WHERE ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job)) || ':' || count(*) FILTER (WHERE ekm_decrypt(email, 'public.mid.email') = shadow) FROM mid")" "0:600"
+check "the job resumes by itself and finishes" "$(wait_job app "$job" 120)" done
+check "every row of mid is on the new key and decrypts to its shadow" \
+  "$(q app "SELECT count(*) FROM mid WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_decrypt(email, 'public.mid.email') = shadow")" 600
+check "the redone batch wrote one audit row per row (the killed one's rolled back)" \
+  "$(q app "SELECT count(*) || ':' || count(DISTINCT id) || ':' || count(*) FILTER (WHERE a.email = m.email) FROM mid_audit a JOIN mid m USING (id)")" "600:600:600"
+check "the job counted each value it moved once" "$(q app "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job")" "$to_move"
+q app "SELECT ekm_unregister_column('mid', 'email')" >/dev/null
+q app "ALTER SYSTEM RESET ekm.rotation_lock_timeout" >/dev/null
+q app "ALTER SYSTEM RESET deadlock_timeout" >/dev/null
+q app "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
+
 # 5. Immediate shutdown in the middle of a job, then a restart.
 hold_mid_job
 recoveries=$(grep -c 'automatic recovery in progress' "$dir/server.log")
@@ -264,7 +319,7 @@ check "other: every value decrypts and is on its new key" "$(consistent other):$
 ka=$(q app "SELECT key_id FROM ekm.keys WHERE is_active"); kb=$(q other "SELECT key_id FROM ekm.keys WHERE is_active")
 check "the databases have their own keys" "$([ -n "$ka" ] && [ "$ka" != "$kb" ] && echo distinct)" distinct
 check_match "no rotation worker left running" "$(q app "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ekm rotation'")" '^0$'
-# the crash of section 4 (the worker killed, the others ended, the
-# reinitialization): nothing else crashed
-check_log_clean "$dir/server.log" 3
+# the crashes of sections 4 and 4b (each: the worker killed, the others
+# ended, the reinitialization): nothing else crashed
+check_log_clean "$dir/server.log" 6
 tap_done

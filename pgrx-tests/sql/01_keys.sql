@@ -42,7 +42,9 @@ SELECT encryptions >= 1 AS counted FROM ekm.keys WHERE key_id = :'k2';
 -- Refusals, each with its SQLSTATE.
 SELECT try_hint($$SELECT ekm_activate_key('nope')$$);
 SELECT try_hint($$SELECT ekm_activate_key('key_20200101_000000_0000')$$);
-SELECT try($$SELECT ekm_activate_key(NULL)$$);
+
+-- Not a refusal: ekm_activate_key is STRICT (NULL in, NULL out, nothing changed).
+SELECT ekm_activate_key(NULL) IS NULL AS strict_null, count(*) FILTER (WHERE is_active) AS active_keys FROM ekm.keys;
 
 -- The database enforces the lifecycle, even for a superuser editing rows.
 SELECT try_hint($$UPDATE ekm.key SET rotation_status = 'destroyed' WHERE is_active$$);

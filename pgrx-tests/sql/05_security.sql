@@ -126,7 +126,7 @@ SELECT state, error FROM ekm_rotation_wait(:job);
 RESET client_min_messages;
 SELECT ekm_health_status() LIKE '%unusable_values%' AS health_flags_values;
 SELECT count(*) AS columns_listed FROM ekm.registered_columns;
-SELECT count(*) IS NOT NULL AS cleanup_dry_run_ran FROM ekm_cleanup_old_keys(0, dry_run => true);
+SELECT count(*) AS retired_keys, count(*) FILTER (WHERE action LIKE 'kept: %' OR action LIKE 'would %') AS each_with_an_action FROM ekm_cleanup_old_keys(0, dry_run => true);
 RESET search_path;
 RESET ROLE;
 ALTER DATABASE ekm_regress RESET search_path;
