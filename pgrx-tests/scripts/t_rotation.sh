@@ -256,8 +256,8 @@ q app "CREATE TABLE mid (id int PRIMARY KEY, email text, shadow text);
        END \$\$;
        CREATE TRIGGER mid_audit AFTER UPDATE ON mid FOR EACH ROW EXECUTE FUNCTION mid_audit_fn();
        INSERT INTO mid SELECT g, ekm_encrypt('mid' || g, 'public.mid.email'), 'mid' || g FROM generate_series(1, 600) g;
-       VACUUM ANALYZE mid;
        SELECT ekm_register_column('mid', 'email', 'public.mid.email')" >/dev/null
+q app "VACUUM ANALYZE mid" >/dev/null
 to_move=$(( $(values_on_active) + 600 ))
 # a batch waits for a lock at most least(ekm.rotation_lock_timeout,
 # deadlock_timeout / 2): long enough here for the wait to be seen
@@ -282,8 +282,10 @@ check "half a batch done and not committed: no row of mid on the new key, no aud
 kill -KILL "$wpid"; check "the worker was sent SIGKILL inside the batch" "$?" 0
 wait_up
 session_end 13 midlock # (its session ended with the crash)
-check "after the crash no row of mid is on the new key yet, every one decrypts" \
-  "$(q app "SELECT count(*) FILTER (WHERE ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job)) || ':' || count(*) FILTER (WHERE ekm_decrypt(email, 'public.mid.email') = shadow) FROM mid")" "0:600"
+# (the launcher resumes the job at once: whether mid is redone yet is not
+# asked here; that it was redone exactly once is, below)
+check "after the crash every row of mid decrypts" \
+  "$(q app "SELECT count(*) FILTER (WHERE ekm_decrypt(email, 'public.mid.email') = shadow) FROM mid")" 600
 check "the job resumes by itself and finishes" "$(wait_job app "$job" 120)" done
 check "every row of mid is on the new key and decrypts to its shadow" \
   "$(q app "SELECT count(*) FROM mid WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_decrypt(email, 'public.mid.email') = shadow")" 600
