@@ -53,6 +53,7 @@ stages=()
 
 run fmt cargo fmt --all -- --check
 run clippy cargo clippy --workspace --all-targets -- -D warnings
+run layers python3 scripts/check_layers.py
 run core cargo test -p ekm-core
 # One build runs on every x86-64: the same test binaries on CPUs without
 # AES-NI, CLMUL and AVX (Nehalem) and without SSSE3 (qemu64), emulated by

@@ -1,28 +1,25 @@
 //! ekm: field encryption with managed keys and online key rotation.
 //! The crypto, format and lifecycle rules live in `ekm-core`; this crate is
-//! the PostgreSQL glue.
+//! the PostgreSQL glue, in four layers, each using only those below it
+//! (docs/design.md, "Layout"):
+//!
+//! * `sql`  — the SQL surface: `#[pg_extern]` functions and the per-row path
+//! * `jobs` — rotation, rollback, encryption and scan jobs: protocol steps,
+//!   the worker and the launcher
+//! * `keys` — key custody: ekm's tables, master key, key cache, counters,
+//!   ekm's locks, the key lifecycle
+//! * `pg`   — PostgreSQL support: SPI, acting as an owner, errors and the
+//!   log, settings
 
 // pgrx's TableIterator signatures (named result columns) are long by nature.
 #![allow(clippy::type_complexity)]
 
 use pgrx::prelude::*;
 
-mod api;
-mod catalog;
-mod error;
-mod fastpath;
-mod fernet;
-mod gucs;
-mod keycache;
-mod locks;
-mod masterkey;
-mod ops;
-mod protocol;
-mod redact;
-mod rotation;
-mod scan;
-mod shmem;
-mod worker;
+mod jobs;
+mod keys;
+mod pg;
+mod sql;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -32,7 +29,7 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        error::raise_with(
+        pg::error::raise_with(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "ekm must be loaded at server start".into(),
             Some(
@@ -41,12 +38,12 @@ pub extern "C-unwind" fn _PG_init() {
             ),
         );
     }
-    gucs::init();
-    shmem::init();
-    error::init();
-    keycache::init();
-    masterkey::startup();
-    worker::register_launcher();
+    pg::gucs::init();
+    keys::shmem::init();
+    pg::error::init();
+    keys::keycache::init();
+    keys::masterkey::startup();
+    jobs::worker::register_launcher();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

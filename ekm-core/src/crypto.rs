@@ -20,26 +20,7 @@ pub const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 /// Bytes of the master key check value stored with each wrapped key.
 pub const KCV_LEN: usize = 8;
 
-/// `n` zeroed bytes on the heap, or `OutOfMemory`: sizes that come from
-/// input (a value, a context) are never allocated infallibly, because a
-/// failed Rust allocation aborts the process, and in a PostgreSQL backend
-/// that takes the whole server into crash recovery.
-pub fn try_zeroed(n: usize) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| EkmError::OutOfMemory(n))?;
-    v.resize(n, 0);
-    Ok(v)
-}
-
-/// A copy of `s`, or `OutOfMemory` (see [`try_zeroed`]).
-pub fn try_copy_str(s: &str) -> Result<String> {
-    let mut out = String::new();
-    out.try_reserve_exact(s.len())
-        .map_err(|_| EkmError::OutOfMemory(s.len()))?;
-    out.push_str(s);
-    Ok(out)
-}
+pub use crate::alloc::{try_copy_str, try_zeroed};
 
 /// Fills `buf` from the operating system's random source.
 pub fn os_random(buf: &mut [u8]) -> Result<()> {

@@ -2,7 +2,7 @@
 //! Messages never carry plaintext or key bytes: only key ids, states and
 //! lengths, which are not secret.
 
-use crate::lifecycle::KeyState;
+use crate::state::KeyState;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EkmError {

@@ -261,7 +261,7 @@ pub fn embedded(text: &[u8]) -> Vec<FernetValue<'_>> {
 /// unauthenticated header: for audits, never for decisions.
 pub fn token_time(token: &[u8]) -> Result<u64> {
     // input-sized: allocated fallibly (crypto::try_zeroed)
-    let mut buf = Zeroizing::new(crate::crypto::try_zeroed(decoded_capacity(token.len()))?);
+    let mut buf = Zeroizing::new(crate::alloc::try_zeroed(decoded_capacity(token.len()))?);
     decode_token(token, &mut buf)?;
     Ok(u64::from_be_bytes(buf[1..9].try_into().expect("8 bytes")))
 }

@@ -1,6 +1,7 @@
 //! ekm's security-critical core, free of PostgreSQL: the ciphertext format,
 //! envelope encryption, key ids, the key lifecycle and rotation policy.
 
+pub mod alloc;
 pub mod crypto;
 pub mod error;
 pub mod fernet;
@@ -9,6 +10,7 @@ pub mod gcm;
 pub mod keyid;
 pub mod lifecycle;
 pub mod redact;
+pub mod state;
 
 pub use crypto::{DataKey, MasterKey};
 pub use error::{EkmError, Result};

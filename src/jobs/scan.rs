@@ -1,13 +1,13 @@
 //! Reading the values of registered columns for the caller: counts by key
 //! and class for `ekm.registered_columns`, the dry runs, `ekm_health()` and
 //! `ekm_cleanup_old_keys`. The rows are read as the table's owner in a
-//! security-restricted operation (`catalog::as_table_owner`) and classified
+//! security-restricted operation (`owner::as_table_owner`) and classified
 //! here, in Rust: the SQL ekm runs against the table names only the table,
 //! its columns and `pg_catalog`, and no ekm function has to be executable by
 //! the table's owner.
-
-use crate::catalog::{self, Table};
-use crate::keycache;
+use crate::keys::keycache;
+use crate::pg::owner::{self, Table};
+use crate::pg::spi;
 use ekm_core::crypto::SecretBuf;
 use ekm_core::{format, EkmError, KeyId, KeyState};
 use pgrx::prelude::*;
@@ -110,7 +110,7 @@ fn opens_with(v: &str, context: &[u8]) -> bool {
 pub fn census(t: &Table, cols: &[(String, String)], check_context: bool) -> EkmResult<Vec<Census>> {
     let list = cols
         .iter()
-        .map(|(c, _)| format!("{}::pg_catalog.text", catalog::quote_ident(c)))
+        .map(|(c, _)| format!("{}::pg_catalog.text", owner::quote_ident(c)))
         .collect::<Vec<_>>()
         .join(", ");
     // ONLY: the partitions and inheritance children of a registered table
@@ -179,7 +179,7 @@ fn spi_err(e: pgrx::spi::Error) -> EkmError {
 /// or varchar, or a domain over one of them); None if the relation has no
 /// such column.
 pub fn column_type(tbl: pg_sys::Oid, col: &str) -> EkmResult<Option<(String, bool)>> {
-    let (ty, typid) = catalog::two::<String, pg_sys::Oid>(
+    let (ty, typid) = spi::two::<String, pg_sys::Oid>(
         "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid \
          FROM pg_catalog.pg_attribute a \
          WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name \
@@ -197,7 +197,7 @@ pub fn column_type(tbl: pg_sys::Oid, col: &str) -> EkmResult<Option<(String, boo
 /// is gone or not a table, the column is gone or not text, or (with
 /// `for_caller`) the caller may not SELECT it.
 pub fn readable(tbl: pg_sys::Oid, col: &str, for_caller: bool) -> EkmResult<Result<Table, String>> {
-    let name = catalog::display_name(tbl);
+    let name = owner::display_name(tbl);
     let Some(t) = Table::lookup(tbl) else {
         return Ok(Err(format!(
             "the table (OID {}) no longer exists",
@@ -214,10 +214,10 @@ pub fn readable(tbl: pg_sys::Oid, col: &str, for_caller: bool) -> EkmResult<Resu
         }
         Some(_) => {}
     }
-    if for_caller && !catalog::caller_may_read(tbl, col)? {
+    if for_caller && !owner::caller_may_read(tbl, col)? {
         return Ok(Err(format!(
             "permission denied: {} may not SELECT column \"{col}\" of {name}",
-            catalog::acting_role_name()
+            owner::acting_role_name()
         )));
     }
     Ok(Ok(t))
@@ -264,4 +264,41 @@ pub fn why_stuck(v: &str, context: &str) -> (Option<String>, String) {
         Err(err) => err.to_string(),
     };
     (Some(k.to_string()), reason)
+}
+
+/// Registered columns: (table oid, column, shown name, whether it exists as a text column).
+pub fn registered_columns() -> EkmResult<Vec<(pg_sys::Oid, String, String, bool)>> {
+    Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, String, String, bool)>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT r.tbl::oid, r.col::text, r.tbl::text || '.' || r.col, \
+                    (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = r.tbl AND a.attname = r.col \
+                            AND a.attnum > 0 AND NOT a.attisdropped) \
+             FROM ekm.registered_column r ORDER BY 3",
+            None,
+            &[],
+        )? {
+            v.push((
+                r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<String>(3)?.unwrap_or_default(),
+                // text or varchar, or a domain over one of them
+                r.get::<pg_sys::Oid>(4)?.is_some_and(|t| {
+                    let b = unsafe { pg_sys::getBaseType(t) };
+                    b == pg_sys::TEXTOID || b == pg_sys::VARCHAROID
+                }),
+            ));
+        }
+        Ok(v)
+    })
+    .map_err(|e| EkmError::Internal(e.to_string()))
+}
+
+/// "key_a: 3, key_b: 5": Fernet values per imported key, for notes.
+pub fn fernet_by_key(n: &Census) -> String {
+    n.by_fernet_key
+        .iter()
+        .map(|(k, c)| format!("{k}: {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

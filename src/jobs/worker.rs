@@ -1,15 +1,16 @@
 //! Background workers: the per-database rotation worker (one batch per
 //! transaction, docs/design.md section 5) and the launcher that resumes
 //! unfinished jobs after a server restart.
-
-use crate::catalog;
-use crate::protocol::{self, Step, SKIP_LOCKED_NEXT, STALE_GROUP};
+use crate::jobs::notify::notify;
+use crate::jobs::protocol::{self, Step, SKIP_LOCKED_NEXT, STALE_GROUP};
+use crate::keys::catalog;
+use crate::pg::owner;
+use crate::pg::spi::{self, err_text as spi_err};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
     DynamicBackgroundWorker, SignalWakeFlags,
 };
 use pgrx::prelude::*;
-use pgrx::PgOid;
 use std::time::Duration;
 
 /// Starts a rotation worker for `job_id` (0: whatever job is running) in this database.
@@ -93,7 +94,7 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
     }
     // Automatic rotation: every ekm.auto_rotate_naptime, a short-lived worker
     // per listed database checks whether the active key is due.
-    let mut next_check = std::time::Instant::now() + crate::gucs::auto_rotate_naptime();
+    let mut next_check = std::time::Instant::now() + crate::pg::gucs::auto_rotate_naptime();
     let mut warned_for = String::new();
     // the maintenance worker last started in each database: never a second
     // one while it runs (one stuck behind a lock must not fill the server's
@@ -110,21 +111,21 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
         if reload_config_if_asked() {
             // a shorter naptime applies at once
             next_check =
-                next_check.min(std::time::Instant::now() + crate::gucs::auto_rotate_naptime());
+                next_check.min(std::time::Instant::now() + crate::pg::gucs::auto_rotate_naptime());
         }
         if std::time::Instant::now() < next_check {
             continue;
         }
-        next_check = std::time::Instant::now() + crate::gucs::auto_rotate_naptime();
+        next_check = std::time::Instant::now() + crate::pg::gucs::auto_rotate_naptime();
         // Databases to visit: those with encryption counts to write down,
         // and, with automatic rotation on, the listed ones.
-        let pending: Vec<u32> = crate::shmem::databases_with_pending();
-        let auto = crate::gucs::auto_rotate();
+        let pending: Vec<u32> = crate::keys::shmem::databases_with_pending();
+        let auto = crate::pg::gucs::auto_rotate();
         if pending.is_empty() && !auto {
             continue;
         }
         let names = if auto {
-            crate::gucs::auto_rotate_databases()
+            crate::pg::gucs::auto_rotate_databases()
         } else {
             Vec::new()
         };
@@ -195,13 +196,9 @@ fn reload_config_if_asked() -> bool {
     let asked = BackgroundWorker::sighup_received();
     if asked {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        catalog::forget_server_search_path();
+        owner::forget_server_search_path();
     }
     asked
-}
-
-pub(crate) fn spi_err(e: pgrx::spi::Error) -> String {
-    e.to_string()
 }
 
 /// One transaction: `f` commits, or on ERROR the transaction is aborted and
@@ -281,16 +278,18 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             if !installed {
                 return Ok(Err("ekm is not installed in this database".to_string()));
             }
-            crate::api::flush_encryption_counts().map_err(|e| e.to_string())?;
+            crate::keys::lifecycle::flush_encryption_counts().map_err(|e| e.to_string())?;
             let db = Spi::get_one::<String>("SELECT current_database()::text")
                 .map_err(spi_err)?
                 .unwrap_or_default();
-            if !crate::gucs::auto_rotate() || !crate::gucs::auto_rotate_databases().contains(&db) {
+            if !crate::pg::gucs::auto_rotate()
+                || !crate::pg::gucs::auto_rotate_databases().contains(&db)
+            {
                 return Ok(Err(
                     "automatic rotation is off for this database".to_string()
                 ));
             }
-            crate::rotation::auto_rotate().map_err(|e| e.to_string())
+            crate::jobs::start::auto_rotate().map_err(|e| e.to_string())
         });
         match r {
             Ok(Ok(j)) => {
@@ -328,7 +327,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                 // every running job resumes: a rotation and a scan of the
                 // database may both run; this worker takes the first and
                 // starts one for each other
-                let all = catalog::one::<Vec<i64>>(
+                let all = spi::one::<Vec<i64>>(
                     "SELECT coalesce(array_agg(job_id ORDER BY job_id), '{}') FROM ekm.rotation_job WHERE state = 'running'",
                     vec![],
                 )
@@ -339,7 +338,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                 }
                 Ok(all.first().copied())
             } else {
-                catalog::one::<i64>(
+                spi::one::<i64>(
                     "SELECT job_id FROM ekm.rotation_job WHERE job_id = $1 AND state = 'running'",
                     vec![job_id.into()],
                 )
@@ -369,9 +368,9 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     // a lock only ekm's workers take (src/locks.rs): no other session can
     // keep the job from its worker
     let locked = transaction(|| {
-        Ok(crate::locks::try_lock_session(crate::locks::EkmLock::Job(
-            job_id,
-        )))
+        Ok(crate::keys::locks::try_lock_session(
+            crate::keys::locks::EkmLock::Job(job_id),
+        ))
     })
     .unwrap_or(false);
     if !locked {
@@ -393,8 +392,8 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
         let _ = reload_config_if_asked();
         let r = transaction(|| protocol::step(job_id));
         let pause = match r {
-            Ok(Step::Again) => crate::gucs::rotation_batch_pause(),
-            Ok(Step::Later) => crate::gucs::rotation_retry_pause(),
+            Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause(),
+            Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),
             Ok(Step::Stop) => break,
             Err((_, msg)) if msg == STALE_GROUP => std::time::Duration::ZERO,
             Err((code, _)) if code.contains("LOCK_NOT_AVAILABLE") => {
@@ -406,7 +405,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             Err((code, msg)) if code.contains("DEADLOCK") || code.contains("SERIALIZATION") => {
                 pgrx::log!("ekm: rotation job {job_id}: batch skipped ({msg}); retrying");
                 SKIP_LOCKED_NEXT.with(|s| s.set(true));
-                crate::gucs::rotation_retry_pause()
+                crate::pg::gucs::rotation_retry_pause()
             }
             Err((code, msg)) => {
                 // an application table's own code (a trigger, a constraint,
@@ -415,7 +414,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                     || code.contains("UNDEFINED_FUNCTION")
                     || code.contains("UNDEFINED_OBJECT")
                 {
-                    let path = match crate::gucs::batch_search_path() {
+                    let path = match crate::pg::gucs::batch_search_path() {
                         Some(p) => format!("ekm.batch_search_path = {p}"),
                         None => {
                             "the search_path that role gets when it logs in to this database".into()
@@ -432,7 +431,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                 };
                 pgrx::warning!("ekm: rotation job {job_id} failed: {msg}");
                 let _ = transaction(|| {
-                    catalog::exec(
+                    spi::exec(
                         "UPDATE ekm.rotation_job SET state = 'failed', error = $2, finished_at = now() WHERE job_id = $1 AND state = 'running'",
                         vec![job_id.into(), msg.clone().into()],
                     )
@@ -443,7 +442,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                         &catalog::json_object(&[("job_id", &job_id.to_string()), ("error", &msg)]),
                     )
                     .map_err(|e| e.to_string())?;
-                    let kind = catalog::one::<String>(
+                    let kind = spi::one::<String>(
                         "SELECT kind FROM ekm.rotation_job WHERE job_id = $1",
                         vec![job_id.into()],
                     )
@@ -460,6 +459,39 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
         }
     }
     wake_waiters();
+}
+
+/// The per-value functions the batches call, created in this worker's own
+/// temporary schema. Batches run as the owner of each table
+/// (`owner::as_table_owner`), who needs EXECUTE on what the batch calls:
+/// a function in this backend's temporary schema can be called by every
+/// role of this backend and by no other backend, so nothing of ekm is
+/// granted to PUBLIC or to table owners. The functions also refuse to act
+/// outside a batch of this worker (`fastpath::BatchGate`), so a trigger
+/// that runs during a batch cannot use them for anything but the batch's
+/// own columns. They disappear with the worker.
+fn create_batch_functions() -> Result<(), String> {
+    Spi::run(
+        "CREATE FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
+           AS '$libdir/ekm', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_on_rotating_key(pg_catalog.text) RETURNS pg_catalog.bool \
+           AS '$libdir/ekm', 'ekm_on_rotating_key_v1' LANGUAGE c STABLE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
+           AS '$libdir/ekm', 'ekm_encrypt_plain_v1' LANGUAGE c VOLATILE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_is_plaintext(pg_catalog.text) RETURNS pg_catalog.bool \
+           AS '$libdir/ekm', 'ekm_is_plaintext_v1' LANGUAGE c IMMUTABLE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_left(pg_catalog.text, pg_catalog.text) RETURNS pg_catalog.int4 \
+           AS '$libdir/ekm', 'ekm_left_v1' LANGUAGE c STABLE STRICT; \
+         CREATE FUNCTION pg_temp._ekm_keys_in(pg_catalog.text) RETURNS pg_catalog.text[] \
+           AS '$libdir/ekm', 'ekm_keys_in_v1' LANGUAGE c IMMUTABLE STRICT; \
+         GRANT EXECUTE ON FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
+           pg_temp._ekm_on_rotating_key(pg_catalog.text), \
+           pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
+           pg_temp._ekm_is_plaintext(pg_catalog.text), \
+           pg_temp._ekm_left(pg_catalog.text, pg_catalog.text), \
+           pg_temp._ekm_keys_in(pg_catalog.text) TO PUBLIC",
+    )
+    .map_err(spi_err)
 }
 
 /// Wakes the sessions of this database sleeping on an extension wait event
@@ -493,124 +525,5 @@ fn wake_waiters() {
                 pg_sys::SetLatch(&raw mut (*p).procLatch);
             }
         }
-    }
-}
-
-pub(crate) fn notify(job_id: i64, kind: &str, outcome: &str) -> Result<(), String> {
-    Spi::run_with_args(
-        "SELECT pg_notify('ekm_rotation', $1)",
-        &[catalog::json_object(&[
-            ("job_id", &job_id.to_string()),
-            ("outcome", outcome),
-            ("kind", kind),
-        ])
-        .into()],
-    )
-    .map_err(spi_err)
-}
-
-/// The per-value functions the batches call, created in this worker's own
-/// temporary schema. Batches run as the owner of each table
-/// (`catalog::as_table_owner`), who needs EXECUTE on what the batch calls:
-/// a function in this backend's temporary schema can be called by every
-/// role of this backend and by no other backend, so nothing of ekm is
-/// granted to PUBLIC or to table owners. The functions also refuse to act
-/// outside a batch of this worker (`fastpath::BatchGate`), so a trigger
-/// that runs during a batch cannot use them for anything but the batch's
-/// own columns. They disappear with the worker.
-fn create_batch_functions() -> Result<(), String> {
-    Spi::run(
-        "CREATE FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
-           AS '$libdir/ekm', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_on_rotating_key(pg_catalog.text) RETURNS pg_catalog.bool \
-           AS '$libdir/ekm', 'ekm_on_rotating_key_v1' LANGUAGE c STABLE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
-           AS '$libdir/ekm', 'ekm_encrypt_plain_v1' LANGUAGE c VOLATILE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_is_plaintext(pg_catalog.text) RETURNS pg_catalog.bool \
-           AS '$libdir/ekm', 'ekm_is_plaintext_v1' LANGUAGE c IMMUTABLE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_left(pg_catalog.text, pg_catalog.text) RETURNS pg_catalog.int4 \
-           AS '$libdir/ekm', 'ekm_left_v1' LANGUAGE c STABLE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_keys_in(pg_catalog.text) RETURNS pg_catalog.text[] \
-           AS '$libdir/ekm', 'ekm_keys_in_v1' LANGUAGE c IMMUTABLE STRICT; \
-         GRANT EXECUTE ON FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
-           pg_temp._ekm_on_rotating_key(pg_catalog.text), \
-           pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
-           pg_temp._ekm_is_plaintext(pg_catalog.text), \
-           pg_temp._ekm_left(pg_catalog.text, pg_catalog.text), \
-           pg_temp._ekm_keys_in(pg_catalog.text) TO PUBLIC",
-    )
-    .map_err(spi_err)
-}
-
-pub(crate) fn one_i64(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<i64, String> {
-    Spi::connect_mut(|c| {
-        let t = c.update(sql, Some(1), &args)?;
-        if t.is_empty() {
-            Ok(0)
-        } else {
-            Ok(t.first().get::<i64>(1)?.unwrap_or(0))
-        }
-    })
-    .map_err(spi_err)
-}
-
-thread_local! {
-    /// Statements every batch runs, prepared once per worker (SPI_keepplan).
-    static KEPT: std::cell::RefCell<std::collections::HashMap<&'static str, pgrx::spi::OwnedPreparedStatement>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
-}
-
-pub(crate) const INT8: pg_sys::Oid = pg_sys::INT8OID;
-
-/// Runs `sql` (prepared on first use, then reused) with `args` of `types`;
-/// `f` reads the result.
-pub(crate) fn kept<R>(
-    sql: &'static str,
-    types: &[pg_sys::Oid],
-    mutating: bool,
-    args: &[pgrx::datum::DatumWithOid<'_>],
-    f: impl FnOnce(pgrx::spi::SpiTupleTable<'_>) -> pgrx::spi::SpiResult<R>,
-) -> Result<R, String> {
-    KEPT.with(|k| {
-        let mut k = k.borrow_mut();
-        Spi::connect_mut(|c| -> pgrx::spi::SpiResult<R> {
-            if !k.contains_key(sql) {
-                let types: Vec<PgOid> = types.iter().map(|&t| PgOid::from(t)).collect();
-                let p = if mutating {
-                    c.prepare_mut(sql, &types)?
-                } else {
-                    c.prepare(sql, &types)?
-                };
-                k.insert(sql, p.keep());
-            }
-            let stmt = k.get(sql).expect("prepared above");
-            let t = if mutating {
-                c.update(stmt, None, args)?
-            } else {
-                c.select(stmt, None, args)?
-            };
-            f(t)
-        })
-    })
-    .map_err(spi_err)
-}
-
-/// `SET LOCAL name = value`, without a statement.
-/// The worker runs as the bootstrap superuser, so superuser-only settings
-/// (deadlock_timeout) may be set too.
-pub(crate) fn set_local(name: &str, value: &str) {
-    let name = std::ffi::CString::new(name).expect("no NUL in a setting name");
-    let value = std::ffi::CString::new(value).expect("no NUL in a setting value");
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            pg_sys::PGERROR as i32,
-            false,
-        );
     }
 }

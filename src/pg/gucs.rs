@@ -281,7 +281,7 @@ pub fn log_redaction() -> bool {
 }
 
 /// `ekm.batch_search_path`, if set (else a batch uses the table owner's
-/// login search_path: `catalog::batch_search_path`).
+/// login search_path: `owner::batch_search_path`).
 pub fn batch_search_path() -> Option<String> {
     non_empty(&BATCH_SEARCH_PATH)
 }

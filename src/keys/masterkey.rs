@@ -2,7 +2,7 @@
 //! only when data keys must be (un)wrapped and dropped (zeroized) right
 //! after; it never reaches SQL, tables, errors or the log.
 
-use crate::gucs::{self, MasterKeySource};
+use crate::pg::gucs::{self, MasterKeySource};
 use ekm_core::{EkmError, MasterKey, Result};
 use pgrx::pg_sys;
 use std::ffi::CStr;

@@ -14,8 +14,8 @@
 //! Every wait is bounded: at most `ekm.lock_wait_timeout` (or the caller's
 //! own `lock_timeout`, if shorter), then an error that names the holder.
 
-use crate::catalog;
-use crate::error::raise_with;
+use crate::pg::error::raise_with;
+use crate::pg::spi;
 use ekm_core::Result;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -108,7 +108,7 @@ pub fn try_lock_session(lock: EkmLock) -> bool {
 /// The processes holding `lock` now, with what they are ("pid 123 (ekm
 /// rotation)"), for messages; empty if none.
 pub fn holders(lock: EkmLock) -> Result<String> {
-    Ok(catalog::one::<String>(
+    Ok(spi::one::<String>(
         &format!(
             "SELECT pg_catalog.string_agg('pid ' OPERATOR(pg_catalog.||) l.pid OPERATOR(pg_catalog.||) \
                     coalesce(' (' OPERATOR(pg_catalog.||) nullif(a.backend_type, 'client backend') OPERATOR(pg_catalog.||) ')', ''), ', ') \
@@ -124,7 +124,7 @@ pub fn holders(lock: EkmLock) -> Result<String> {
 /// The longest ekm waits for one of its locks: `ekm.lock_wait_timeout`,
 /// or the caller's `lock_timeout` if that is set and shorter (ms).
 fn wait_limit_ms() -> i32 {
-    let ours = crate::gucs::lock_wait_timeout_ms();
+    let ours = crate::pg::gucs::lock_wait_timeout_ms();
     let theirs = unsafe { pg_sys::LockTimeout };
     if theirs > 0 {
         ours.min(theirs)

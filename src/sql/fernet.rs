@@ -4,11 +4,12 @@
 //! `ekm_decrypt` and move onto ekm keys with `ekm_encrypt_column` and
 //! `ekm_rotate` (src/fastpath.rs). docs/runbook.md, "Adopting ekm from the
 //! Django EncryptionKeyManager".
-
-use crate::api::{chrono_to_ts, ts_to_chrono};
-use crate::catalog::{self, as_owner};
-use crate::error::{raise_with, OrRaise};
-use crate::{gucs, keycache, masterkey};
+use crate::keys::{catalog, keycache, masterkey};
+use crate::pg::error::{raise_with, OrRaise};
+use crate::pg::gucs;
+use crate::pg::owner::as_owner;
+use crate::pg::spi;
+use crate::pg::time::{chrono_to_ts, ts_to_chrono};
 use ekm_core::crypto::KeyKind;
 use ekm_core::fernet::{self, FernetKey};
 use ekm_core::EkmError;
@@ -38,8 +39,8 @@ fn ekm_import_fernet_key(
     created_at: default!(Option<TimestampWithTimeZone>, "NULL"),
     state: default!(Option<&str>, "'rotating'"),
 ) -> String {
-    crate::redact::note_plaintext(); // the statement holds key material
-    crate::rotation::refuse_on_standby("import keys", "ekm_import_fernet_key()");
+    crate::pg::redact::note_plaintext(); // the statement holds key material
+    crate::pg::error::refuse_on_standby("import keys", "ekm_import_fernet_key()");
     let not_null = |v: Option<&str>, what: &str| -> String {
         match v {
             Some(v) => v.to_string(),
@@ -78,8 +79,8 @@ fn ekm_import_fernet_key(
 fn ekm_import_fernet_keys(
     keys: pgrx::JsonB,
 ) -> TableIterator<'static, (name!(key_id, String), name!(action, String))> {
-    crate::redact::note_plaintext(); // the statement holds key material
-    crate::rotation::refuse_on_standby("import keys", "ekm_import_fernet_keys()");
+    crate::pg::redact::note_plaintext(); // the statement holds key material
+    crate::pg::error::refuse_on_standby("import keys", "ekm_import_fernet_keys()");
     let bad = |why: &str| -> ! {
         raise_with(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -200,9 +201,9 @@ fn import(rows: &[ImportRow]) -> EkmResult<Vec<(String, String)>> {
     let master = masterkey::load()?;
     let kcv = master.check_value().to_vec();
     let out = as_owner(owner, || -> EkmResult<Vec<(String, String)>> {
-        crate::rotation::lock_key_changes()?;
+        crate::keys::lifecycle::lock_key_changes()?;
         // never mix master keys (as for ekm's own keys)
-        if let Some(other) = catalog::one::<Vec<u8>>(
+        if let Some(other) = spi::one::<Vec<u8>>(
             "SELECT master_kcv FROM ekm.key_material WHERE wrapped IS NOT NULL AND master_kcv <> $1 LIMIT 1",
             vec![kcv.clone().into()],
         )? {
@@ -215,7 +216,7 @@ fn import(rows: &[ImportRow]) -> EkmResult<Vec<(String, String)>> {
         let existing = catalog::load_fernet_keys(owner)?;
         let mut out = Vec::new();
         for ((id, _, created, state), key) in rows.iter().zip(&keys) {
-            if let Some(kind) = catalog::one::<String>(
+            if let Some(kind) = spi::one::<String>(
                 "SELECT kind FROM ekm.key WHERE key_id = $1",
                 vec![id.clone().into()],
             )? {
@@ -248,12 +249,12 @@ fn import(rows: &[ImportRow]) -> EkmResult<Vec<(String, String)>> {
             }
             let wrapped = master.wrap_labeled(&KeyKind::Fernet.label(id), key)?;
             let at = chrono_to_ts(created.unwrap_or_else(chrono::Utc::now));
-            catalog::exec(
+            spi::exec(
                 "INSERT INTO ekm.key (key_id, kind, rotation_status, created_at, rotated_at, retired_at) \
                  VALUES ($1, 'fernet', $2, $3, now(), CASE WHEN $2 = 'retired' THEN pg_catalog.clock_timestamp() END)",
                 vec![id.clone().into(), state.clone().into(), at.into()],
             )?;
-            catalog::exec(
+            spi::exec(
                 "INSERT INTO ekm.key_material (key_id, wrapped, master_kcv) VALUES ($1, $2, $3)",
                 vec![id.clone().into(), wrapped.into(), kcv.clone().into()],
             )?;

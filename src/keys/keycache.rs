@@ -5,9 +5,9 @@
 //! invalidation for the table, which PostgreSQL delivers to every backend
 //! (and replays on hot standbys) after commit, before their next statement.
 
-use crate::catalog;
-use crate::masterkey;
-use crate::shmem;
+use crate::keys::catalog;
+use crate::keys::masterkey;
+use crate::keys::shmem;
 use ekm_core::crypto::DataKey;
 use ekm_core::fernet::{FernetKey, FernetValue};
 use ekm_core::format::NONCE_LEN;

@@ -16,9 +16,18 @@
 //!                                 check (#2), then retire exactly the keys
 //!                                 checked, if the job still runs
 //! ```
+//!
+//! Longer than the other files, it is one cohesive thing: the step machine
+//! itself. Its steps share the job's cached cursor group and fence (this
+//! backend's memory between transactions) and the pause points the tests
+//! hold it at; the design's invariants are stated over the whole of it.
+//! What it uses (starting jobs, scans, the batch functions, ekm's locks) is
+//! in the files beside it and below it.
 
-use crate::catalog;
-use crate::worker::{kept, notify, one_i64, set_local, spi_err, INT8};
+use crate::jobs::notify::notify;
+use crate::keys::catalog;
+use crate::pg::owner;
+use crate::pg::spi::{self, err_text as spi_err, kept, one_i64, set_local, INT8};
 use pgrx::prelude::*;
 use pgrx::PgOid;
 
@@ -92,7 +101,7 @@ struct Fence {
 struct Group {
     tbl: pg_sys::Oid,
     /// the table's current name and owner, looked up at every batch
-    table: Option<catalog::Table>,
+    table: Option<owner::Table>,
     state: String,
     next_block: i64,
     blocks_per_batch: i32,
@@ -126,12 +135,12 @@ pub(crate) fn step(job_id: i64) -> Result<Step, String> {
             // the table's current name and owner (the group may be cached
             // from an earlier batch, and a table can be renamed or change
             // hands between batches)
-            let Some(table) = catalog::Table::lookup(g.tbl) else {
+            let Some(table) = owner::Table::lookup(g.tbl) else {
                 return dropped_table(job_id, &kind, g.tbl);
             };
             // a scan reads materialized views too; the other jobs only tables
             if kind != "scan" && !table.is_table() {
-                return Err(e(catalog::Table::require(g.tbl).expect_err("not a table")));
+                return Err(e(owner::Table::require(g.tbl).expect_err("not a table")));
             }
             g.table = Some(table);
             if g.state != "scanning" {
@@ -155,7 +164,7 @@ pub(crate) fn step(job_id: i64) -> Result<Step, String> {
 /// and the check refuses to retire until it is unregistered (it cannot
 /// count values in a table that is not there).
 fn dropped_table(job_id: i64, kind: &str, tbl: pg_sys::Oid) -> Result<Step, String> {
-    catalog::exec(
+    spi::exec(
         "DELETE FROM ekm.rotation_cursor WHERE job_id = $1 AND tbl = $2::oid",
         vec![job_id.into(), tbl.into()],
     )
@@ -172,7 +181,7 @@ fn set_batch_timeouts() {
     // Below deadlock_timeout: in a lock cycle with an application
     // transaction, the batch gives up before the application's deadlock
     // check could abort the application's transaction.
-    let lock_timeout_ms = crate::gucs::rotation_lock_timeout_ms()
+    let lock_timeout_ms = crate::pg::gucs::rotation_lock_timeout_ms()
         .min(server_deadlock_timeout_ms() / 2)
         .max(1);
     set_local("lock_timeout", &format!("{lock_timeout_ms}ms"));
@@ -205,7 +214,7 @@ fn server_deadlock_timeout_ms() -> i32 {
 /// advisory lock of pause point `name` (tests hold the worker at a named
 /// protocol step this way; docs/design.md). Off by default: a no-op.
 fn pause_point(name: &str) -> Result<(), String> {
-    if !crate::gucs::debug_pause_points() {
+    if !crate::pg::gucs::debug_pause_points() {
         return Ok(());
     }
     let id = PAUSE_POINTS
@@ -341,15 +350,15 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
     // The application's code (triggers, defaults, constraints, index
     // expressions) runs with the search_path the owner logs in with, as it
     // does for the application; ekm's own SQL above is schema-qualified.
-    let path = catalog::batch_search_path(table.owner).map_err(e)?;
-    crate::fastpath::reset_moved();
-    let gate = crate::fastpath::BatchGate::open(&g.contexts);
+    let path = owner::batch_search_path(table.owner).map_err(e)?;
+    crate::jobs::batchfn::reset_moved();
+    let gate = crate::jobs::batchfn::BatchGate::open(&g.contexts);
     args.push(gate.token().to_string().into());
     {
         // As the table's owner, security-restricted: its triggers,
         // constraints and index expressions run as that owner.
         let _gate = gate;
-        catalog::as_table_owner_with_path(table.owner, &path, || {
+        owner::as_table_owner_with_path(table.owner, &path, || {
             BATCH_PLAN.with(|p| -> pgrx::spi::SpiResult<()> {
                 let mut p = p.borrow_mut();
                 Spi::connect_mut(|c| {
@@ -364,7 +373,7 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
         })
         .map_err(spi_err)?;
     }
-    let ns = crate::fastpath::moved(g.names.len());
+    let ns = crate::jobs::batchfn::moved(g.names.len());
     advance(job_id, kind, g, hi, ns)
 }
 
@@ -440,7 +449,7 @@ fn scan_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
         format!("({hi},0)").into(),
     ];
     let found = {
-        let _gate = crate::fastpath::BatchGate::open(&[]);
+        let _gate = crate::jobs::batchfn::BatchGate::open(&[]);
         table
             .as_owner(|| {
                 Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(i32, String, i64)>> {
@@ -461,7 +470,7 @@ fn scan_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
     for (i, key, n) in found {
         let col = &g.names[i as usize];
         ns[i as usize] += n;
-        catalog::exec(
+        spi::exec(
             "INSERT INTO ekm.ciphertext_scan AS s (job_id, tbl, col, key_id, values) VALUES ($1, $2::regclass, $3, $4, $5) \
              ON CONFLICT (job_id, tbl, col, key_id) DO UPDATE SET values = s.values + excluded.values, scanned_at = now()",
             vec![job_id.into(), g.tbl.into(), col.clone().into(), key.into(), n.into()],
@@ -478,7 +487,7 @@ fn scan_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
 /// another pass if one needs moving. A migration sweeps its column first.
 fn end_pass(job_id: i64, kind: &str, g: Group) -> Result<Step, String> {
     pause_point("pass_end")?;
-    catalog::exec(
+    spi::exec(
         if kind == "encrypt" {
             "UPDATE ekm.rotation_cursor SET state = 'sweeping' \
              WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])"
@@ -505,7 +514,7 @@ fn sweep(job_id: i64, g: Group) -> Result<Step, String> {
         .map(|(c, _)| c.clone())
         .collect();
     if !done.is_empty() {
-        catalog::exec(
+        spi::exec(
             "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done \
              WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])",
             vec![job_id.into(), g.tbl.into(), done.into()],
@@ -554,17 +563,17 @@ fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
 /// every registered column of an ordinary table that has no cursor in this
 /// job one. How many cursors it added.
 fn cover_new_registrations(job_id: i64) -> Result<i64, String> {
-    crate::rotation::sync_partitions().map_err(e)?;
+    crate::jobs::start::sync_partitions().map_err(e)?;
     let batch_size = one_i64(
         "SELECT batch_size FROM ekm.rotation_job WHERE job_id = $1",
         vec![job_id.into()],
     )?;
-    crate::rotation::add_cursors(job_id, batch_size as i32, None).map_err(e)
+    crate::jobs::start::add_cursors(job_id, batch_size as i32, None).map_err(e)
 }
 
 /// The keys that are rotating now (sorted).
 fn rotating_keys() -> Result<Vec<String>, String> {
-    Ok(catalog::one::<Vec<String>>(
+    Ok(spi::one::<Vec<String>>(
         "SELECT coalesce(array_agg(key_id ORDER BY key_id), '{}') FROM ekm.key WHERE rotation_status = 'rotating'",
         vec![],
     )
@@ -609,7 +618,7 @@ fn check(job_id: i64) -> Result<Checked, String> {
     )
     .map_err(spi_err)?;
     // what the problem list says is what this check finds
-    catalog::exec(
+    spi::exec(
         "DELETE FROM ekm.rotation_problem_row WHERE job_id = $1",
         vec![job_id.into()],
     )
@@ -617,13 +626,11 @@ fn check(job_id: i64) -> Result<Checked, String> {
     let mut left = false;
     let mut stuck = 0;
     for (tbl, quoted, names, contexts) in &tables {
-        let t = catalog::Table::require(*tbl).map_err(e)?;
+        let t = owner::Table::require(*tbl).map_err(e)?;
         // The check must see every row (as_table_owner lifts row-level
         // security for the owner); if PostgreSQL ever filtered, refuse
         // rather than call hidden rows clean.
-        if t.as_owner(|| catalog::row_security_active(*tbl))
-            .map_err(e)?
-        {
+        if t.as_owner(|| owner::row_security_active(*tbl)).map_err(e)? {
             return Err(format!(
                 "row-level security hides rows of {} from its owner, so ekm cannot check that every value moved; \
                  no key was retired (SELECT ekm_rotation_resume({job_id}) once the table's owner sees every row)",
@@ -657,13 +664,13 @@ fn check(job_id: i64) -> Result<Checked, String> {
 /// rows per column and check.
 fn record_problems(
     job_id: i64,
-    t: &catalog::Table,
+    t: &owner::Table,
     tbl: pg_sys::Oid,
     quoted: &str,
     name: &str,
     context: &str,
 ) -> Result<(), String> {
-    let pk = catalog::one::<String>(
+    let pk = spi::one::<String>(
         "SELECT string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY k.n) \
          FROM pg_catalog.pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, n), pg_catalog.pg_attribute a \
          WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum",
@@ -673,7 +680,7 @@ fn record_problems(
     let row_ref = match &pk {
         Some(cols) => format!(
             "'(' || {} || ')=(' || pg_catalog.concat_ws(', ', {cols}) || ')'",
-            catalog::quote_literal(cols)
+            owner::quote_literal(cols)
         ),
         None => "'ctid ' || ctid::pg_catalog.text".to_string(),
     };
@@ -681,7 +688,7 @@ fn record_problems(
         "SELECT {row_ref}, {quoted}::pg_catalog.text FROM ONLY {} WHERE pg_temp._ekm_left({quoted}, $1::pg_catalog.text) = 2 LIMIT 1000",
         t.qualified
     );
-    let _gate = crate::fastpath::BatchGate::open(&[context.to_string()]);
+    let _gate = crate::jobs::batchfn::BatchGate::open(&[context.to_string()]);
     let rows = t
         .as_owner(|| {
             Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(String, String)>> {
@@ -697,8 +704,8 @@ fn record_problems(
         })
         .map_err(spi_err)?;
     for (row_ref, value) in rows {
-        let (key, reason) = crate::scan::why_stuck(&value, context);
-        catalog::exec(
+        let (key, reason) = crate::jobs::scan::why_stuck(&value, context);
+        spi::exec(
             "INSERT INTO ekm.rotation_problem_row (job_id, tbl, col, row_ref, key_id, reason) \
              VALUES ($1, $2::regclass, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
             vec![
@@ -757,7 +764,7 @@ fn needs_attention(job_id: i64, kind: &str, n: i64) -> Result<Step, String> {
 /// sessions waiting in ekm_rotation_wait without an xid (their transaction
 /// cannot commit a write: shmem::register_waiter).
 fn take_fence(keys: Vec<String>) -> Result<Fence, String> {
-    let vxids = catalog::one::<Vec<String>>(
+    let vxids = spi::one::<Vec<String>>(
         "SELECT coalesce(array_agg(l.virtualxid), '{}') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction \
            AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -769,7 +776,7 @@ fn take_fence(keys: Vec<String>) -> Result<Fence, String> {
     // The xmin of a snapshot is the oldest transaction running anywhere when
     // it was taken, and that only moves forward: a snapshot older than this
     // one can only have been taken before the fence (e.g. imported since).
-    let xmin = catalog::one::<String>(
+    let xmin = spi::one::<String>(
         "SELECT pg_snapshot_xmin(pg_current_snapshot())::text",
         vec![],
     )
@@ -794,8 +801,8 @@ fn take_fence(keys: Vec<String>) -> Result<Fence, String> {
 /// imported snapshot, say); the waiters again excepted. What it waits for is
 /// in rotation_job.waiting_for.
 fn fence_cleared(job_id: i64, f: &mut Fence) -> Result<bool, String> {
-    let waiters = crate::shmem::waiters();
-    let (old, pids) = catalog::two::<i64, String>(
+    let waiters = crate::keys::shmem::waiters();
+    let (old, pids) = spi::two::<i64, String>(
         "SELECT count(*), coalesce(string_agg(l.pid::text, ', ' ORDER BY l.pid), '') FROM pg_locks l \
          WHERE l.locktype = 'virtualxid' AND l.virtualxid = l.virtualtransaction AND l.virtualxid = ANY($1) \
            AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.pid AND a.pid = ANY($2) AND a.backend_xid IS NULL)",
@@ -811,7 +818,7 @@ fn fence_cleared(job_id: i64, f: &mut Fence) -> Result<bool, String> {
     } else {
         if f.gids.is_none() {
             f.gids = Some(
-                catalog::one::<Vec<String>>(
+                spi::one::<Vec<String>>(
                     "SELECT coalesce(array_agg(gid), '{}') FROM pg_prepared_xacts WHERE database = current_database()",
                     vec![],
                 )
@@ -819,7 +826,7 @@ fn fence_cleared(job_id: i64, f: &mut Fence) -> Result<bool, String> {
                 .unwrap_or_default(),
             );
         }
-        let (prepared, gids) = catalog::two::<i64, String>(
+        let (prepared, gids) = spi::two::<i64, String>(
             "SELECT count(*), coalesce(string_agg(pg_catalog.quote_literal(gid), ', ' ORDER BY gid), '') FROM pg_prepared_xacts \
              WHERE database = current_database() AND gid = ANY($1)",
             vec![f.gids.clone().unwrap_or_default().into()],
@@ -832,7 +839,7 @@ fn fence_cleared(job_id: i64, f: &mut Fence) -> Result<bool, String> {
                 gids.unwrap_or_default()
             ));
         } else {
-            let (old_snapshots, pids) = catalog::two::<i64, String>(
+            let (old_snapshots, pids) = spi::two::<i64, String>(
                 "SELECT count(*), coalesce(string_agg(a.pid::text, ', ' ORDER BY a.pid), '') FROM pg_stat_activity a \
                  WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND a.pid <> pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \
@@ -864,7 +871,7 @@ fn fence_cleared(job_id: i64, f: &mut Fence) -> Result<bool, String> {
 }
 
 fn set_waiting_for(job_id: i64, what: Option<String>) -> Result<(), String> {
-    catalog::exec(
+    spi::exec(
         "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND waiting_for IS DISTINCT FROM $2",
         vec![job_id.into(), what.into()],
     )
@@ -881,8 +888,9 @@ fn set_waiting_for(job_id: i64, what: Option<String>) -> Result<(), String> {
 /// a new fence). Then check #2; if clean, exactly the keys checked are
 /// retired, and the job is done only if it is still running.
 fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
-    if !crate::locks::try_lock_xact(crate::locks::EkmLock::KeyChange) {
-        let holder = crate::locks::holders(crate::locks::EkmLock::KeyChange).map_err(e)?;
+    if !crate::keys::locks::try_lock_xact(crate::keys::locks::EkmLock::KeyChange) {
+        let holder =
+            crate::keys::locks::holders(crate::keys::locks::EkmLock::KeyChange).map_err(e)?;
         set_waiting_for(
             job_id,
             Some(format!(
@@ -916,7 +924,7 @@ fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
 /// PARTITION OF and ALTER TABLE ... INHERIT take on the parent). Waits at
 /// most lock_timeout (then the step is retried).
 fn lock_registered_parents() -> Result<(), String> {
-    let parents = catalog::one::<Vec<String>>(
+    let parents = spi::one::<Vec<String>>(
         "SELECT coalesce(array_agg(DISTINCT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)), '{}') \
          FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -966,7 +974,7 @@ fn retire(job_id: i64, kind: &str, keys: &[String]) -> Result<Step, String> {
 /// owner (security-restricted), like the batches. `pred` has `{c}` for the
 /// column and `{ctx}` for its context (bound), from `contexts` (same order).
 fn count_values(
-    table: &catalog::Table,
+    table: &owner::Table,
     quoted: &[String],
     contexts: &[String],
     pred: &str,
@@ -989,7 +997,7 @@ fn count_values(
     } else {
         Vec::new()
     };
-    let _gate = crate::fastpath::BatchGate::open(contexts);
+    let _gate = crate::jobs::batchfn::BatchGate::open(contexts);
     table
         .as_owner(|| {
             Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i64>> {
@@ -1020,7 +1028,7 @@ fn another_pass(
     if cols.is_empty() {
         return Ok(false);
     }
-    catalog::exec(
+    spi::exec(
         "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n, \
                 blocks_total = pg_relation_size(c.tbl) / current_setting('block_size')::bigint \
          FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
@@ -1037,7 +1045,7 @@ fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
     Spi::run("SET LOCAL synchronous_commit = on").map_err(spi_err)?;
     // (a rotation's retire marked it done already; a migration's is still
     // running, unless a cancel committed first: then nothing is reported)
-    let Some(rows) = catalog::one_mut::<i64>(
+    let Some(rows) = spi::one_mut::<i64>(
         "UPDATE ekm.rotation_job SET state = 'done', finished_at = coalesce(finished_at, clock_timestamp()), waiting_for = NULL \
          WHERE job_id = $1 AND state IN ('running', 'done') RETURNING rows_done",
         vec![job_id.into()],

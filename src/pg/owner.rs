@@ -1,80 +1,19 @@
-//! Access to ekm's tables. Application roles cannot read `ekm.key_material`,
-//! so every access runs as the tables' owner with a fixed search_path, the
-//! way a SECURITY DEFINER function would; the caller's EXECUTE privilege on
-//! the ekm function is the gate. All values go in as bound parameters.
+//! Who ekm acts as, and how it names relations. ekm's own tables are read
+//! and written as their owner (`as_owner`, like a SECURITY DEFINER
+//! function); application tables as *their* owner, security-restricted,
+//! with SECURITY_NOFORCE_RLS (`as_table_owner`); the role that called into
+//! ekm is remembered for the audit log. Also: relations ekm works on
+//! (`Table`), their names as a caller writes them, quoting, and the
+//! search_path the application's code gets in ekm's batches.
 
-use ekm_core::{EkmError, KeyId, KeyState, Result};
+use crate::pg::spi::one;
+use ekm_core::{EkmError, Result};
 use pgrx::prelude::*;
-use pgrx::spi::SpiResult;
 use std::cell::Cell;
 
 thread_local! {
     /// The role that called into ekm while we act as the owner, for the audit log.
     static ACTING_ROLE: Cell<Option<pg_sys::Oid>> = const { Cell::new(None) };
-}
-
-fn spi_err(e: pgrx::spi::Error) -> EkmError {
-    EkmError::Internal(format!("catalog access failed: {e}"))
-}
-
-/// `(oid of ekm.key, owner of ekm.key)`, read from the system catalogs,
-/// which every role may read.
-pub fn key_table() -> Result<(pg_sys::Oid, pg_sys::Oid)> {
-    let r = Spi::connect(|c| -> SpiResult<Option<(pg_sys::Oid, pg_sys::Oid)>> {
-        let t = c.select(
-            "SELECT c.oid, c.relowner FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname OPERATOR(pg_catalog.=) 'ekm' AND c.relname OPERATOR(pg_catalog.=) 'key'",
-            Some(1),
-            &[],
-        )?;
-        if t.is_empty() {
-            return Ok(None);
-        }
-        let t = t.first();
-        Ok(Some((t.get::<pg_sys::Oid>(1)?.unwrap_or_default(), t.get::<pg_sys::Oid>(2)?.unwrap_or_default())))
-    })
-    .map_err(spi_err)?;
-    r.ok_or_else(|| {
-        EkmError::Internal(
-            "ekm's tables are missing: is the extension created in this database?".into(),
-        )
-    })
-}
-
-/// Like [`key_table`], for the management functions: they also need ekm's
-/// SQL objects to be the version of this library. A server may run a new
-/// `ekm.so` before `ALTER EXTENSION ekm UPDATE` has brought the database's
-/// objects up to it: encryption and decryption go on working then (the key
-/// tables did not change), everything else refuses with a hint.
-pub fn ekm_tables() -> Result<(pg_sys::Oid, pg_sys::Oid)> {
-    let t = key_table()?;
-    require_current_objects()?;
-    Ok(t)
-}
-
-/// The version of the library, which its SQL objects must have.
-pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Errors unless the database's ekm objects are this library's version
-/// (checked once per backend once they are: updates only go forward).
-pub fn require_current_objects() -> Result<()> {
-    static CURRENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if CURRENT.load(std::sync::atomic::Ordering::Relaxed) {
-        return Ok(());
-    }
-    let installed = one::<String>(
-        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'ekm'",
-        vec![],
-    )?
-    .unwrap_or_default();
-    if installed != LIBRARY_VERSION {
-        return Err(EkmError::ObjectsOutdated {
-            installed,
-            library: LIBRARY_VERSION,
-        });
-    }
-    CURRENT.store(true, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
 }
 
 /// Runs `f` as `owner` with `search_path = pg_catalog, pg_temp`, restoring
@@ -146,7 +85,7 @@ pub fn row_security_active(tbl: pg_sys::Oid) -> Result<bool> {
 /// PostgreSQL applies them at login. ekm's own SQL in the batch is
 /// schema-qualified and does not depend on it.
 pub fn batch_search_path(owner: pg_sys::Oid) -> Result<String> {
-    if let Some(p) = crate::gucs::batch_search_path() {
+    if let Some(p) = crate::pg::gucs::batch_search_path() {
         return Ok(p);
     }
     let server_default = SERVER_SEARCH_PATH.with(|d| d.borrow().clone());
@@ -417,183 +356,4 @@ pub fn acting_role_name() -> String {
     unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(oid, true)) }
         .to_string_lossy()
         .into_owned()
-}
-
-pub struct KeyRow {
-    pub id: KeyId,
-    pub state: KeyState,
-    pub wrapped: Option<Vec<u8>>,
-    pub kcv: Vec<u8>,
-}
-
-type RawKeyRow = (String, String, Option<Vec<u8>>, Option<Vec<u8>>);
-
-/// `key_id, rotation_status, wrapped, master_kcv` of the keys `sql` selects
-/// (as owner).
-fn select_key_rows(owner: pg_sys::Oid, sql: &str) -> Result<Vec<RawKeyRow>> {
-    as_owner(owner, || {
-        Spi::connect(|c| -> SpiResult<Vec<RawKeyRow>> {
-            let mut v = Vec::new();
-            for row in c.select(sql, None, &[])? {
-                v.push((
-                    row.get::<String>(1)?.unwrap_or_default(),
-                    row.get::<String>(2)?.unwrap_or_default(),
-                    row.get::<Vec<u8>>(3)?,
-                    row.get::<Vec<u8>>(4)?,
-                ));
-            }
-            Ok(v)
-        })
-        .map_err(spi_err)
-    })
-}
-
-/// Every key with its material (as owner).
-pub fn load_keys(owner: pg_sys::Oid) -> Result<Vec<KeyRow>> {
-    // (a new library before ALTER EXTENSION ekm UPDATE: 0.1.0's ekm.key has
-    // no kind, and holds only ekm's keys)
-    let sql = if require_current_objects().is_ok() {
-        "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
-         FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id WHERE k.kind = 'ekm' ORDER BY k.key_id"
-    } else {
-        "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
-         FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id ORDER BY k.key_id"
-    };
-    select_key_rows(owner, sql)?
-        .into_iter()
-        .map(|(id, state, wrapped, kcv)| {
-            Ok(KeyRow {
-                id: KeyId::parse(&id)?,
-                state: state.parse()?,
-                wrapped,
-                kcv: kcv.unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
-/// An imported Fernet key (`ekm_import_fernet_key`) with its material.
-pub struct FernetRow {
-    pub id: String,
-    pub state: KeyState,
-    pub wrapped: Option<Vec<u8>>,
-    pub kcv: Vec<u8>,
-}
-
-/// Every imported Fernet key, newest first (the order `MultiFernet` tries
-/// them in), with its material (as owner).
-pub fn load_fernet_keys(owner: pg_sys::Oid) -> Result<Vec<FernetRow>> {
-    if require_current_objects().is_err() {
-        return Ok(Vec::new()); // objects older than Fernet imports
-    }
-    select_key_rows(
-        owner,
-        "SELECT k.key_id, k.rotation_status, m.wrapped, m.master_kcv \
-         FROM ekm.key k LEFT JOIN ekm.key_material m ON m.key_id = k.key_id \
-         WHERE k.kind = 'fernet' ORDER BY k.created_at DESC, k.key_id",
-    )?
-    .into_iter()
-    .map(|(id, state, wrapped, kcv)| {
-        Ok(FernetRow {
-            id,
-            state: state.parse()?,
-            wrapped,
-            kcv: kcv.unwrap_or_default(),
-        })
-    })
-    .collect()
-}
-
-/// Appends an audit event (as owner). `detail` is a JSON object.
-pub fn audit(event: &str, key_id: Option<&str>, detail: &str) -> Result<()> {
-    let role = acting_role_name();
-    Spi::connect_mut(|c| {
-        c.update(
-            "INSERT INTO ekm.audit_log (acting_role, event, key_id, detail) VALUES ($1, $2, $3, $4::jsonb)",
-            None,
-            &[role.into(), event.into(), key_id.into(), detail.into()],
-        )
-        .map(|_| ())
-    })
-    .map_err(spi_err)
-}
-
-/// Runs a statement with bound parameters (as whoever we are now).
-pub fn exec(sql: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> Result<u64> {
-    Spi::connect_mut(|c| c.update(sql, None, &args).map(|t| t.len() as u64)).map_err(spi_err)
-}
-
-/// The first column of the first row of `t`; `None` when there is no row (or NULL).
-fn first_value<T: FromDatum + IntoDatum>(
-    t: pgrx::spi::SpiTupleTable<'_>,
-) -> pgrx::spi::SpiResult<Option<T>> {
-    if t.is_empty() {
-        Ok(None)
-    } else {
-        t.first().get::<T>(1)
-    }
-}
-
-/// One value from a statement with bound parameters that may write.
-pub fn one_mut<T: FromDatum + IntoDatum>(
-    sql: &str,
-    args: Vec<pgrx::datum::DatumWithOid<'_>>,
-) -> Result<Option<T>> {
-    Spi::connect_mut(|c| first_value(c.update(sql, Some(1), &args)?)).map_err(spi_err)
-}
-
-/// One value from a read-only query with bound parameters.
-pub fn one<T: FromDatum + IntoDatum>(
-    sql: &str,
-    args: Vec<pgrx::datum::DatumWithOid<'_>>,
-) -> Result<Option<T>> {
-    Spi::connect(|c| first_value(c.select(sql, Some(1), &args)?)).map_err(spi_err)
-}
-
-/// A flat JSON object of string values (escaped), for audit details.
-pub fn json_object(fields: &[(&str, &str)]) -> String {
-    // serde_json escapes every character JSON requires (control characters
-    // too: an error message with a tab used to make the audit entry, and so
-    // the transaction that ends a failed job, fail)
-    let esc = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(k, v)| format!("{}: {}", esc(k), esc(v)))
-        .collect();
-    format!("{{{}}}", body.join(", "))
-}
-
-/// The first row's first two columns from a read-only query (`None`s when
-/// there is no row). Read-only: it works on a hot standby and assigns no xid.
-pub fn two<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum>(
-    sql: &str,
-    args: Vec<pgrx::datum::DatumWithOid<'_>>,
-) -> Result<(Option<A>, Option<B>)> {
-    Spi::connect(|c| {
-        let t = c.select(sql, Some(1), &args)?;
-        if t.is_empty() {
-            Ok((None, None))
-        } else {
-            let r = t.first();
-            Ok((r.get::<A>(1)?, r.get::<B>(2)?))
-        }
-    })
-    .map_err(spi_err)
-}
-
-/// Like [`two`], three columns.
-pub fn three<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum, C: FromDatum + IntoDatum>(
-    sql: &str,
-    args: Vec<pgrx::datum::DatumWithOid<'_>>,
-) -> Result<(Option<A>, Option<B>, Option<C>)> {
-    Spi::connect(|c| {
-        let t = c.select(sql, Some(1), &args)?;
-        if t.is_empty() {
-            Ok((None, None, None))
-        } else {
-            let r = t.first();
-            Ok((r.get::<A>(1)?, r.get::<B>(2)?, r.get::<C>(3)?))
-        }
-    })
-    .map_err(spi_err)
 }

@@ -98,7 +98,7 @@ unsafe fn redact_other_sessions(e: &mut pg_sys::ErrorData) {
 /// `edata` is the ErrorData the hook was given.
 pub unsafe fn redact(edata: *mut pg_sys::ErrorData) {
     let secret_setting = statement_names_master_key_setting();
-    if !secret_setting && !crate::gucs::log_redaction() {
+    if !secret_setting && !crate::pg::gucs::log_redaction() {
         return;
     }
     unsafe { redact_other_sessions(&mut *edata) };

@@ -20,7 +20,7 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
         }
         if !edata.is_null() {
             hide_master_key_setting(edata);
-            crate::redact::redact(edata);
+            crate::pg::redact::redact(edata);
         }
         if let Some(prev) = PREV_EMIT_LOG_HOOK {
             prev(edata);
@@ -120,4 +120,20 @@ impl<T> OrRaise<T> for Result<T, EkmError> {
             Err(e) => raise(e),
         }
     }
+}
+
+/// Refuses (25006) to `what` on a standby, naming the call to run on the primary.
+pub fn refuse_on_standby(what: &str, call: &str) {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot {what} on a standby"),
+            Some(format!("run {call} on the primary; the standby follows")),
+        );
+    }
+}
+
+/// Any error as ekm's internal error (XX000).
+pub fn internal(e: impl std::fmt::Display) -> EkmError {
+    EkmError::Internal(e.to_string())
 }
