@@ -68,6 +68,23 @@ INSERT INTO people SELECT g, 'Customer ' || g,
        ekm_encrypt('+91' || lpad(g::text, 10, '0'), 'public.people.mobno')
 FROM generate_series(100, 200099) g;
 ANALYZE people;
+\echo == a multi-tenant table as SaaS schemas have it: owned by the application role, FORCE ROW LEVEL SECURITY,
+\echo == a tenant policy that hides every row from a session that set no tenant; its audit trigger names its table unqualified
+CREATE ROLE demo_app LOGIN IN ROLE ekm_user;
+GRANT CREATE ON SCHEMA public TO demo_app;
+SET ROLE demo_app;
+CREATE TABLE tenant_notes (id int PRIMARY KEY, tenant int NOT NULL, note text);
+CREATE TABLE tenant_notes_audit (id int, note text, at timestamptz DEFAULT now());
+CREATE FUNCTION tenant_notes_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO tenant_notes_audit (id, note) VALUES (NEW.id, NEW.note); RETURN NULL; END $$;
+CREATE TRIGGER tenant_notes_audit AFTER UPDATE ON tenant_notes FOR EACH ROW EXECUTE FUNCTION tenant_notes_audit();
+INSERT INTO tenant_notes SELECT g, g % 10, ekm_encrypt('note ' || g, 'public.tenant_notes.note') FROM generate_series(1, 1000) g;
+ALTER TABLE tenant_notes ENABLE ROW LEVEL SECURITY;
+ALTER TABLE tenant_notes FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON tenant_notes USING (tenant = current_setting('app.tenant', true)::int);
+SELECT count(*) AS rows_the_owner_sees_without_a_tenant FROM tenant_notes;
+RESET ROLE;
+SELECT ekm_register_column('tenant_notes', 'note', 'public.tenant_notes.note');
 \echo == dry run: what a rotation would move (changes nothing)
 SELECT * FROM ekm_rotate(dry_run => true);
 SQL
@@ -88,6 +105,11 @@ SELECT table_name, column_name, rows_done, percent, rows_per_second, column_stat
 SELECT * FROM ekm.registered_columns;
 SELECT key_id, rotation_status, encryptions FROM ekm.keys;
 SELECT id, ekm_decrypt(email, 'public.people.email') AS email, ekm_decrypt(mobno, 'public.people.mobno') AS mobno FROM people ORDER BY id LIMIT 6;
+\echo == the tenant table rotated whole (read here with row_security off), and its audit trigger ran once per row
+SET row_security = off;
+SELECT count(*) AS tenant_notes, count(*) FILTER (WHERE ekm_key_id(note) = (SELECT key_id FROM ekm.keys WHERE is_active)) AS on_the_new_key,
+       (SELECT count(*) FROM tenant_notes_audit) AS audit_rows FROM tenant_notes;
+RESET row_security;
 \echo == health (the runbook check_encryption_health): one row per check, and one line for cron
 SELECT * FROM ekm_health();
 SELECT ekm_health_status();

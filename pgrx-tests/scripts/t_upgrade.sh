@@ -44,6 +44,8 @@ qerr() { cpsql "$dir" "$port" -d app -At -q -v VERBOSITY=verbose -c "$1" 2>&1 | 
 # the tag, or (in a clone without tags) the commit it names
 tag=v$OLD
 [ "$OLD" = 0.1.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=1d5dcf69c1b971452cf56269cecb2df0d4df7c47
+# 0.2.0: the last commit of 0.2.0
+[ "$OLD" = 0.2.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=2cd95a860b5df280a79cf268ed5d775022c10776
 if ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null; then
   not_ok "ekm $OLD ($tag) is in this clone's history"; tap_done; exit 1
 fi
