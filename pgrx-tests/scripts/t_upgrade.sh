@@ -22,7 +22,9 @@ installed_old=0
 install_new() {
   # the old build shared target/ and left its library where cargo puts this
   # one's: touching a source makes cargo build (and place) this one again
-  touch "$repo/src/lib.rs"
+  # (ekm-core too: an old release whose ekm-core had this one's version
+  # shares its artifact name)
+  touch "$repo/src/lib.rs" "$repo"/ekm-core/src/*.rs
   (cd "$repo" && cargo pgrx install --pg-config /usr/bin/pg_config) >"$dir.install-new.log" 2>&1
 }
 cleanup() {
@@ -95,9 +97,15 @@ check_match "key management refuses with a hint to update" \
   "$(cpsql "$dir" "$port" -d app -At -q -c "SELECT ekm_create_key()" 2>&1 | tr '\n' ' ')" \
   "ERROR:  ekm's objects in this database are version $OLD, but the loaded ekm library is version $NEW HINT:  run ALTER EXTENSION ekm UPDATE"
 check_match "so does a rotation" "$(qerr "SELECT * FROM ekm_rotate(dry_run => true)")" "^ERROR:  55000: ekm's objects in this database are version $OLD"
-check_match "a function whose arguments changed is not reached through its old definition" \
-  "$(qerr "SELECT * FROM ekm_cleanup_old_keys(0, true)")" '^ERROR:  42883: could not find function "ekm_cleanup_old_keys_wrapper"'
-check_match "nor one whose result changed" "$(qerr "SELECT * FROM ekm_key_status()")" '^ERROR:  42883: could not find function "ekm_key_status_wrapper"'
+if [ "$OLD" = 0.1.0 ]; then
+  # 0.2.0 changed these two functions' arguments and result (new C symbols)
+  check_match "a function whose arguments changed is not reached through its old definition" \
+    "$(qerr "SELECT * FROM ekm_cleanup_old_keys(0, true)")" '^ERROR:  42883: could not find function "ekm_cleanup_old_keys_wrapper"'
+  check_match "nor one whose result changed" "$(qerr "SELECT * FROM ekm_key_status()")" '^ERROR:  42883: could not find function "ekm_key_status_wrapper"'
+else
+  check_match "cleanup refuses too" "$(qerr "SELECT * FROM ekm_cleanup_old_keys(0, true)")" "^ERROR:  55000: ekm's objects in this database are version $OLD"
+  check_match "so does key status" "$(qerr "SELECT * FROM ekm_key_status()")" "^ERROR:  55000: ekm's objects in this database are version $OLD"
+fi
 for _ in $(seq 1 100); do grep -q 'no job runs in this database until ALTER EXTENSION ekm UPDATE' "$dir/server.log" && break; sleep 0.1; done
 check_match "the launcher logs that it starts no job there until the update" \
   "$(grep -c "ekm: no job runs in this database until ALTER EXTENSION ekm UPDATE: ekm's objects in this database are version $OLD, but the loaded ekm library is version $NEW" "$dir/server.log")" '^[1-9]'
