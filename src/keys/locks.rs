@@ -144,28 +144,17 @@ pub fn lock_xact(lock: EkmLock, doing: &str) {
     // a query afterwards)
     let who = holders(lock).unwrap_or_default();
     let limit = wait_limit_ms();
-    struct Restore(i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
-        }
-    }
-    let _restore = Restore(unsafe { pg_sys::NewGUCNestLevel() });
-    let ms = std::ffi::CString::new(format!("{limit}ms")).expect("no NUL");
-    unsafe {
-        pg_sys::set_config_option(
-            c"lock_timeout".as_ptr(),
-            ms.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-    }
+    crate::pg::gucs::in_nest_level(|| {
+        crate::pg::gucs::set_in_nest_level(c"lock_timeout", &format!("{limit}ms"));
+        wait(lock, limit, &who, doing)
+    })
+}
+
+/// Waits for `lock` under the `lock_timeout` set by [`lock_xact`]; a
+/// timeout becomes 55P03 naming `who` holds it.
+fn wait(lock: EkmLock, limit: i32, who: &str, doing: &str) {
     let what = lock.what();
-    let doing = doing.to_string();
+    let (who, doing) = (who.to_string(), doing.to_string());
     PgTryBuilder::new(|| {
         acquire(lock, false, true);
     })

@@ -348,3 +348,35 @@ pub fn auto_rotate_databases() -> Vec<String> {
 pub fn auto_rotate_naptime() -> std::time::Duration {
     std::time::Duration::from_secs(AUTO_ROTATE_NAPTIME_S.get().max(1) as u64)
 }
+
+/// Runs `f` in a GUC nest level of its own (as a function with a SET clause
+/// does): settings made inside with [`set_in_nest_level`] are undone when it
+/// returns or fails.
+pub fn in_nest_level<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
+        }
+    }
+    let _restore = Restore(unsafe { pg_sys::NewGUCNestLevel() });
+    f()
+}
+
+/// `name = value` in the current GUC nest level (an invalid value raises
+/// PostgreSQL's own error).
+pub fn set_in_nest_level(name: &std::ffi::CStr, value: &str) {
+    let value = CString::new(value).unwrap_or_default();
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}

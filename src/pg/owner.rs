@@ -183,34 +183,17 @@ fn set_safe_search_path() {
 /// `search_path = path` in the current GUC nest level (an invalid value
 /// raises PostgreSQL's own error).
 fn set_search_path(path: &str) {
-    let path = std::ffi::CString::new(path).unwrap_or_default();
-    unsafe {
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            path.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-    }
+    crate::pg::gucs::set_in_nest_level(c"search_path", path)
 }
 
 /// Runs `f` with `search_path = pg_catalog, pg_temp` (nothing else
 /// changes): for the statements ekm runs as its caller, so that nothing
 /// planted in the caller's search_path is picked up by them.
 pub fn with_safe_search_path<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
-        }
-    }
-    let _restore = Restore(unsafe { pg_sys::NewGUCNestLevel() });
-    set_safe_search_path();
-    f()
+    crate::pg::gucs::in_nest_level(|| {
+        set_safe_search_path();
+        f()
+    })
 }
 
 /// An application table ekm was asked to work on.
