@@ -9,7 +9,8 @@
 # registration, 42809), an unlogged table, a partition with another column
 # order and a dropped column, a domain over text, varchar(200), a stored
 # generated column computed from the encrypted one, an owner left with
-# column privileges only, quoted mixed-case schema/table/column names, a
+# column privileges only (refused at registration, 42501), quoted
+# mixed-case schema/table/column names, a
 # BEFORE UPDATE trigger that changes other columns, an AFTER UPDATE audit
 # trigger with unqualified names (as in PostgreSQL's documentation; and one
 # whose table is found only through the owner's ALTER ROLE ... IN DATABASE
@@ -21,11 +22,13 @@
 # partition is detached and the job resumed. Phase 3 forces
 # ekm.batch_search_path = 'pg_catalog, pg_temp': the audit trigger's job
 # fails with a hint that names the setting, and resumes once it is reset.
+# Phase 4: a batch fails with an error holding a tab and a control
+# character: the job ends failed, audited, not running with no worker.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-shapes; port=55451
+dir=/tmp/ekm-shapes; port=55453
 cleanup() { [ -n "${KEEP:-}" ] || cluster_stop "$dir" immediate >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 100" "ekm.debug_pause_points = on" || exit 1
