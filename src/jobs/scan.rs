@@ -291,7 +291,7 @@ pub fn registered_columns() -> EkmResult<Vec<(pg_sys::Oid, String, String, bool)
         }
         Ok(v)
     })
-    .map_err(|e| EkmError::Internal(e.to_string()))
+    .map_err(crate::pg::error::internal)
 }
 
 /// "key_a: 3, key_b: 5": Fernet values per imported key, for notes.

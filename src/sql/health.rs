@@ -452,8 +452,7 @@ fn check_log_statement() -> EkmResult<HealthRow> {
     // written (ALTER SYSTEM SET ekm.master_key_command = '...'), out of
     // ekm's reach; it replaces the constants of other statements.
     let pgss = spi::one::<bool>(
-        "SELECT pg_catalog.current_setting('pg_stat_statements.track_utility', true) IS NOT NULL \
-                AND pg_catalog.current_setting('pg_stat_statements.track_utility', true) OPERATOR(pg_catalog.=) 'on'",
+        "SELECT coalesce(pg_catalog.current_setting('pg_stat_statements.track_utility', true) OPERATOR(pg_catalog.=) 'on', false)",
         vec![],
     )?
     .unwrap_or(false);
