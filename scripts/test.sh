@@ -81,8 +81,9 @@ else
   for s in pgrx-tests/scripts/t_*.sh; do
     run "$(basename "$s" .sh)" bash "$s"
   done
-  # the upgrade from the previous release too (t_upgrade starts from 0.1.0)
-  run t_upgrade_from_0.2.0 env EKM_OLD_VERSION=0.2.0 bash pgrx-tests/scripts/t_upgrade.sh
+  # the upgrade from the previous release too (t_upgrade starts from 0.1.0,
+  # through every script since)
+  run t_upgrade_from_0.3.0 env EKM_OLD_VERSION=0.3.0 bash pgrx-tests/scripts/t_upgrade.sh
 fi
 
 echo

@@ -117,7 +117,15 @@ CREATE TABLE ekm.rotation_job (
     error        text,
     -- what a running job waits for, when it cannot go on (e.g. transactions
     -- older than the key switch); NULL while it makes progress
-    waiting_for  text
+    waiting_for  text,
+    -- what holds its batches back (ekm.rotation_max_replica_lag,
+    -- ekm.rotation_max_active_sessions, ekm.rotation_target_app_share), since when
+    throttled_by    text,
+    throttled_since timestamptz,
+    -- vacuums run behind its batches (ekm.rotation_vacuum_growth), and why
+    -- the last one could not free what they left behind, if it could not
+    vacuums      int NOT NULL DEFAULT 0,
+    vacuum_note  text
 );
 -- At most one unfinished job per database (scans of the database run beside them).
 CREATE UNIQUE INDEX rotation_job_one_unfinished ON ekm.rotation_job ((true))
@@ -138,6 +146,9 @@ CREATE TABLE ekm.rotation_cursor (
     rows_done       bigint NOT NULL DEFAULT 0,
     passes          int NOT NULL DEFAULT 1,
     skipped_locked  bigint NOT NULL DEFAULT 0,
+    -- the table's size when the cursor was made (TOAST: its table and index)
+    heap_bytes_before  bigint,
+    toast_bytes_before bigint,
     PRIMARY KEY (job_id, tbl, col)
 );
 

@@ -83,13 +83,22 @@ SELECT j.job_id, j.kind, c.tbl AS table_name, c.col AS column_name, j.from_key, 
        CASE WHEN j.state = 'running' AND c.state <> 'done' AND r.rows_per_second > 0
             THEN make_interval(secs => greatest(c.rows_total - c.rows_done, 0) / r.rows_per_second) END AS eta,
        c.state AS column_state, c.passes, j.state AS job_state, j.waiting_for, j.error,
-       j.switched_at AS started_at, j.finished_at
+       j.switched_at AS started_at, j.finished_at,
+       j.throttled_by, j.throttled_since,
+       -- the table's size when the job began and now (TOAST: its table and index)
+       c.heap_bytes_before, s.heap_bytes, c.toast_bytes_before, s.toast_bytes,
+       round(100.0 * (s.heap_bytes + s.toast_bytes - c.heap_bytes_before - c.toast_bytes_before)
+             / greatest(c.heap_bytes_before + c.toast_bytes_before, 1), 1) AS growth_percent,
+       j.vacuums, j.vacuum_note
 FROM ekm.rotation_job j
 JOIN ekm.rotation_cursor c USING (job_id)
 CROSS JOIN LATERAL (SELECT round(j.rows_done / greatest(extract(epoch FROM coalesce(j.finished_at, now()) - j.switched_at), 0.001))::bigint
                            AS rows_per_second) r
+LEFT JOIN LATERAL (SELECT pg_relation_size(t.oid) AS heap_bytes,
+                          coalesce(pg_total_relation_size(nullif(t.reltoastrelid, 0)), 0) AS toast_bytes
+                   FROM pg_class t WHERE t.oid = c.tbl) s ON true
 ORDER BY j.job_id DESC, c.tbl::text, c.col;
-COMMENT ON VIEW ekm.rotation_progress IS 'Rotation jobs per column: rows done/total, percent, rows/s, ETA, state, error.';
+COMMENT ON VIEW ekm.rotation_progress IS 'Rotation jobs per column: rows done/total, percent, rows/s, ETA, state, error, throttling, table size before and now, vacuums.';
 
 -- Where the latest scan of the database (ekm_scan_database) found ekm
 -- ciphertexts: every text-like column of every table, registered or not.

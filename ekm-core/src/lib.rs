@@ -9,6 +9,7 @@ pub mod format;
 pub mod gcm;
 pub mod keyid;
 pub mod lifecycle;
+pub mod pace;
 pub mod redact;
 pub mod state;
 

@@ -97,6 +97,42 @@ printf "ekm.master_key_file = '%s/mk2'\n" "$kdir" | as_pg tee -a "$s/data/postgr
 as_pg "$PGBIN/pg_ctl" -D "$s/data" reload >/dev/null; sleep 1
 check "after its reload the standby decrypts in new sessions" "$(qs "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'people.email') IS NOT NULL")" 1000
 check "and its master key check passes" "$(qs "SELECT status FROM ekm_health() WHERE \"check\" = 'master_key'")" ok
+# Throttling on replica lag: with the standby's replay paused, a rotation
+# pauses once its replay lag exceeds ekm.rotation_max_replica_lag, says so
+# in throttled_by, and goes on once replay resumes and catches up.
+echo "wal_receiver_status_interval = 1" | as_pg tee -a "$s/data/postgresql.conf" >/dev/null
+as_pg "$PGBIN/pg_ctl" -D "$s/data" reload >/dev/null
+qp "CREATE TABLE lagged (id int PRIMARY KEY, v text)" >/dev/null
+qp "INSERT INTO lagged SELECT g, ekm_encrypt('lagged ' || g, 'lagged.v') FROM generate_series(1, 50000) g" >/dev/null
+qp "SELECT ekm_register_column('lagged', 'v', 'lagged.v')" >/dev/null
+qp "ALTER SYSTEM SET ekm.rotation_max_replica_lag = 200" >/dev/null
+qp "ALTER SYSTEM SET ekm.rotation_batch_pause = 20" >/dev/null
+qp "SELECT pg_reload_conf()" >/dev/null
+wait_replay
+qs "SELECT pg_wal_replay_pause()" >/dev/null
+job=$(qp "SELECT DISTINCT job_id FROM ekm_rotate(batch_size => 200, force => true)" | grep -v NOTICE)
+throttled=""
+for _ in $(seq 1 600); do
+  throttled=$(qp "SELECT throttled_by FROM ekm.rotation_job WHERE job_id = $job")
+  [ -n "$throttled" ] && break; sleep 0.05
+done
+check_match "lag: with replay paused the rotation is throttled, naming the standby" "$throttled" \
+  "^replica lag: standby '[^']+' replays [0-9]+ ms behind \\(ekm.rotation_max_replica_lag = 200 ms\\)$"
+check "lag: the job is still running, its old key rotating" "$(qp "SELECT j.state || ':' || k.rotation_status FROM ekm.rotation_job j JOIN ekm.keys k ON k.key_id = j.from_key WHERE j.job_id = $job")" "running:rotating"
+r1=$(qp "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job")
+sleep 1.5
+check "lag: no batch runs while the standby lags" "$(qp "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job")" "$r1"
+check_match "lag: progress shows it" "$(qp "SELECT DISTINCT throttled_by FROM ekm.rotation_progress WHERE job_id = $job")" '^replica lag: '
+qs "SELECT pg_wal_replay_resume()" >/dev/null
+check "lag: the rotation finishes once replay resumes" "$(cpsql "$p" "$pport" -d postgres -At -q -c "SELECT state FROM ekm_rotation_wait($job, 120)" 2>/dev/null)" done
+check "lag: throttled_by is cleared" "$(qp "SELECT throttled_by IS NULL FROM ekm.rotation_job WHERE job_id = $job")" t
+wait_replay
+check "lag: every value decrypts on the standby, on the new key" \
+  "$(qs "SELECT count(*) FROM lagged WHERE ekm_decrypt(v, 'lagged.v') = 'lagged ' || id AND ekm_key_id(v) = (SELECT key_id FROM ekm.keys WHERE is_active)")" 50000
+qp "ALTER SYSTEM RESET ekm.rotation_max_replica_lag" >/dev/null
+qp "ALTER SYSTEM RESET ekm.rotation_batch_pause" >/dev/null
+qp "SELECT pg_reload_conf()" >/dev/null
+
 check_log_clean "$p/server.log"
 check_log_clean "$s/server.log"
 tap_done

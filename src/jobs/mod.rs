@@ -4,6 +4,7 @@
 
 pub mod batchfn;
 pub mod notify;
+pub mod pace;
 pub mod protocol;
 pub mod scan;
 pub mod start;

@@ -301,7 +301,10 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
             .collect::<Vec<_>>()
             .join(" OR ")
     };
-    let hi = g.next_block + g.blocks_per_batch as i64;
+    // (smaller than the job's batch size in a small table, for the vacuum
+    // behind the batches to bound its growth: pace.rs)
+    let bpb = crate::jobs::pace::batch_blocks(g.blocks_per_batch as i64, g.nblocks);
+    let hi = g.next_block + bpb;
     // Identifiers are quoted by PostgreSQL (quote_identifier), every
     // function and operator is qualified; values are bound. Each function
     // returns the value unchanged unless it moves it. ONLY: a partition or
@@ -413,6 +416,14 @@ fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result
     if moved != g.names.len() {
         return Err(STALE_GROUP.to_string());
     }
+    // the vacuum behind the batches (pace.rs): due after enough batches
+    // that rewrote rows
+    crate::jobs::pace::batch_done(
+        g.tbl,
+        g.nblocks,
+        crate::jobs::pace::batch_blocks(g.blocks_per_batch as i64, g.nblocks),
+        total > 0,
+    );
     if hi < g.nblocks {
         // the end of the table is decided by a fresh read of its size
         let mut next = g;
@@ -487,6 +498,8 @@ fn scan_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
 /// another pass if one needs moving. A migration sweeps its column first.
 fn end_pass(job_id: i64, kind: &str, g: Group) -> Result<Step, String> {
     pause_point("pass_end")?;
+    // what the last batches of the pass left behind is vacuumed too
+    crate::jobs::pace::pass_ended(g.tbl);
     spi::exec(
         if kind == "encrypt" {
             "UPDATE ekm.rotation_cursor SET state = 'sweeping' \
@@ -946,7 +959,8 @@ fn retire(job_id: i64, kind: &str, keys: &[String]) -> Result<Step, String> {
     // durable before anyone hears of it (the batches commit asynchronously)
     Spi::run("SET LOCAL synchronous_commit = on").map_err(spi_err)?;
     let running = one_i64(
-        "WITH u AS (UPDATE ekm.rotation_job SET state = 'done', finished_at = clock_timestamp(), waiting_for = NULL \
+        "WITH u AS (UPDATE ekm.rotation_job SET state = 'done', finished_at = clock_timestamp(), waiting_for = NULL, \
+                           throttled_by = NULL, throttled_since = NULL \
                     WHERE job_id = $1 AND state = 'running' RETURNING 1) SELECT count(*) FROM u",
         vec![job_id.into()],
     )?;
@@ -1046,7 +1060,8 @@ fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
     // (a rotation's retire marked it done already; a migration's is still
     // running, unless a cancel committed first: then nothing is reported)
     let Some(rows) = spi::one_mut::<i64>(
-        "UPDATE ekm.rotation_job SET state = 'done', finished_at = coalesce(finished_at, clock_timestamp()), waiting_for = NULL \
+        "UPDATE ekm.rotation_job SET state = 'done', finished_at = coalesce(finished_at, clock_timestamp()), waiting_for = NULL, \
+                throttled_by = NULL, throttled_since = NULL \
          WHERE job_id = $1 AND state IN ('running', 'done') RETURNING rows_done",
         vec![job_id.into()],
     )
@@ -1060,20 +1075,33 @@ fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
         "scan" => "database_scanned",
         _ => "rotation_done",
     };
-    catalog::audit(
-        event,
-        None,
-        &catalog::json_object(&[
-            ("job_id", &job_id.to_string()),
-            ("kind", kind),
-            ("rows", &rows.to_string()),
-            ("retired", &retired.join(",")),
-        ]),
-    )
-    .map_err(e)?;
+    // the tables' size before the job and now (heap, TOAST), and the
+    // vacuums behind its batches
+    let sizes = if kind == "scan" {
+        None
+    } else {
+        crate::jobs::pace::job_sizes(job_id)?
+    };
+    let mut fields: Vec<(&str, String)> = vec![
+        ("job_id", job_id.to_string()),
+        ("kind", kind.to_string()),
+        ("rows", rows.to_string()),
+        ("retired", retired.join(",")),
+    ];
+    if let Some(s) = &sizes {
+        fields.extend([
+            ("heap_bytes_before", s.heap_before.to_string()),
+            ("heap_bytes_after", s.heap_after.to_string()),
+            ("toast_bytes_before", s.toast_before.to_string()),
+            ("toast_bytes_after", s.toast_after.to_string()),
+            ("vacuums", s.vacuums.to_string()),
+        ]);
+    }
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    catalog::audit(event, None, &catalog::json_object(&fields)).map_err(e)?;
     notify(job_id, kind, "done")?;
     pgrx::log!(
-        "ekm: {kind} job {job_id} done: {rows} values {}{}",
+        "ekm: {kind} job {job_id} done: {rows} values {}{}{}",
         match kind {
             "encrypt" => "encrypted",
             "scan" => "found",
@@ -1083,7 +1111,8 @@ fn finish(job_id: i64, kind: &str, retired: &[String]) -> Result<Step, String> {
             String::new()
         } else {
             format!(", retired {}", retired.join(", "))
-        }
+        },
+        sizes.map(|s| s.describe()).unwrap_or_default()
     );
     Ok(Step::Stop)
 }

@@ -267,12 +267,14 @@ fn refuse_owner_without_privileges() -> EkmResult<()> {
 pub fn add_cursors(job: i64, batch_size: i32, only: Option<(pg_sys::Oid, &str)>) -> EkmResult<i64> {
     let (tbl, col) = only.map_or((None, None), |(t, c)| (Some(t), Some(c.to_string())));
     let added = spi::one_mut::<i64>(
-        "WITH a AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
+        "WITH a AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total, \
+                                                   heap_bytes_before, toast_bytes_before) \
            SELECT $1, r.tbl, r.col, r.context, \
                   pg_relation_size(r.tbl) / current_setting('block_size')::bigint, \
                   CASE WHEN c.reltuples < 0 THEN 1 \
                        ELSE greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int) END, \
-                  greatest(c.reltuples, 0)::bigint \
+                  greatest(c.reltuples, 0)::bigint, \
+                  pg_relation_size(r.tbl), coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0) \
            FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
            WHERE c.relkind = 'r' \
              AND ($3::oid IS NULL OR ((r.tbl = $3::oid OR r.parent = $3::oid) AND r.col = $4)) \

@@ -6,6 +6,7 @@ use crate::jobs::protocol::{self, Step, SKIP_LOCKED_NEXT, STALE_GROUP};
 use crate::keys::catalog;
 use crate::pg::owner;
 use crate::pg::spi::{self, err_text as spi_err};
+use crate::pg::xact::transaction;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
     DynamicBackgroundWorker, SignalWakeFlags,
@@ -201,38 +202,6 @@ fn reload_config_if_asked() -> bool {
     asked
 }
 
-/// One transaction: `f` commits, or on ERROR the transaction is aborted and
-/// the SQLSTATE and message returned.
-fn transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, (String, String)> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let f = std::panic::AssertUnwindSafe(f);
-    let r = PgTryBuilder::new(move || f().map_err(|m| ("XX000".to_string(), m)))
-        .catch_others(|e| match e {
-            pg_sys::panic::CaughtError::PostgresError(r)
-            | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                Err((format!("{:?}", r.sql_error_code()), r.message().to_string()))
-            }
-            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
-                Err(("XX000".into(), ereport.message().to_string()))
-            }
-        })
-        .execute();
-    unsafe {
-        match &r {
-            Ok(_) => {
-                pg_sys::PopActiveSnapshot();
-                pg_sys::CommitTransactionCommand();
-            }
-            Err(_) => pg_sys::AbortCurrentTransaction(),
-        }
-    }
-    r
-}
-
 /// The rotation worker. `arg` is the job id (0: the running job, if any).
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -388,9 +357,28 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     // the old key and marks the job done commits synchronously (finish).
     let _ = transaction(|| Spi::run("SET synchronous_commit = off").map_err(spi_err));
 
+    // whether the last step made progress (batches): the throttle is asked
+    // before the next one
+    let mut busy = false;
     loop {
         let _ = reload_config_if_asked();
+        if busy {
+            let wait = crate::jobs::pace::throttle(job_id);
+            if !wait.is_zero() {
+                if !BackgroundWorker::wait_latch(Some(wait)) {
+                    pgrx::log!("ekm: rotation job {job_id}: worker stopping; the job resumes with ekm_rotation_resume({job_id}) or at server start");
+                    break;
+                }
+                continue;
+            }
+        }
         let r = transaction(|| protocol::step(job_id));
+        busy = matches!(r, Ok(Step::Again));
+        if r.is_err() {
+            crate::jobs::pace::step_failed();
+        }
+        // the vacuum behind the batches, when one is due (pace.rs)
+        crate::jobs::pace::vacuum_if_due(job_id);
         let pause = match r {
             Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause(),
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),

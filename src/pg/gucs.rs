@@ -20,6 +20,10 @@ static ROTATION_DUE_ENCRYPTIONS: GucSetting<f64> = GucSetting::<f64>::new(2_147_
 static ROTATION_BATCH_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static ROTATION_RETRY_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static ROTATION_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+static ROTATION_VACUUM_GROWTH: GucSetting<f64> = GucSetting::<f64>::new(0.02);
+static ROTATION_MAX_REPLICA_LAG_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+static ROTATION_MAX_ACTIVE_SESSIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
+static ROTATION_TARGET_APP_SHARE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 static AUTO_ROTATE: GucSetting<bool> = GucSetting::<bool>::new(false);
 static AUTO_ROTATE_DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
@@ -189,6 +193,46 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_float_guc(
+        c"ekm.rotation_vacuum_growth",
+        c"A rotation vacuums the table behind its batches each time they have rewritten this share of its size (0: never).",
+        c"Bounds the table's growth during a rotation (heap, TOAST and indexes) to about this share: later batches reuse the space the vacuum freed.",
+        &ROTATION_VACUUM_GROWTH,
+        0.0,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_max_replica_lag",
+        c"A rotation pauses while a streaming standby's replay lag exceeds this, in milliseconds (0: never).",
+        c"The largest replay_lag in pg_stat_replication.",
+        &ROTATION_MAX_REPLICA_LAG_MS,
+        0,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_max_active_sessions",
+        c"A rotation pauses while more client sessions than this are running a statement (0: never).",
+        c"Sessions in state active in pg_stat_activity, in every database, the rotation's own excepted.",
+        &ROTATION_MAX_ACTIVE_SESSIONS,
+        0,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"ekm.rotation_target_app_share",
+        c"A rotation paces its batches to keep the application's write throughput at this share of what it is without the rotation (0: off).",
+        c"Measured from the transaction ids the application's transactions take, with and without batches running.",
+        &ROTATION_TARGET_APP_SHARE,
+        0.0,
+        0.99,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"ekm.auto_rotate",
         c"Whether the ekm launcher starts a rotation by itself when the active key is due.",
@@ -327,6 +371,22 @@ pub fn rotation_retry_pause() -> std::time::Duration {
 
 pub fn rotation_lock_timeout_ms() -> i32 {
     ROTATION_LOCK_TIMEOUT_MS.get()
+}
+
+/// `ekm.rotation_vacuum_growth`: the share of a table's size its batches
+/// rewrite between two vacuums (0: no vacuum).
+pub fn rotation_vacuum_growth() -> f64 {
+    ROTATION_VACUUM_GROWTH.get().clamp(0.0, 1.0)
+}
+
+/// The throttle's limits: `(max replica lag ms, max active sessions,
+/// target application share)`, each 0 when off.
+pub fn rotation_throttle() -> (i32, i32, f64) {
+    (
+        ROTATION_MAX_REPLICA_LAG_MS.get().max(0),
+        ROTATION_MAX_ACTIVE_SESSIONS.get().max(0),
+        ROTATION_TARGET_APP_SHARE.get().clamp(0.0, 0.99),
+    )
 }
 
 pub fn auto_rotate() -> bool {

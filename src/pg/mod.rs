@@ -8,4 +8,7 @@ pub mod owner;
 pub mod redact;
 pub mod spi;
 pub mod time;
+pub mod vacuum;
 pub mod varlena;
+pub mod xact;
+pub mod xmin;

@@ -489,6 +489,9 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
         }
     }
     let mut slot: Option<WaiterSlot> = None;
+    // a plain SELECT ekm_rotation_wait(...) does not keep the vacuum behind
+    // the batches from freeing what they rewrote (pg/xmin.rs)
+    let release_xmin = crate::pg::xmin::waiting_statement_may_release_xmin();
     let start = std::time::Instant::now();
     let mut last_notice = std::time::Instant::now() - std::time::Duration::from_secs(10);
     let mut last_rows = -1i64;
@@ -576,6 +579,9 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
             if start.elapsed().as_secs_f64() >= t {
                 return (job, state, rows, error);
             }
+        }
+        if release_xmin {
+            crate::pg::xmin::release_xmin();
         }
         unsafe {
             pg_sys::WaitLatch(

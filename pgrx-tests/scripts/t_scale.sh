@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Rotation at production scale (docs/design.md, section 5, "Pace"):
+#   1. the heap bound: a rotation, a rollback and a column encryption of a
+#      200,000-row table grow it by at most 5% (ekm.rotation_vacuum_growth);
+#      without the vacuum the same rotation doubles it (the control);
+#      a table of TOASTed values too; sizes in ekm.rotation_progress and in
+#      the job's audit entry; SELECT ekm_rotation_wait() itself holds no
+#      space back;
+#   2. a snapshot held across the rotation: the vacuum cannot free, and
+#      ekm.rotation_progress.vacuum_note names the session;
+#   3. the throttle on active sessions: throttled_by says so while more
+#      client sessions than ekm.rotation_max_active_sessions run a
+#      statement, the job does not advance, and it finishes once they end;
+#   4. the adaptive pause on an idle server: nothing to protect, no pause.
+# The replica lag throttle is in t_standby.sh (it needs a standby).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/lib.sh"
+source "$here/tap.sh"
+dir=/tmp/ekm-scale; port=55455
+cleanup() {
+  [ -n "${held_pid:-}" ] && kill "$held_pid" 2>/dev/null
+  for p in ${blocked_pids:-}; do kill "$p" 2>/dev/null; done
+  cluster_stop "$dir" immediate >/dev/null 2>&1
+}
+trap cleanup EXIT
+cluster_start "$dir" "$port" "ekm.debug_pause_points = on" || exit 1
+q() { cpsql "$dir" "$port" -d app -At -q -c "$1" 2>&1; }
+# a job's final state; its NOTICE lines are not part of the answer
+wait_job() { cpsql "$dir" "$port" -d app -At -q -c "SELECT state FROM ekm_rotation_wait($1, 300)" 2>/dev/null; }
+job_of() { q "SELECT max(job_id) FROM ekm.rotation_job"; }
+reload() { q "SELECT pg_reload_conf()" >/dev/null; q "SELECT pg_sleep(0.2)" >/dev/null; }
+# heap + TOAST (table and index) + the indexes on the encrypted columns
+size_of() {
+  q "SELECT pg_relation_size('$1') + coalesce(pg_total_relation_size(nullif(reltoastrelid, 0)), 0) FROM pg_class WHERE oid = '$1'::regclass"
+}
+growth_pct() { python3 -c "print(round(100.0 * ($2 - $1) / $1, 1))"; }
+within() { python3 -c "import sys; sys.exit(0 if $1 <= $2 else 1)"; }
+
+cpsql "$dir" "$port" -d postgres -q -c "CREATE DATABASE app" || exit 1
+q "CREATE EXTENSION ekm" >/dev/null
+q "CREATE TABLE people (id int PRIMARY KEY, email text, ssn text)" >/dev/null
+q "INSERT INTO people SELECT g, ekm_encrypt('user' || g || '@example.com', 'people.email'), ekm_encrypt(lpad(g::text, 9, '0'), 'people.ssn') FROM generate_series(1, 200000) g" >/dev/null
+q "VACUUM ANALYZE people" >/dev/null
+q "SELECT ekm_register_column('people', 'email', 'people.email'), ekm_register_column('people', 'ssn', 'people.ssn')" >/dev/null
+q "CREATE TABLE shadow AS SELECT id, ekm_decrypt(email, 'people.email') AS email, ekm_decrypt(ssn, 'people.ssn') AS ssn FROM people" >/dev/null
+same_as_shadow() {
+  q "SELECT count(*) FROM people p JOIN shadow s USING (id) WHERE ekm_decrypt(p.email, 'people.email') = s.email AND ekm_decrypt(p.ssn, 'people.ssn') = s.ssn"
+}
+
+# --- 1. the heap bound ------------------------------------------------------
+before=$(size_of people)
+q "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+job=$(job_of)
+check "1: rotation of 200,000 rows x 2 columns ends done" "$(wait_job "$job")" done
+after=$(size_of people)
+g=$(growth_pct "$before" "$after")
+if within "$g" 5; then ok "1: heap grew $g% (<= 5%): $before -> $after bytes"; else not_ok "1: heap grew $g% (> 5%): $before -> $after bytes"; fi
+check "1: every value decrypts to what it was, on the new key" "$(same_as_shadow)" 200000
+check "1: no value left on another key" "$(q "SELECT count(*) FROM people WHERE ekm_key_id(email) <> (SELECT key_id FROM ekm.keys WHERE is_active) OR ekm_key_id(ssn) <> (SELECT key_id FROM ekm.keys WHERE is_active)")" 0
+check_match "1: the job vacuumed behind its batches" "$(q "SELECT vacuums FROM ekm.rotation_job WHERE job_id = $job")" '^[1-9][0-9]*$'
+check "1: progress: size before, now, growth" \
+  "$(q "SELECT DISTINCT heap_bytes_before + toast_bytes_before = $before, heap_bytes + toast_bytes = $after, growth_percent = $g, vacuum_note IS NULL FROM ekm.rotation_progress WHERE job_id = $job")" "t|t|t|t"
+check "1: the audit entry has the sizes before and after" \
+  "$(q "SELECT (detail->>'heap_bytes_before')::bigint + (detail->>'toast_bytes_before')::bigint = $before, (detail->>'heap_bytes_after')::bigint + (detail->>'toast_bytes_after')::bigint = $after, (detail->>'vacuums')::int > 0 FROM ekm.audit_log WHERE event = 'rotation_done' AND detail->>'job_id' = '$job'")" "t|t|t"
+check_match "1: the log line has them too" "$(grep "rotate job $job done" "$dir/server.log" | tail -n1)" 'tables [0-9.]+ MB -> [0-9.]+ MB, TOAST .* [0-9]+ vacuums'
+
+# the rollback, over the table as the rotation left it
+before=$(size_of people)
+q "SELECT * FROM ekm_rollback()" >/dev/null
+job=$(job_of)
+check "1: rollback ends done" "$(wait_job "$job")" done
+after=$(size_of people)
+g=$(growth_pct "$before" "$after")
+if within "$g" 5; then ok "1: rollback grew the heap $g% (<= 5%)"; else not_ok "1: rollback grew the heap $g% (> 5%)"; fi
+check "1: every value decrypts after the rollback" "$(same_as_shadow)" 200000
+
+# the control: the same rotation without the vacuum doubles the table
+q "ALTER SYSTEM SET ekm.rotation_vacuum_growth = 0" >/dev/null; reload
+before=$(size_of people)
+q "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+job=$(job_of)
+check "1: control rotation (ekm.rotation_vacuum_growth = 0) ends done" "$(wait_job "$job")" done
+after=$(size_of people)
+g=$(growth_pct "$before" "$after")
+if within 80 "$g"; then ok "1: without the vacuum the heap grew $g% (the bound is the vacuum's doing)"; else not_ok "1: without the vacuum the heap grew only $g%"; fi
+check "1: no vacuum counted" "$(q "SELECT vacuums FROM ekm.rotation_job WHERE job_id = $job")" 0
+q "ALTER SYSTEM RESET ekm.rotation_vacuum_growth" >/dev/null; reload
+q "VACUUM FULL people" >/dev/null
+
+# TOASTed values: 4,000 rows of ~4.5 kB ciphertexts (out of line)
+q "CREATE TABLE docs (id int PRIMARY KEY, body text)" >/dev/null
+q "INSERT INTO docs SELECT g, ekm_encrypt(repeat(md5(g::text), 100), 'docs.body') FROM generate_series(1, 4000) g" >/dev/null
+q "VACUUM ANALYZE docs" >/dev/null
+q "SELECT ekm_register_column('docs', 'body', 'docs.body')" >/dev/null
+check "1: docs' values are out of line" "$(q "SELECT pg_relation_size(reltoastrelid) > 10 * pg_relation_size(oid) FROM pg_class WHERE relname = 'docs'")" t
+before=$(size_of docs); pbefore=$(size_of people)
+q "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+job=$(job_of)
+check "1: rotation of the TOASTed table ends done" "$(wait_job "$job")" done
+after=$(size_of docs); pafter=$(size_of people)
+g=$(growth_pct "$before" "$after")
+if within "$g" 5; then ok "1: heap + TOAST grew $g% (<= 5%): $before -> $after bytes"; else not_ok "1: heap + TOAST grew $g% (> 5%): $before -> $after bytes"; fi
+g=$(growth_pct "$pbefore" "$pafter")
+if within "$g" 5; then ok "1: people grew $g% in the same job"; else not_ok "1: people grew $g% in the same job"; fi
+check "1: docs' values decrypt" "$(q "SELECT count(*) FROM docs WHERE ekm_decrypt(body, 'docs.body') = repeat(md5(id::text), 100)")" 4000
+check "1: progress shows TOAST before and now" "$(q "SELECT toast_bytes_before > 0, toast_bytes > 0 FROM ekm.rotation_progress WHERE job_id = $job AND table_name = 'docs'::regclass")" "t|t"
+
+# a column encryption: its values get longer, so the bound is against the
+# same rows loaded with their final values (a table without free space)
+q "CREATE TABLE plain (id int PRIMARY KEY, secret text)" >/dev/null
+q "INSERT INTO plain SELECT g, 'secret-' || g FROM generate_series(1, 200000) g" >/dev/null
+q "VACUUM ANALYZE plain" >/dev/null
+q "SELECT * FROM ekm_encrypt_column('plain', 'secret', context => 'plain.secret')" >/dev/null
+job=$(job_of)
+check "1: column encryption of 200,000 rows ends done" "$(wait_job "$job")" done
+q "CREATE TABLE plain_packed AS SELECT * FROM plain" >/dev/null
+packed=$(size_of plain_packed); after=$(size_of plain)
+g=$(growth_pct "$packed" "$after")
+if within "$g" 5; then ok "1: the encrypted table is $g% larger than the same rows packed (<= 5%)"; else not_ok "1: the encrypted table is $g% larger than the same rows packed"; fi
+check "1: every value encrypted" "$(q "SELECT count(*) FROM plain WHERE ekm_decrypt(secret, 'plain.secret') = 'secret-' || id")" 200000
+
+# --- 2. a snapshot older than the batches ------------------------------------
+rm -f "$dir/held.in"; mkfifo "$dir/held.in"
+cpsql "$dir" "$port" -d app -At -q <"$dir/held.in" >"$dir/held.out" 2>&1 &
+held_pid=$!
+exec 9>"$dir/held.in"
+echo "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 'held', pg_backend_pid(), count(*) FROM people;" >&9
+held=""
+for _ in $(seq 1 200); do held=$(grep -m1 '^held|' "$dir/held.out" | cut -d'|' -f2); [ -n "$held" ] && break; sleep 0.05; done
+check_match "2: a session holds a snapshot" "$held" '^[0-9]+$'
+before=$(size_of people)
+q "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+job=$(job_of)
+# the passes end, then the final step waits for that transaction (the fence)
+waiting=""
+for _ in $(seq 1 1200); do
+  waiting=$(q "SELECT waiting_for FROM ekm.rotation_job WHERE job_id = $job")
+  [ -n "$waiting" ] && break; sleep 0.05
+done
+check_match "2: after its passes the job waits for the session" "$waiting" "pids $held"
+after=$(size_of people)
+g=$(growth_pct "$before" "$after")
+if within 50 "$g"; then ok "2: with the snapshot held the heap grew $g% (nothing could be freed)"; else not_ok "2: with the snapshot held the heap grew only $g%"; fi
+check_match "2: vacuum_note names the session and says why" \
+  "$(q "SELECT DISTINCT vacuum_note FROM ekm.rotation_progress WHERE job_id = $job")" "^session $held \\(postgres, idle in transaction, in a transaction since .*holds a snapshot older than the batches"
+echo "COMMIT;" >&9; exec 9>&-; wait "$held_pid" 2>/dev/null; held_pid=""
+check "2: the rotation ends done once it commits" "$(wait_job "$job")" done
+check "2: every value decrypts" "$(same_as_shadow)" 200000
+q "VACUUM FULL people" >/dev/null
+
+# --- 3. the active sessions throttle ------------------------------------------
+q "ALTER SYSTEM SET ekm.rotation_max_active_sessions = 1" >/dev/null; reload
+# two sessions waiting for a lock are two sessions running a statement
+cpsql "$dir" "$port" -d postgres -q -c "SELECT pg_advisory_lock(4242), pg_sleep(600)" >/dev/null 2>&1 &
+holder=$!
+for _ in $(seq 1 200); do [ "$(q "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND granted")" = 1 ] && break; sleep 0.05; done
+blocked_pids="$holder"
+for i in 1 2; do
+  cpsql "$dir" "$port" -d postgres -q -c "SELECT pg_advisory_lock(4242)" >/dev/null 2>&1 &
+  blocked_pids="$blocked_pids $!"
+done
+for _ in $(seq 1 200); do [ "$(q "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted")" = 2 ] && break; sleep 0.05; done
+q "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+job=$(job_of)
+throttled=""
+for _ in $(seq 1 200); do
+  throttled=$(q "SELECT throttled_by FROM ekm.rotation_job WHERE job_id = $job")
+  [ -n "$throttled" ] && break; sleep 0.05
+done
+check_match "3: throttled_by names the limit" "$throttled" '^active sessions: [3-9] client sessions are running a statement \(ekm.rotation_max_active_sessions = 1\)$'
+check "3: throttled_since is set" "$(q "SELECT throttled_since IS NOT NULL AND state = 'running' FROM ekm.rotation_job WHERE job_id = $job")" t
+check "3: progress shows it" "$(q "SELECT DISTINCT throttled_by IS NOT NULL FROM ekm.rotation_progress WHERE job_id = $job")" t
+r1=$(q "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job")
+q "SELECT pg_sleep(1)" >/dev/null
+r2=$(q "SELECT rows_done FROM ekm.rotation_job WHERE job_id = $job")
+check "3: no batch runs while throttled" "$r2" "$r1"
+q "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%pg_advisory_lock(4242)%' AND pid <> pg_backend_pid()" >/dev/null
+wait $blocked_pids 2>/dev/null; blocked_pids=""
+check "3: the job finishes once the sessions end" "$(wait_job "$job")" done
+check "3: throttled_by is cleared" "$(q "SELECT throttled_by IS NULL AND throttled_since IS NULL FROM ekm.rotation_job WHERE job_id = $job")" t
+check_match "3: the log says when the job was throttled" "$(grep "rotation job $job: throttled" "$dir/server.log" | head -n1)" 'throttled: active sessions'
+check "3: every value decrypts" "$(same_as_shadow)" 200000
+q "ALTER SYSTEM RESET ekm.rotation_max_active_sessions" >/dev/null; reload
+
+# --- 4. the adaptive pause with no application ----------------------------------
+q "ALTER SYSTEM SET ekm.rotation_target_app_share = 0.8" >/dev/null; reload
+q "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+job=$(job_of)
+check "4: a rotation with a target share on an idle server ends done" "$(wait_job "$job")" done
+check "4: it was never throttled (no application to protect)" "$(grep -c "rotation job $job: throttled" "$dir/server.log")" 0
+check "4: every value decrypts" "$(same_as_shadow)" 200000
+q "ALTER SYSTEM RESET ekm.rotation_target_app_share" >/dev/null; reload
+
+check_log_clean "$dir/server.log"
+tap_done
