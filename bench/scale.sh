@@ -44,7 +44,9 @@ q() { cpsql "$dir" "$port" -d postgres -At -q "$@"; }
 now() { date +%s.%N; }
 size() { q -c "SELECT pg_relation_size('$1') + coalesce(pg_total_relation_size(nullif(reltoastrelid, 0)), 0) FROM pg_class WHERE oid = '$1'::regclass"; }
 pct() { python3 -c "print(f'{100.0 * ($2 - $1) / $1:+.1f}%')"; }
-wait_job() { q -c "SELECT state FROM ekm_rotation_wait((SELECT max(job_id) FROM ekm.rotation_job), 3600)" 2>/dev/null; }
+# the job id first: a wait whose statement reads a table keeps its snapshot
+# (and with it the vacuum behind the batches) for the whole wait
+wait_job() { local j; j=$(q -c "SELECT max(job_id) FROM ekm.rotation_job"); q -c "SELECT state FROM ekm_rotation_wait($j, 3600)" 2>/dev/null; }
 reload() { q -c "SELECT pg_reload_conf()" >/dev/null; sleep 0.3; }
 
 echo "== A. heap and TOAST growth, $ROWS rows x 2 columns, batches of 1,000 rows"
@@ -55,7 +57,6 @@ CREATE TABLE k AS SELECT decode(repeat('5a', 32), 'hex') AS old_key, decode(repe
 CREATE TABLE t_ekm (id int PRIMARY KEY, email text, mobno text);
 INSERT INTO t_ekm SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com', 'e'), ekm_encrypt('+91' || lpad(g::text, 10, '0'), 'm')
 FROM generate_series(1, $ROWS) g;
-CREATE TABLE t_ekm0 (LIKE t_ekm INCLUDING ALL); INSERT INTO t_ekm0 SELECT * FROM t_ekm;
 CREATE TABLE t_floor (LIKE t_ekm INCLUDING ALL); INSERT INTO t_floor SELECT * FROM t_ekm;
 CREATE TABLE t_floor_vac (LIKE t_ekm INCLUDING ALL); INSERT INTO t_floor_vac SELECT * FROM t_ekm;
 CREATE TABLE t_cbc (id int PRIMARY KEY, email bytea, mobno bytea);
@@ -95,6 +96,8 @@ run_sql cbc t_cbc "email = (SELECT x.iv || encrypt_iv(decrypt_iv(substring(email
 q -c "SELECT ekm_register_column('t_ekm', 'email', 'e'), ekm_register_column('t_ekm', 'mobno', 'm')" >/dev/null
 run_ekm ekm t_ekm
 vacuums=$(q -c "SELECT vacuums FROM ekm.rotation_job ORDER BY job_id DESC LIMIT 1")
+# the same rows, now on the active key, loaded the same way
+q -c "CREATE TABLE t_ekm0 (LIKE t_ekm INCLUDING ALL)" -c "INSERT INTO t_ekm0 SELECT * FROM t_ekm ORDER BY id" -c "VACUUM ANALYZE t_ekm0" >/dev/null
 q -c "ALTER SYSTEM SET ekm.rotation_vacuum_growth = 0" >/dev/null; reload
 q -c "SELECT ekm_register_column('t_ekm0', 'email', 'e'), ekm_register_column('t_ekm0', 'mobno', 'm')" >/dev/null
 run_ekm ekm_novac t_ekm0

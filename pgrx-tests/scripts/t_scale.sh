@@ -11,7 +11,12 @@
 #   3. the throttle on active sessions: throttled_by says so while more
 #      client sessions than ekm.rotation_max_active_sessions run a
 #      statement, the job does not advance, and it finishes once they end;
-#   4. the adaptive pause on an idle server: nothing to protect, no pause.
+#   4. the adaptive pause on an idle server: nothing to protect, no pause;
+#   5. two workers (ekm.rotation_workers = 2) on a partitioned table under
+#      writers: while one worker is held inside a batch of one partition the
+#      other finishes the rest; the held one is killed there (SIGKILL: the
+#      server restarts), the job resumes and finishes, and every row holds
+#      what its last writer wrote, on the new key.
 # The replica lag throttle is in t_standby.sh (it needs a standby).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,6 +26,7 @@ dir=/tmp/ekm-scale; port=55455
 cleanup() {
   [ -n "${held_pid:-}" ] && kill "$held_pid" 2>/dev/null
   for p in ${blocked_pids:-}; do kill "$p" 2>/dev/null; done
+  [ -n "${lock_pid:-}" ] && kill "$lock_pid" 2>/dev/null
   cluster_stop "$dir" immediate >/dev/null 2>&1
 }
 trap cleanup EXIT
@@ -192,5 +198,79 @@ check "4: it was never throttled (no application to protect)" "$(grep -c "rotati
 check "4: every value decrypts" "$(same_as_shadow)" 200000
 q "ALTER SYSTEM RESET ekm.rotation_target_app_share" >/dev/null; reload
 
-check_log_clean "$dir/server.log"
+# --- 5. two workers, a partitioned table, writers, a worker killed mid-batch ------
+q "CREATE TABLE orders (id int, email text, plain text) PARTITION BY HASH (id)" >/dev/null
+for i in 0 1 2 3; do q "CREATE TABLE orders_$i PARTITION OF orders FOR VALUES WITH (MODULUS 4, REMAINDER $i)" >/dev/null; done
+q "INSERT INTO orders SELECT g, ekm_encrypt('o' || g, 'orders.email'), 'o' || g FROM generate_series(1, 40000) g" >/dev/null
+q "VACUUM ANALYZE orders" >/dev/null
+# a trigger of one partition holds a rotation worker inside its batch while
+# this script holds advisory lock (4242, 5); the application passes
+q "CREATE FUNCTION hold_worker() RETURNS trigger LANGUAGE plpgsql AS \$\$
+   BEGIN
+     IF (SELECT backend_type FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid()) LIKE 'ekm rotation%' THEN
+       PERFORM pg_catalog.pg_advisory_xact_lock_shared(4242, 5);
+     END IF;
+     RETURN NEW;
+   END \$\$" >/dev/null
+q "CREATE TRIGGER hold_worker BEFORE UPDATE ON orders_2 FOR EACH ROW EXECUTE FUNCTION hold_worker()" >/dev/null
+q "SELECT ekm_register_column('orders', 'email', 'orders.email')" >/dev/null
+q "CREATE PROCEDURE writer(n int) LANGUAGE plpgsql AS \$\$
+   DECLARE i int; r int; v text;
+   BEGIN
+     FOR i IN 1..n LOOP
+       r := 1 + floor(random() * 40000)::int; v := 'w' || i || '-' || r;
+       UPDATE orders SET email = ekm_encrypt(v, 'orders.email'), plain = v WHERE id = r;
+       COMMIT;
+     END LOOP;
+   END \$\$" >/dev/null
+q "ALTER SYSTEM SET ekm.rotation_workers = 2" >/dev/null
+q "ALTER SYSTEM SET ekm.rotation_lock_timeout = 600000" >/dev/null
+q "ALTER SYSTEM SET deadlock_timeout = '20min'" >/dev/null
+reload
+rm -f "$dir/lock.in"; mkfifo "$dir/lock.in"
+cpsql "$dir" "$port" -d app -At -q <"$dir/lock.in" >"$dir/lock.out" 2>&1 &
+lock_pid=$!
+exec 8>"$dir/lock.in"
+echo "SELECT pg_advisory_lock(4242, 5); SELECT 'held';" >&8
+for _ in $(seq 1 200); do grep -q '^held$' "$dir/lock.out" && break; sleep 0.05; done
+for w in 1 2; do cpsql "$dir" "$port" -d app -q -c "CALL writer(3000)" >"$dir/writer$w.out" 2>&1 & done
+q "SELECT DISTINCT job_id FROM ekm_rotate(batch_size => 500, force => true)" >/dev/null
+job=$(job_of)
+held=""
+for _ in $(seq 1 600); do
+  held=$(q "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.backend_type LIKE 'ekm rotation%' AND l.locktype = 'advisory' AND l.classid = 4242 AND l.objid = 5 AND NOT l.granted")
+  [ -n "$held" ] && break; sleep 0.05
+done
+check_match "5: a worker is held inside a batch of orders_2" "$held" '^[0-9]+$'
+others=""
+for _ in $(seq 1 1200); do
+  others=$(q "SELECT count(*) FILTER (WHERE state = 'done') || '/' || count(*) FROM ekm.rotation_cursor WHERE job_id = $job AND tbl::text LIKE 'orders\\_%' AND tbl <> 'orders_2'::regclass")
+  [ "$others" = 3/3 ] && break; sleep 0.05
+done
+check "5: meanwhile the other worker finished the three other partitions" "$others" 3/3
+check "5: orders_2 is still in its first pass, claimed by the held worker" \
+  "$(q "SELECT c.state || ':' || (SELECT count(*) FROM pg_locks l WHERE l.locktype = 'userlock' AND l.objid = 'orders_2'::regclass::oid AND l.objsubid = 4 AND l.pid = $held AND l.granted) FROM ekm.rotation_cursor c WHERE c.job_id = $job AND c.tbl = 'orders_2'::regclass")" "scanning:1"
+check "5: two rotation workers ran the job (its own and a helper)" \
+  "$(grep -cE "rotation job $job: (worker started|helper started)" "$dir/server.log")" 2
+kill -KILL "$held"; check "5: the held worker was sent SIGKILL inside its batch" "$?" 0
+exec 8>&-; wait "$lock_pid" 2>/dev/null
+for _ in $(seq 1 300); do as_pg "$PGBIN/pg_isready" -q -h "$dir" -p "$port" && [ "$(q "SELECT 1")" = 1 ] && break; sleep 0.1; done
+wait 2>/dev/null
+# writers again, while the resumed job runs
+for w in 1 2; do cpsql "$dir" "$port" -d app -q -c "CALL writer(1000)" >"$dir/writer$w.out" 2>&1 & done
+check "5: the job resumes after the restart and ends done" "$(wait_job "$job")" done
+wait
+check "5: the writers committed without error after the restart" "$(client_errors "$dir/writer1.out" "$dir/writer2.out")" 0
+check "5: every row holds what its last writer wrote, on the new key" \
+  "$(q "SELECT count(*) FROM orders WHERE ekm_decrypt(email, 'orders.email') = plain AND ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job)")" 40000
+check "5: the old key is retired after the final check" \
+  "$(q "SELECT rotation_status FROM ekm.keys WHERE key_id = (SELECT from_key FROM ekm.rotation_job WHERE job_id = $job)")" retired
+q "ALTER SYSTEM RESET ekm.rotation_workers" >/dev/null
+q "ALTER SYSTEM RESET ekm.rotation_lock_timeout" >/dev/null
+q "ALTER SYSTEM RESET deadlock_timeout" >/dev/null
+reload
+
+# section 5's SIGKILL (the worker killed, the others ended, the
+# reinitialization): nothing else crashed
+check_log_clean "$dir/server.log" 3
 tap_done

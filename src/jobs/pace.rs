@@ -189,7 +189,10 @@ fn held_back_by(first_xid: u32) -> Result<Option<String>, String> {
     let who = spi::one::<String>(
         "WITH h AS ( \
            SELECT 'session ' || a.pid || ' (' || coalesce(a.usename::text, a.backend_type) || ', ' || coalesce(a.state, 'no state') \
-                  || coalesce(', in a transaction since ' || pg_catalog.to_char(a.xact_start, 'YYYY-MM-DD HH24:MI:SS TZ'), '') || ')' AS who, \
+                  || coalesce(', in a transaction since ' || pg_catalog.to_char(a.xact_start, 'YYYY-MM-DD HH24:MI:SS TZ'), '') || ')' \
+                  || CASE WHEN a.wait_event_type = 'Extension' AND a.query LIKE '%ekm_rotation_wait%' \
+                          THEN ', waiting in ekm_rotation_wait in a statement that reads a table (call it by itself: SELECT * FROM ekm_rotation_wait(<job>)),' \
+                          ELSE '' END AS who, \
                   greatest(pg_catalog.age(a.backend_xmin), pg_catalog.age(a.backend_xid)) AS age \
            FROM pg_catalog.pg_stat_activity a \
            WHERE a.pid <> pg_catalog.pg_backend_pid() AND a.backend_type <> 'autovacuum worker' \

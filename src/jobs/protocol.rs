@@ -37,6 +37,9 @@ pub(crate) enum Step {
     Again,
     /// Nothing to do right now (rows locked, old transactions); retry later.
     Later,
+    /// Every table left is another worker's (ekm.rotation_workers): look
+    /// again shortly.
+    Soon,
     /// Job finished, cancelled, failed, needs attention, or gone.
     Stop,
 }
@@ -75,6 +78,40 @@ thread_local! {
     /// The fence, taken after a clean check; dropped when anything sends a
     /// column back for another pass, adds a cursor, or changes the keys.
     static FENCE: std::cell::RefCell<Option<Fence>> = const { std::cell::RefCell::new(None) };
+    /// The table this worker has claimed (ekm's claim lock, session-scoped),
+    /// and whether for a scan.
+    static CLAIMED: std::cell::Cell<Option<(pg_sys::Oid, bool)>> = const { std::cell::Cell::new(None) };
+    /// When this worker last picked a group: how many other tables had
+    /// cursors left (the job's worker starts helpers for them).
+    static OTHERS_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Claims table `tbl` for this worker, unless another worker has it. A
+/// claim is held across the group's batches and given back at the end of
+/// its pass, when the table is dropped, or when the worker exits.
+fn claim(tbl: pg_sys::Oid, scan: bool) -> bool {
+    if CLAIMED.with(|c| c.get()) == Some((tbl, scan)) {
+        return true;
+    }
+    release_claim();
+    let ok = crate::keys::locks::try_lock_session(crate::keys::locks::EkmLock::Claim(tbl, scan));
+    if ok {
+        CLAIMED.with(|c| c.set(Some((tbl, scan))));
+    }
+    ok
+}
+
+/// Gives back this worker's claim, if it holds one.
+pub(crate) fn release_claim() {
+    if let Some((t, scan)) = CLAIMED.with(|c| c.take()) {
+        crate::keys::locks::unlock_session(crate::keys::locks::EkmLock::Claim(t, scan));
+    }
+}
+
+/// How many other tables had cursors left when this worker last picked a
+/// group (once; None if it did not pick one since).
+pub(crate) fn take_others_left() -> Option<usize> {
+    OTHERS_LEFT.with(|c| c.take())
 }
 
 fn set_fence(f: Option<Fence>) {
@@ -118,17 +155,26 @@ fn e(err: ekm_core::EkmError) -> String {
     err.to_string()
 }
 
-/// One step of job `job_id` (see the module's documentation).
-pub(crate) fn step(job_id: i64) -> Result<Step, String> {
+/// One step of job `job_id` (see the module's documentation). A `helper`
+/// (ekm.rotation_workers) runs only the steps of cursor groups: batches,
+/// ends of passes, sweeps; it stops when no table is left for it, and the
+/// job's own worker alone settles (checks, fence, final step).
+pub(crate) fn step(job_id: i64, helper: bool) -> Result<Step, String> {
     set_batch_timeouts();
     let cached = GROUP.with(|c| c.borrow_mut().take());
     let (kind, group) = match cached {
         Some((kind, g)) => (kind, Some(g)),
         None => match next_group(job_id)? {
-            Some(head) => head,
+            Some((kind, Head::Group(g))) => (kind, Some(g)),
+            Some((kind, Head::AllDone)) => (kind, None),
+            Some((_, Head::Busy)) if helper => return Ok(Step::Stop),
+            Some((_, Head::Busy)) => return Ok(Step::Soon),
             None => return Ok(Step::Stop),
         },
     };
+    if helper && group.is_none() {
+        return Ok(Step::Stop);
+    }
     match group {
         Some(mut g) => {
             set_fence(None);
@@ -164,6 +210,7 @@ pub(crate) fn step(job_id: i64) -> Result<Step, String> {
 /// and the check refuses to retire until it is unregistered (it cannot
 /// count values in a table that is not there).
 fn dropped_table(job_id: i64, kind: &str, tbl: pg_sys::Oid) -> Result<Step, String> {
+    release_claim();
     spi::exec(
         "DELETE FROM ekm.rotation_cursor WHERE job_id = $1 AND tbl = $2::oid",
         vec![job_id.into(), tbl.into()],
@@ -235,7 +282,65 @@ fn pause_point(name: &str) -> Result<(), String> {
 
 /// The job's kind (None if it no longer runs) and its first unfinished
 /// cursor group, with where the group's pass ends, in one statement.
-fn next_group(job_id: i64) -> Result<Option<(String, Option<Group>)>, String> {
+/// What a worker works on next.
+enum Head {
+    /// a cursor group of a table this worker has claimed
+    Group(Group),
+    /// every cursor is done: settle (or finish)
+    AllDone,
+    /// cursors are left, each on a table another worker has claimed
+    Busy,
+}
+
+/// The job's kind and what this worker works on next, or None if the job
+/// is not running: the first table with cursors left that no other worker
+/// has claimed.
+fn next_group(job_id: i64) -> Result<Option<(String, Head)>, String> {
+    let Some((kind, tables)) = kept(
+        "SELECT j.kind, coalesce(array_agg(DISTINCT c.tbl::oid::int8) FILTER (WHERE c.state <> 'done'), '{}') \
+         FROM ekm.rotation_job j LEFT JOIN ekm.rotation_cursor c ON c.job_id = j.job_id \
+         WHERE j.job_id = $1 AND j.state = 'running' GROUP BY j.kind",
+        &[INT8],
+        false,
+        &[job_id.into()],
+        |t| -> pgrx::spi::SpiResult<Option<(String, Vec<i64>)>> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((r.get::<String>(1)?.unwrap_or_default(), r.get::<Vec<i64>>(2)?.unwrap_or_default())))
+        },
+    )?
+    else {
+        return Ok(None);
+    };
+    if tables.is_empty() {
+        release_claim();
+        return Ok(Some((kind, Head::AllDone)));
+    }
+    let scan = kind == "scan";
+    // the table this worker had first (its claim), then the others in order
+    let mine = CLAIMED.with(|c| c.get()).map(|(t, _)| t.to_u32() as i64);
+    let mut order = tables.clone();
+    order.sort_by_key(|t| (Some(*t) != mine, *t));
+    for t in order {
+        let tbl = pg_sys::Oid::from(t as u32);
+        if !claim(tbl, scan) {
+            continue;
+        }
+        if let Some((_, Some(g))) = group_of(job_id, tbl)? {
+            OTHERS_LEFT.with(|c| c.set(Some(tables.len() - 1)));
+            return Ok(Some((kind, Head::Group(g))));
+        }
+        // done meanwhile
+        release_claim();
+    }
+    Ok(Some((kind, Head::Busy)))
+}
+
+/// The cursor group of table `tbl`: its columns that stand at the first
+/// unfinished position.
+fn group_of(job_id: i64, tbl: pg_sys::Oid) -> Result<Option<(String, Option<Group>)>, String> {
     kept(
         "SELECT j.kind, g.tbl, g.state, g.next_block, g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
          FROM ekm.rotation_job j \
@@ -245,13 +350,13 @@ fn next_group(job_id: i64) -> Result<Option<(String, Option<Group>)>, String> {
                   array_agg(pg_catalog.quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
                   array_agg(c.context ORDER BY c.col) AS contexts \
            FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total FROM ekm.rotation_cursor \
-                 WHERE job_id = j.job_id AND state <> 'done' ORDER BY tbl::oid, col LIMIT 1) f \
+                 WHERE job_id = j.job_id AND tbl = $2::pg_catalog.oid AND state <> 'done' ORDER BY col LIMIT 1) f \
            JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
            GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch, f.blocks_total) g ON true \
          WHERE j.job_id = $1 AND j.state = 'running'",
-        &[INT8],
+        &[INT8, pg_sys::OIDOID],
         false,
-        &[job_id.into()],
+        &[job_id.into(), tbl.into()],
         |t| -> pgrx::spi::SpiResult<Option<(String, Option<Group>)>> {
             if t.is_empty() {
                 return Ok(None);
@@ -498,6 +603,8 @@ fn scan_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
 /// another pass if one needs moving. A migration sweeps its column first.
 fn end_pass(job_id: i64, kind: &str, g: Group) -> Result<Step, String> {
     pause_point("pass_end")?;
+    // (the claim on the table is given back when this worker picks its next
+    // group, after this step committed)
     // what the last batches of the pass left behind is vacuumed too
     crate::jobs::pace::pass_ended(g.tbl);
     spi::exec(

@@ -1,10 +1,10 @@
 //! Background workers: the per-database rotation worker (one batch per
 //! transaction, docs/design.md section 5) and the launcher that resumes
 //! unfinished jobs after a server restart.
+use crate::jobs::helpers;
 use crate::jobs::notify::notify;
-use crate::jobs::protocol::{self, Step, SKIP_LOCKED_NEXT, STALE_GROUP};
+use crate::jobs::protocol::{self, Step};
 use crate::keys::catalog;
-use crate::pg::owner;
 use crate::pg::spi::{self, err_text as spi_err};
 use crate::pg::xact::transaction;
 use pgrx::bgworkers::{
@@ -109,7 +109,7 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
         if !BackgroundWorker::wait_latch(Some(wait)) {
             break;
         }
-        if reload_config_if_asked() {
+        if helpers::reload_config_if_asked() {
             // a shorter naptime applies at once
             next_check =
                 next_check.min(std::time::Instant::now() + crate::pg::gucs::auto_rotate_naptime());
@@ -193,15 +193,6 @@ pub extern "C-unwind" fn ekm_launcher_main(_arg: pg_sys::Datum) {
 const MAINTENANCE_JOB: i64 = -1;
 
 /// Applies a configuration reload (SIGHUP), if one was asked for.
-fn reload_config_if_asked() -> bool {
-    let asked = BackgroundWorker::sighup_received();
-    if asked {
-        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        owner::forget_server_search_path();
-    }
-    asked
-}
-
 /// The rotation worker. `arg` is the job id (0: the running job, if any).
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -209,16 +200,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
-    // The worker is a superuser: nothing planted in a schema of the
-    // database's or the role's search_path may be picked up by its SQL.
-    // (and reads with READ COMMITTED whatever the database's or role's
-    // default: each step must see what committed before it began)
-    if transaction(|| {
-        Spi::run("SET search_path = pg_catalog, pg_temp; SET default_transaction_isolation = 'read committed'")
-            .map_err(spi_err)
-    })
-    .is_err()
-    {
+    if !helpers::prepare_session() {
         return;
     }
     // A new library before ALTER EXTENSION ekm UPDATE: jobs wait for it.
@@ -346,7 +328,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
         pgrx::log!("ekm: rotation job {job_id}: another worker runs it; this one exits");
         return;
     }
-    if let Err((_, msg)) = transaction(create_batch_functions) {
+    if let Err((_, msg)) = transaction(helpers::create_batch_functions) {
         pgrx::warning!("ekm: rotation job {job_id}: cannot create the batch functions: {msg}");
         return;
     }
@@ -361,7 +343,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     // before the next one
     let mut busy = false;
     loop {
-        let _ = reload_config_if_asked();
+        let _ = helpers::reload_config_if_asked();
         if busy {
             let wait = crate::jobs::pace::throttle(job_id);
             if !wait.is_zero() {
@@ -372,8 +354,12 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
                 continue;
             }
         }
-        let r = transaction(|| protocol::step(job_id));
+        let r = transaction(|| protocol::step(job_id, false));
         busy = matches!(r, Ok(Step::Again));
+        // helpers for the other tables with cursors left (ekm.rotation_workers)
+        if let Some(others) = protocol::take_others_left() {
+            helpers::maintain(job_id, others);
+        }
         if r.is_err() {
             crate::jobs::pace::step_failed();
         }
@@ -382,18 +368,10 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
         let pause = match r {
             Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause(),
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),
+            Ok(Step::Soon) => helpers::SOON,
             Ok(Step::Stop) => break,
-            Err((_, msg)) if msg == STALE_GROUP => std::time::Duration::ZERO,
-            Err((code, _)) if code.contains("LOCK_NOT_AVAILABLE") => {
-                // an application holds a row of this batch: redo it at once,
-                // skipping locked rows (a later pass takes them)
-                SKIP_LOCKED_NEXT.with(|s| s.set(true));
-                std::time::Duration::ZERO
-            }
-            Err((code, msg)) if code.contains("DEADLOCK") || code.contains("SERIALIZATION") => {
-                pgrx::log!("ekm: rotation job {job_id}: batch skipped ({msg}); retrying");
-                SKIP_LOCKED_NEXT.with(|s| s.set(true));
-                crate::pg::gucs::rotation_retry_pause()
+            Err((code, msg)) if helpers::retry_after(job_id, &code, &msg).is_some() => {
+                helpers::retry_after(job_id, &code, &msg).unwrap_or_default()
             }
             Err((code, msg)) => {
                 // an application table's own code (a trigger, a constraint,
@@ -447,39 +425,6 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
         }
     }
     wake_waiters();
-}
-
-/// The per-value functions the batches call, created in this worker's own
-/// temporary schema. Batches run as the owner of each table
-/// (`owner::as_table_owner`), who needs EXECUTE on what the batch calls:
-/// a function in this backend's temporary schema can be called by every
-/// role of this backend and by no other backend, so nothing of ekm is
-/// granted to PUBLIC or to table owners. The functions also refuse to act
-/// outside a batch of this worker (`fastpath::BatchGate`), so a trigger
-/// that runs during a batch cannot use them for anything but the batch's
-/// own columns. They disappear with the worker.
-fn create_batch_functions() -> Result<(), String> {
-    Spi::run(
-        "CREATE FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
-           AS '$libdir/ekm', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_on_rotating_key(pg_catalog.text) RETURNS pg_catalog.bool \
-           AS '$libdir/ekm', 'ekm_on_rotating_key_v1' LANGUAGE c STABLE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
-           AS '$libdir/ekm', 'ekm_encrypt_plain_v1' LANGUAGE c VOLATILE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_is_plaintext(pg_catalog.text) RETURNS pg_catalog.bool \
-           AS '$libdir/ekm', 'ekm_is_plaintext_v1' LANGUAGE c IMMUTABLE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_left(pg_catalog.text, pg_catalog.text) RETURNS pg_catalog.int4 \
-           AS '$libdir/ekm', 'ekm_left_v1' LANGUAGE c STABLE STRICT; \
-         CREATE FUNCTION pg_temp._ekm_keys_in(pg_catalog.text) RETURNS pg_catalog.text[] \
-           AS '$libdir/ekm', 'ekm_keys_in_v1' LANGUAGE c IMMUTABLE STRICT; \
-         GRANT EXECUTE ON FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
-           pg_temp._ekm_on_rotating_key(pg_catalog.text), \
-           pg_temp._ekm_encrypt_plain(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8), \
-           pg_temp._ekm_is_plaintext(pg_catalog.text), \
-           pg_temp._ekm_left(pg_catalog.text, pg_catalog.text), \
-           pg_temp._ekm_keys_in(pg_catalog.text) TO PUBLIC",
-    )
-    .map_err(spi_err)
 }
 
 /// Wakes the sessions of this database sleeping on an extension wait event

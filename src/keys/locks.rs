@@ -35,6 +35,11 @@ pub enum EkmLock {
     /// Held by the worker that runs job `n` (session-scoped; `objid` n,
     /// `objsubid` 3).
     Job(i64),
+    /// Held by the worker (a job's own or one of its helpers) working on
+    /// the cursor group of table `oid` (session-scoped; `objid` the table,
+    /// `objsubid` 4, or 5 for a scan of the database, which runs beside a
+    /// rotation): two workers never work on one table at once.
+    Claim(pg_sys::Oid, bool),
 }
 
 impl EkmLock {
@@ -43,6 +48,7 @@ impl EkmLock {
             EkmLock::KeyChange => (0, 1),
             EkmLock::CountFlush => (0, 2),
             EkmLock::Job(n) => (n as u32, 3),
+            EkmLock::Claim(t, scan) => (t.to_u32(), if scan { 5 } else { 4 }),
         }
     }
 
@@ -64,6 +70,7 @@ impl EkmLock {
             EkmLock::KeyChange => "ekm's key-change lock (held by a job's final step and by key and registration changes)".into(),
             EkmLock::CountFlush => "ekm's encryption-count lock".into(),
             EkmLock::Job(n) => format!("the lock of rotation job {n}"),
+            EkmLock::Claim(t, _) => format!("the claim of a rotation worker on table {}", t.to_u32()),
         }
     }
 
@@ -103,6 +110,12 @@ pub fn try_lock_xact(lock: EkmLock) -> bool {
 /// Takes `lock` until the session ends (or [`unlock_session`]) if it is free now.
 pub fn try_lock_session(lock: EkmLock) -> bool {
     acquire(lock, true, false)
+}
+
+/// Gives back a session-scoped `lock` this backend holds.
+pub fn unlock_session(lock: EkmLock) {
+    let tag = lock.tag();
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, true) };
 }
 
 /// The processes holding `lock` now, with what they are ("pid 123 (ekm

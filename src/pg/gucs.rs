@@ -24,6 +24,7 @@ static ROTATION_VACUUM_GROWTH: GucSetting<f64> = GucSetting::<f64>::new(0.02);
 static ROTATION_MAX_REPLICA_LAG_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static ROTATION_MAX_ACTIVE_SESSIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static ROTATION_TARGET_APP_SHARE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
+static ROTATION_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 static AUTO_ROTATE: GucSetting<bool> = GucSetting::<bool>::new(false);
 static AUTO_ROTATE_DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
@@ -233,6 +234,16 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"ekm.rotation_workers",
+        c"Background workers a rotation job runs at most at once: its own and helpers that take other tables and partitions.",
+        c"Each worker takes a cursor group (a table or partition) no other worker has; the job's own worker alone runs the checks, the fence and the final step.",
+        &ROTATION_WORKERS,
+        1,
+        64,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"ekm.auto_rotate",
         c"Whether the ekm launcher starts a rotation by itself when the active key is due.",
@@ -387,6 +398,11 @@ pub fn rotation_throttle() -> (i32, i32, f64) {
         ROTATION_MAX_ACTIVE_SESSIONS.get().max(0),
         ROTATION_TARGET_APP_SHARE.get().clamp(0.0, 0.99),
     )
+}
+
+/// `ekm.rotation_workers`: the workers a job runs at most at once.
+pub fn rotation_workers() -> i32 {
+    ROTATION_WORKERS.get().max(1)
 }
 
 pub fn auto_rotate() -> bool {
