@@ -13,19 +13,22 @@
 #      rotation's time in each case;
 #   C. the largest replay lag of a streaming standby during a rotation, with
 #      and without ekm.rotation_max_replica_lag;
-#   D. parallel workers: not built yet (ekm.rotation_workers does not exist).
+#   D. a partitioned table (4 partitions, --part-rows rows x 2 columns)
+#      rotated with ekm.rotation_workers = 1 and 2, against the single-session
+#      floor (batches of UPDATE t SET c = c, partition by partition).
 #
-#   bash bench/scale.sh [--rows N] [--tps-rows N] [--no-build] [--skip-tps]
+#   bash bench/scale.sh [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROWS=200000; TPS_ROWS=2000000; BUILD=1; TPS=1
+ROWS=200000; TPS_ROWS=2000000; PART_ROWS=1000000; BUILD=1; TPS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --rows) ROWS=$2; shift 2 ;;
     --tps-rows) TPS_ROWS=$2; shift 2 ;;
+    --part-rows) PART_ROWS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --skip-tps) TPS=0; shift ;;
-    *) echo "usage: $0 [--rows N] [--tps-rows N] [--no-build] [--skip-tps]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps]" >&2; exit 2 ;;
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -68,8 +71,8 @@ VACUUM ANALYZE;
 SQL
 # ekm's cadence for this table: floor(0.02 x blocks / blocks per batch)
 every=$(q -c "SELECT greatest(1, floor(0.02 * relpages / greatest(1, round(1000.0 / (reltuples / relpages)))))::int FROM pg_class WHERE relname = 't_floor_vac'")
-batches() {  # table, SET clause, vacuum every (0: never) -> a psql script
-  local n=$(( (ROWS + 999) / 1000 )) i
+batches() {  # table, SET clause, vacuum every (0: never)[, rows] -> a psql script
+  local n=$(( (${4:-$ROWS} + 999) / 1000 )) i
   for i in $(seq 0 $((n - 1))); do
     echo "UPDATE $1 SET $2 WHERE id > $((i * 1000)) AND id <= $(((i + 1) * 1000));"
     if [ "$3" -gt 0 ] && [ $(((i + 1) % $3)) -eq 0 ]; then echo "VACUUM (TRUNCATE false) $1;"; fi
@@ -177,5 +180,36 @@ q -c "ALTER SYSTEM SET ekm.rotation_max_replica_lag = 100" >/dev/null; reload
 lag_run "rotation_max_replica_lag = 100 ms"
 q -c "ALTER SYSTEM RESET ekm.rotation_max_replica_lag" >/dev/null; reload
 
+cluster_stop "$sdir" immediate >/dev/null 2>&1 || true
+
 echo
-echo "== D. parallel workers: not measured (ekm.rotation_workers is not built yet)"
+echo "== D. a partitioned table, $PART_ROWS rows x 2 columns in 4 partitions: 1 and 2 workers"
+q <<SQL
+CREATE TABLE parts (id int, email text, mobno text) PARTITION BY HASH (id);
+CREATE TABLE parts_0 PARTITION OF parts FOR VALUES WITH (MODULUS 4, REMAINDER 0);
+CREATE TABLE parts_1 PARTITION OF parts FOR VALUES WITH (MODULUS 4, REMAINDER 1);
+CREATE TABLE parts_2 PARTITION OF parts FOR VALUES WITH (MODULUS 4, REMAINDER 2);
+CREATE TABLE parts_3 PARTITION OF parts FOR VALUES WITH (MODULUS 4, REMAINDER 3);
+INSERT INTO parts SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com', 'pe'), ekm_encrypt('+91' || lpad(g::text, 10, '0'), 'pm')
+FROM generate_series(1, $PART_ROWS) g;
+VACUUM ANALYZE parts;
+SQL
+t0=$(now)
+batches parts "email = email, mobno = mobno" 0 "$PART_ROWS" | q >/dev/null
+floor=$(python3 -c "print($(now) - $t0)")
+q -c "VACUUM FULL parts" >/dev/null
+q -c "SELECT ekm_register_column('parts', 'email', 'pe'), ekm_register_column('parts', 'mobno', 'pm')" >/dev/null
+declare -A W
+for w in 1 2; do
+  q -c "ALTER SYSTEM SET ekm.rotation_workers = $w" >/dev/null; reload
+  t0=$(now)
+  q -c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+  [ "$(wait_job)" = done ] || echo "ekm job failed"
+  W[$w]=$(python3 -c "print($(now) - $t0)")
+done
+q -c "ALTER SYSTEM RESET ekm.rotation_workers" >/dev/null; reload
+printf '%-44s %8.2f s\n' "floor, one session, no vacuum" "$floor"
+printf '%-44s %8.2f s  %5.2fx the floor\n' "ekm_rotate, 1 worker" "${W[1]}" "$(python3 -c "print(${W[1]} / $floor)")"
+printf '%-44s %8.2f s  %5.2fx the floor  %5.2fx faster than 1 worker\n' "ekm_rotate, 2 workers" "${W[2]}" \
+  "$(python3 -c "print(${W[2]} / $floor)")" "$(python3 -c "print(${W[1]} / ${W[2]})")"
+echo "(this machine has $(nproc) cores)"

@@ -281,7 +281,7 @@ mod tests {
     fn settles_at_the_target() {
         // full speed costs the application 53% (the measurement)
         let (c, share) = simulate(0.8, 20.0, 0.53);
-        assert!(share >= 0.78 && share <= 0.9, "share {share}");
+        assert!((0.78..=0.9).contains(&share), "share {share}");
         assert!(c.pause_ms() > 0);
         let (_, share) = simulate(0.5, 20.0, 0.53);
         assert!(share >= 0.48, "share {share}");

@@ -263,6 +263,10 @@ to_move=$(( $(values_on_active) + 600 ))
 # deadlock_timeout / 2): long enough here for the wait to be seen
 q app "ALTER SYSTEM SET ekm.rotation_lock_timeout = 600000" >/dev/null
 q app "ALTER SYSTEM SET deadlock_timeout = '20min'" >/dev/null
+# one batch for the whole of mid: without the vacuum behind the batches a
+# batch is the job's batch size (with it, a small table's batches are cut to
+# 2% of its blocks, and the first ones would have committed)
+q app "ALTER SYSTEM SET ekm.rotation_vacuum_growth = 0" >/dev/null
 q app "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
 session_start 13 midlock app
 session_send 13 "SELECT pg_advisory_lock(4242, 1); SELECT 'held';"
@@ -295,6 +299,7 @@ check "the job counted each value it moved once" "$(q app "SELECT rows_done FROM
 q app "SELECT ekm_unregister_column('mid', 'email')" >/dev/null
 q app "ALTER SYSTEM RESET ekm.rotation_lock_timeout" >/dev/null
 q app "ALTER SYSTEM RESET deadlock_timeout" >/dev/null
+q app "ALTER SYSTEM RESET ekm.rotation_vacuum_growth" >/dev/null
 q app "SELECT pg_reload_conf()" >/dev/null; sleep 0.5
 
 # 5. Immediate shutdown in the middle of a job, then a restart.

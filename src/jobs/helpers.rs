@@ -51,6 +51,75 @@ pub(crate) fn reload_config_if_asked() -> bool {
     asked
 }
 
+/// What one turn of a worker's loop did.
+pub(crate) enum Turn {
+    /// the throttle held the worker back; it waited (ask again)
+    Waited,
+    /// a SIGTERM came while it waited: stop
+    Stopped,
+    /// a step ran, in a transaction of its own
+    Step(Result<Step, (String, String)>),
+}
+
+/// One turn of a worker's loop (the job's own, `helper` false, or a
+/// helper's): the configuration if a reload was asked; the throttle when
+/// the last step made progress (`busy`); else a step, then helpers for the
+/// tables left (the job's own worker), then the vacuum the step made due.
+pub(crate) fn turn(job_id: i64, helper: bool, busy: &mut bool) -> Turn {
+    let _ = reload_config_if_asked();
+    if *busy {
+        let wait = crate::jobs::pace::throttle(job_id);
+        if !wait.is_zero() {
+            return if BackgroundWorker::wait_latch(Some(wait)) {
+                Turn::Waited
+            } else {
+                Turn::Stopped
+            };
+        }
+    }
+    let r = transaction(|| protocol::step(job_id, helper));
+    *busy = matches!(r, Ok(Step::Again));
+    if !helper {
+        if let Some(others) = protocol::take_others_left() {
+            maintain(job_id, others);
+        }
+    }
+    if r.is_err() {
+        crate::jobs::pace::step_failed();
+    }
+    // the vacuum behind the batches, when one is due (pace.rs)
+    crate::jobs::pace::vacuum_if_due(job_id);
+    Turn::Step(r)
+}
+
+/// Starts a background worker for job `job_id` in database `db`: the job's
+/// own (`ekm_rotation_worker_main`) or a helper.
+pub(crate) fn start(
+    db: pg_sys::Oid,
+    job_id: i64,
+    helper: bool,
+) -> Result<DynamicBackgroundWorker, String> {
+    let (what, function) = if helper {
+        ("ekm rotation helper", "ekm_rotation_helper_main")
+    } else {
+        ("ekm rotation", "ekm_rotation_worker_main")
+    };
+    let name = if helper {
+        format!("{what} job {job_id} (database {})", db.to_u32())
+    } else {
+        format!("ekm rotation job {job_id} (database {})", db.to_u32())
+    };
+    BackgroundWorkerBuilder::new(&name)
+        .set_type(what)
+        .set_library("ekm")
+        .set_function(function)
+        .set_argument(Some(pg_sys::Datum::from(job_id)))
+        .set_extra(&db.to_u32().to_string())
+        .enable_spi_access()
+        .load_dynamic()
+        .map_err(|e| format!("{e:?}"))
+}
+
 /// After a step failed with `code`/`msg`: how long to wait before the next
 /// one, if the failure is one a batch retries (None: the job fails).
 pub(crate) fn retry_after(job_id: i64, code: &str, msg: &str) -> Option<Duration> {
@@ -83,23 +152,11 @@ pub(crate) fn maintain(job_id: i64, others: usize) {
             )
         });
         while h.len() < wanted {
-            let db = unsafe { pg_sys::MyDatabaseId };
-            match BackgroundWorkerBuilder::new(&format!(
-                "ekm rotation helper job {job_id} (database {})",
-                db.to_u32()
-            ))
-            .set_type("ekm rotation helper")
-            .set_library("ekm")
-            .set_function("ekm_rotation_helper_main")
-            .set_argument(Some(pg_sys::Datum::from(job_id)))
-            .set_extra(&db.to_u32().to_string())
-            .enable_spi_access()
-            .load_dynamic()
-            {
+            match start(unsafe { pg_sys::MyDatabaseId }, job_id, true) {
                 Ok(w) => h.push(w),
                 Err(e) => {
                     // no free worker slot: the job goes on with fewer
-                    pgrx::log!("ekm: rotation job {job_id}: could not start a helper ({e:?}); going on with {} workers", h.len() + 1);
+                    pgrx::log!("ekm: rotation job {job_id}: could not start a helper ({e}); going on with {} workers", h.len() + 1);
                     break;
                 }
             }
@@ -130,22 +187,11 @@ pub extern "C-unwind" fn ekm_rotation_helper_main(arg: pg_sys::Datum) {
     pgrx::log!("ekm: rotation job {job_id}: helper started");
     let mut busy = false;
     loop {
-        let _ = reload_config_if_asked();
-        if busy {
-            let wait = crate::jobs::pace::throttle(job_id);
-            if !wait.is_zero() {
-                if !BackgroundWorker::wait_latch(Some(wait)) {
-                    break;
-                }
-                continue;
-            }
-        }
-        let r = transaction(|| protocol::step(job_id, true));
-        busy = matches!(r, Ok(Step::Again));
-        if r.is_err() {
-            crate::jobs::pace::step_failed();
-        }
-        crate::jobs::pace::vacuum_if_due(job_id);
+        let r = match turn(job_id, true, &mut busy) {
+            Turn::Waited => continue,
+            Turn::Stopped => break,
+            Turn::Step(r) => r,
+        };
         let pause = match r {
             Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause(),
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),

@@ -3,7 +3,7 @@
 //! unfinished jobs after a server restart.
 use crate::jobs::helpers;
 use crate::jobs::notify::notify;
-use crate::jobs::protocol::{self, Step};
+use crate::jobs::protocol::Step;
 use crate::keys::catalog;
 use crate::pg::spi::{self, err_text as spi_err};
 use crate::pg::xact::transaction;
@@ -24,18 +24,7 @@ fn launch_in(db: pg_sys::Oid, job_id: i64) -> Result<(), String> {
 }
 
 fn start_in(db: pg_sys::Oid, job_id: i64) -> Result<DynamicBackgroundWorker, String> {
-    BackgroundWorkerBuilder::new(&format!(
-        "ekm rotation job {job_id} (database {})",
-        db.to_u32()
-    ))
-    .set_type("ekm rotation")
-    .set_library("ekm")
-    .set_function("ekm_rotation_worker_main")
-    .set_argument(Some(pg_sys::Datum::from(job_id)))
-    .set_extra(&db.to_u32().to_string())
-    .enable_spi_access()
-    .load_dynamic()
-    .map_err(|e| format!("{e:?}"))
+    helpers::start(db, job_id, false)
 }
 
 /// Starts the worker of a job just recorded; if no worker slot is free now,
@@ -343,81 +332,26 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     // before the next one
     let mut busy = false;
     loop {
-        let _ = helpers::reload_config_if_asked();
-        if busy {
-            let wait = crate::jobs::pace::throttle(job_id);
-            if !wait.is_zero() {
-                if !BackgroundWorker::wait_latch(Some(wait)) {
-                    pgrx::log!("ekm: rotation job {job_id}: worker stopping; the job resumes with ekm_rotation_resume({job_id}) or at server start");
-                    break;
-                }
-                continue;
+        let r = match helpers::turn(job_id, false, &mut busy) {
+            helpers::Turn::Waited => continue,
+            helpers::Turn::Stopped => {
+                pgrx::log!("ekm: rotation job {job_id}: worker stopping; the job resumes with ekm_rotation_resume({job_id}) or at server start");
+                break;
             }
-        }
-        let r = transaction(|| protocol::step(job_id, false));
-        busy = matches!(r, Ok(Step::Again));
-        // helpers for the other tables with cursors left (ekm.rotation_workers)
-        if let Some(others) = protocol::take_others_left() {
-            helpers::maintain(job_id, others);
-        }
-        if r.is_err() {
-            crate::jobs::pace::step_failed();
-        }
-        // the vacuum behind the batches, when one is due (pace.rs)
-        crate::jobs::pace::vacuum_if_due(job_id);
+            helpers::Turn::Step(r) => r,
+        };
         let pause = match r {
             Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause(),
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),
             Ok(Step::Soon) => helpers::SOON,
             Ok(Step::Stop) => break,
-            Err((code, msg)) if helpers::retry_after(job_id, &code, &msg).is_some() => {
-                helpers::retry_after(job_id, &code, &msg).unwrap_or_default()
-            }
-            Err((code, msg)) => {
-                // an application table's own code (a trigger, a constraint,
-                // an index expression) that relied on the search_path
-                let msg = if code.contains("UNDEFINED_TABLE")
-                    || code.contains("UNDEFINED_FUNCTION")
-                    || code.contains("UNDEFINED_OBJECT")
-                {
-                    let path = match crate::pg::gucs::batch_search_path() {
-                        Some(p) => format!("ekm.batch_search_path = {p}"),
-                        None => {
-                            "the search_path that role gets when it logs in to this database".into()
-                        }
-                    };
-                    format!(
-                        "{msg} (ekm's batches run a table's triggers, constraints and defaults as the table's owner, with {path}: \
-                         make what that code uses reachable from it (ALTER ROLE <owner> IN DATABASE <database> SET search_path = ...), \
-                         or schema-qualify it, or set the function's own search_path (ALTER FUNCTION ... SET search_path = ...); \
-                         then SELECT ekm_rotation_resume({job_id}))"
-                    )
-                } else {
-                    msg
-                };
-                pgrx::warning!("ekm: rotation job {job_id} failed: {msg}");
-                let _ = transaction(|| {
-                    spi::exec(
-                        "UPDATE ekm.rotation_job SET state = 'failed', error = $2, finished_at = now() WHERE job_id = $1 AND state = 'running'",
-                        vec![job_id.into(), msg.clone().into()],
-                    )
-                    .map_err(|e| e.to_string())?;
-                    catalog::audit(
-                        "rotation_failed",
-                        None,
-                        &catalog::json_object(&[("job_id", &job_id.to_string()), ("error", &msg)]),
-                    )
-                    .map_err(|e| e.to_string())?;
-                    let kind = spi::one::<String>(
-                        "SELECT kind FROM ekm.rotation_job WHERE job_id = $1",
-                        vec![job_id.into()],
-                    )
-                    .map_err(|e| e.to_string())?
-                    .unwrap_or_default();
-                    notify(job_id, &kind, "failed")
-                });
-                break;
-            }
+            Err((code, msg)) => match helpers::retry_after(job_id, &code, &msg) {
+                Some(p) => p,
+                None => {
+                    fail_job(job_id, &code, msg);
+                    break;
+                }
+            },
         };
         if !BackgroundWorker::wait_latch(Some(pause)) {
             pgrx::log!("ekm: rotation job {job_id}: worker stopping; the job resumes with ekm_rotation_resume({job_id}) or at server start");
@@ -425,6 +359,51 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
         }
     }
     wake_waiters();
+}
+
+/// A step failed with an error batches do not retry: the job is marked
+/// `failed` (resumable), audited, NOTIFYed and logged at WARNING.
+fn fail_job(job_id: i64, code: &str, msg: String) {
+    // an application table's own code (a trigger, a constraint,
+    // an index expression) that relied on the search_path
+    let msg = if code.contains("UNDEFINED_TABLE")
+        || code.contains("UNDEFINED_FUNCTION")
+        || code.contains("UNDEFINED_OBJECT")
+    {
+        let path = match crate::pg::gucs::batch_search_path() {
+            Some(p) => format!("ekm.batch_search_path = {p}"),
+            None => "the search_path that role gets when it logs in to this database".into(),
+        };
+        format!(
+                "{msg} (ekm's batches run a table's triggers, constraints and defaults as the table's owner, with {path}: \
+                 make what that code uses reachable from it (ALTER ROLE <owner> IN DATABASE <database> SET search_path = ...), \
+                 or schema-qualify it, or set the function's own search_path (ALTER FUNCTION ... SET search_path = ...); \
+                 then SELECT ekm_rotation_resume({job_id}))"
+            )
+    } else {
+        msg
+    };
+    pgrx::warning!("ekm: rotation job {job_id} failed: {msg}");
+    let _ = transaction(|| {
+        spi::exec(
+                "UPDATE ekm.rotation_job SET state = 'failed', error = $2, finished_at = now() WHERE job_id = $1 AND state = 'running'",
+                vec![job_id.into(), msg.clone().into()],
+            )
+            .map_err(|e| e.to_string())?;
+        catalog::audit(
+            "rotation_failed",
+            None,
+            &catalog::json_object(&[("job_id", &job_id.to_string()), ("error", &msg)]),
+        )
+        .map_err(|e| e.to_string())?;
+        let kind = spi::one::<String>(
+            "SELECT kind FROM ekm.rotation_job WHERE job_id = $1",
+            vec![job_id.into()],
+        )
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+        notify(job_id, &kind, "failed")
+    });
 }
 
 /// Wakes the sessions of this database sleeping on an extension wait event
