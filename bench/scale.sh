@@ -153,17 +153,20 @@ SQL
   q -c "ALTER SYSTEM SET ekm.rotation_target_app_share = 0.8" >/dev/null; reload
   during "during ekm_rotate, rotation_target_app_share = 0.8"
   q -c "ALTER SYSTEM RESET ekm.rotation_target_app_share" >/dev/null; reload
-  q -c "DROP TABLE people" >/dev/null
+  q -c "SELECT ekm_unregister_column('people', 'email'), ekm_unregister_column('people', 'ssn')" -c "DROP TABLE people" >/dev/null
 fi
 
 echo
 echo "== C. replica lag during a rotation of $ROWS rows x 2 columns (streaming standby)"
 rm -rf "$sdir"; mkdir -p "$sdir"; [ "$(id -u)" -eq 0 ] && chown "$EKM_PG_USER" "$sdir"
-as_pg "$PGBIN/pg_basebackup" -h "$dir" -p "$port" -U postgres -D "$sdir/data" -R -X stream >/dev/null 2>&1
+as_pg "$PGBIN/pg_basebackup" -h "$dir" -p "$port" -U postgres -D "$sdir/data" -R -X stream -c fast >/dev/null 2>&1
 as_pg sed -i -e "s/^port = .*/port = $sport/" -e "s|^unix_socket_directories = .*|unix_socket_directories = '$sdir'|" "$sdir/data/postgresql.conf"
 echo "wal_receiver_status_interval = 1" | as_pg tee -a "$sdir/data/postgresql.conf" >/dev/null
 cluster_restart_only "$sdir"
-q -c "SELECT ekm_register_column('t_ekm', 'email', 'e'), ekm_register_column('t_ekm', 'mobno', 'm')" >/dev/null
+# values on the active key (those of part A's tables are on keys retired since)
+q -c "CREATE TABLE t_lag AS SELECT id, ekm_encrypt('cust' || lpad(id::text, 9, '0') || '@example.com', 'e') AS email, ekm_encrypt('+91' || lpad(id::text, 10, '0'), 'm') AS mobno FROM generate_series(1, $ROWS) id" \
+  -c "ALTER TABLE t_lag ADD PRIMARY KEY (id)" -c "VACUUM ANALYZE t_lag" >/dev/null
+q -c "SELECT ekm_register_column('t_lag', 'email', 'e'), ekm_register_column('t_lag', 'mobno', 'm')" >/dev/null
 lag_run() {
   local t0 max=0 l
   t0=$(now)
@@ -181,11 +184,12 @@ lag_run "rotation_max_replica_lag = 100 ms"
 q -c "ALTER SYSTEM RESET ekm.rotation_max_replica_lag" >/dev/null; reload
 
 cluster_stop "$sdir" immediate >/dev/null 2>&1 || true
+q -c "SELECT ekm_unregister_column('t_lag', 'email'), ekm_unregister_column('t_lag', 'mobno')" >/dev/null
 
 echo
 echo "== D. a partitioned table, $PART_ROWS rows x 2 columns in 4 partitions: 1 and 2 workers"
 q <<SQL
-CREATE TABLE parts (id int, email text, mobno text) PARTITION BY HASH (id);
+CREATE TABLE parts (id int PRIMARY KEY, email text, mobno text) PARTITION BY HASH (id);
 CREATE TABLE parts_0 PARTITION OF parts FOR VALUES WITH (MODULUS 4, REMAINDER 0);
 CREATE TABLE parts_1 PARTITION OF parts FOR VALUES WITH (MODULUS 4, REMAINDER 1);
 CREATE TABLE parts_2 PARTITION OF parts FOR VALUES WITH (MODULUS 4, REMAINDER 2);

@@ -189,8 +189,11 @@ impl ShareController {
 
     fn adjust(&mut self, share: f64) {
         let comfortable = share > self.target + 0.05;
-        if share < self.target {
-            self.pause_ms = (self.pause_ms * 1.5).max(self.pause_ms + 5.0);
+        if share < self.target - 0.15 {
+            // far below: the application comes first
+            self.pause_ms = (self.pause_ms * 2.0).max(self.pause_ms + 20.0);
+        } else if share < self.target {
+            self.pause_ms = (self.pause_ms * 1.3).max(self.pause_ms + 5.0);
         } else if comfortable {
             self.pause_ms = self.pause_ms * 5.0 / 6.0 - 1.0;
         }

@@ -57,8 +57,9 @@ pub(crate) enum Turn {
     Waited,
     /// a SIGTERM came while it waited: stop
     Stopped,
-    /// a step ran, in a transaction of its own
-    Step(Result<Step, (String, String)>),
+    /// a step ran, in a transaction of its own; after it, the throttle's
+    /// pause comes on top of the usual one
+    Step(Result<Step, (String, String)>, Duration),
 }
 
 /// One turn of a worker's loop (the job's own, `helper` false, or a
@@ -67,14 +68,17 @@ pub(crate) enum Turn {
 /// tables left (the job's own worker), then the vacuum the step made due.
 pub(crate) fn turn(job_id: i64, helper: bool, busy: &mut bool) -> Turn {
     let _ = reload_config_if_asked();
+    let mut extra = Duration::ZERO;
     if *busy {
-        let wait = crate::jobs::pace::throttle(job_id);
-        if !wait.is_zero() {
-            return if BackgroundWorker::wait_latch(Some(wait)) {
-                Turn::Waited
-            } else {
-                Turn::Stopped
-            };
+        match crate::jobs::pace::throttle(job_id) {
+            crate::jobs::pace::Throttle::Wait(wait) => {
+                return if BackgroundWorker::wait_latch(Some(wait)) {
+                    Turn::Waited
+                } else {
+                    Turn::Stopped
+                };
+            }
+            crate::jobs::pace::Throttle::Go(pause) => extra = pause,
         }
     }
     let r = transaction(|| protocol::step(job_id, helper));
@@ -89,7 +93,7 @@ pub(crate) fn turn(job_id: i64, helper: bool, busy: &mut bool) -> Turn {
     }
     // the vacuum behind the batches, when one is due (pace.rs)
     crate::jobs::pace::vacuum_if_due(job_id);
-    Turn::Step(r)
+    Turn::Step(r, extra)
 }
 
 /// Starts a background worker for job `job_id` in database `db`: the job's
@@ -187,13 +191,13 @@ pub extern "C-unwind" fn ekm_rotation_helper_main(arg: pg_sys::Datum) {
     pgrx::log!("ekm: rotation job {job_id}: helper started");
     let mut busy = false;
     loop {
-        let r = match turn(job_id, true, &mut busy) {
+        let (r, extra) = match turn(job_id, true, &mut busy) {
             Turn::Waited => continue,
             Turn::Stopped => break,
-            Turn::Step(r) => r,
+            Turn::Step(r, extra) => (r, extra),
         };
         let pause = match r {
-            Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause(),
+            Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause() + extra,
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),
             Ok(Step::Soon) | Ok(Step::Stop) => break,
             Err((code, msg)) => match retry_after(job_id, &code, &msg) {

@@ -272,26 +272,44 @@ pub(crate) fn job_sizes(job_id: i64) -> Result<Option<Sizes>, String> {
     .map_err(|e| e.to_string())
 }
 
-/// How long the worker waits before its next batch, for the throttle
-/// (zero: go on). Sets or clears the job's `throttled_by`.
-pub(crate) fn throttle(job_id: i64) -> Duration {
+/// What the throttle says before the next step.
+pub(crate) enum Throttle {
+    /// Run no step for this long, then ask again (a limit is exceeded, or
+    /// the adaptive pause measures the application alone).
+    Wait(Duration),
+    /// Run the step, then pause this long more than usual before the next
+    /// (the adaptive pause between batches).
+    Go(Duration),
+}
+
+/// What the worker does before its next step, for the throttle. Sets or
+/// clears the job's `throttled_by`.
+pub(crate) fn throttle(job_id: i64) -> Throttle {
+    match throttle_ms(job_id) {
+        (true, d) => Throttle::Wait(d),
+        (false, d) => Throttle::Go(d),
+    }
+}
+
+/// (whether to wait before the step, how long).
+fn throttle_ms(job_id: i64) -> (bool, Duration) {
     let (max_lag, max_active, target) = gucs::rotation_throttle();
     if max_lag == 0 && max_active == 0 && target <= 0.0 {
         CONTROLLER.with(|c| c.borrow_mut().take());
         set_throttled_by(job_id, None);
-        return Duration::ZERO;
+        return (false, Duration::ZERO);
     }
     if max_lag > 0 || max_active > 0 {
         let hard = transaction(|| hard_limit(max_lag, max_active)).unwrap_or(None);
         if let Some(why) = hard {
             set_throttled_by(job_id, Some(why));
-            return Duration::from_millis(250);
+            return (true, Duration::from_millis(250));
         }
     }
     if target <= 0.0 {
         CONTROLLER.with(|c| c.borrow_mut().take());
         set_throttled_by(job_id, None);
-        return Duration::ZERO;
+        return (false, Duration::ZERO);
     }
     let start = STARTED.with(|s| *s.borrow_mut().get_or_insert_with(Instant::now));
     let now_ms = start.elapsed().as_millis() as u64;
@@ -309,7 +327,7 @@ pub(crate) fn throttle(job_id: i64) -> Duration {
         Pace::Rest { ms } => {
             // the rest window is the measurement, not a throttle: what
             // throttled_by said stays
-            Duration::from_millis(ms)
+            (true, Duration::from_millis(ms))
         }
         Pace::Work { pause_ms } => {
             if pause > 0 {
@@ -324,7 +342,7 @@ pub(crate) fn throttle(job_id: i64) -> Duration {
             } else {
                 set_throttled_by(job_id, None);
             }
-            Duration::from_millis(pause_ms)
+            (false, Duration::from_millis(pause_ms))
         }
     }
 }

@@ -332,16 +332,16 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
     // before the next one
     let mut busy = false;
     loop {
-        let r = match helpers::turn(job_id, false, &mut busy) {
+        let (r, extra) = match helpers::turn(job_id, false, &mut busy) {
             helpers::Turn::Waited => continue,
             helpers::Turn::Stopped => {
                 pgrx::log!("ekm: rotation job {job_id}: worker stopping; the job resumes with ekm_rotation_resume({job_id}) or at server start");
                 break;
             }
-            helpers::Turn::Step(r) => r,
+            helpers::Turn::Step(r, extra) => (r, extra),
         };
         let pause = match r {
-            Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause(),
+            Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause() + extra,
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),
             Ok(Step::Soon) => helpers::SOON,
             Ok(Step::Stop) => break,
