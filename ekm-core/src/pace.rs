@@ -47,8 +47,9 @@ pub const MAX_WORK_MS: u64 = 16_000;
 /// after a longer work window.
 pub const IDLE_RATE: f64 = 20.0;
 pub const IDLE_WORK_MS: u64 = 30_000;
-/// The longest pause between two batches it sets.
-pub const MAX_PAUSE_MS: f64 = 5_000.0;
+/// The longest pause it sets after a batch, per unit of the batch's own
+/// time (50: the batches run 2% of the time).
+pub const MAX_RATIO: f64 = 50.0;
 
 /// What the worker does next under `ekm.rotation_target_app_share`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,8 +57,10 @@ pub enum Pace {
     /// Run no batch for this long: the application's throughput without
     /// the rotation is being measured.
     Rest { ms: u64 },
-    /// Run batches, pausing this long between two.
-    Work { pause_ms: u64 },
+    /// Run batches, pausing after each `ratio` times as long as it took (a
+    /// batch of a later pass that finds little to move costs little, and
+    /// is paused for little).
+    Work { ratio: f64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,11 +78,13 @@ enum Window {
 }
 
 /// An additive-increase/multiplicative-decrease controller of the pause
-/// between batches. It alternates a rest window (no batches: the
+/// after each batch, as a ratio of the batch's own time (the rotation's
+/// duty cycle). It alternates a rest window (no batches: the
 /// application's rate alone) and a work window (batches with the current
 /// pause), compares the application's rate in the two, and lengthens the
-/// pause when the share is below the target (by half, at once: the
-/// application comes first), shortens it when it is well above (by a
+/// pause when the share is below the target (doubles it, at least +0.5,
+/// when it is more than 15 points below; +30%, at least +0.1, otherwise:
+/// the application comes first), shortens it when it is well above (by a
 /// sixth: the rotation creeps back).
 ///
 /// The counter it is fed is the number of the application's transactions
@@ -88,7 +93,7 @@ enum Window {
 #[derive(Debug, Clone)]
 pub struct ShareController {
     target: f64,
-    pause_ms: f64,
+    ratio: f64,
     work_ms: u64,
     window: Window,
     /// the last measured application rates (per second): without, with
@@ -100,7 +105,7 @@ impl ShareController {
     pub fn new(target: f64) -> Self {
         ShareController {
             target: target.clamp(0.0, 0.99),
-            pause_ms: 0.0,
+            ratio: 0.0,
             work_ms: WORK_MS,
             window: Window::None,
             last_rest_rate: None,
@@ -117,8 +122,9 @@ impl ShareController {
         self.target = target.clamp(0.0, 0.99);
     }
 
-    pub fn pause_ms(&self) -> u64 {
-        self.pause_ms.round() as u64
+    /// The pause after a batch, per unit of its own time.
+    pub fn ratio(&self) -> f64 {
+        self.ratio
     }
 
     /// What to do now, at `now_ms`, with `count` application transactions
@@ -146,7 +152,7 @@ impl ShareController {
                 self.last_rest_rate = Some(rate);
                 let len_ms = if rate < IDLE_RATE {
                     // no application to protect: full speed
-                    self.pause_ms = 0.0;
+                    self.ratio = 0.0;
                     self.last_share = None;
                     IDLE_WORK_MS
                 } else {
@@ -157,9 +163,7 @@ impl ShareController {
                     count,
                     len_ms,
                 };
-                Pace::Work {
-                    pause_ms: self.pause_ms(),
-                }
+                Pace::Work { ratio: self.ratio }
             }
             Window::Work {
                 start_ms,
@@ -168,9 +172,7 @@ impl ShareController {
             } => {
                 let elapsed = now_ms.saturating_sub(start_ms);
                 if elapsed < len_ms {
-                    return Pace::Work {
-                        pause_ms: self.pause_ms(),
-                    };
+                    return Pace::Work { ratio: self.ratio };
                 }
                 let rate = per_second(count.saturating_sub(c0), elapsed);
                 if let Some(rest) = self.last_rest_rate.filter(|r| *r >= IDLE_RATE) {
@@ -191,14 +193,14 @@ impl ShareController {
         let comfortable = share > self.target + 0.05;
         if share < self.target - 0.15 {
             // far below: the application comes first
-            self.pause_ms = (self.pause_ms * 2.0).max(self.pause_ms + 20.0);
+            self.ratio = (self.ratio * 2.0).max(self.ratio + 0.5);
         } else if share < self.target {
-            self.pause_ms = (self.pause_ms * 1.3).max(self.pause_ms + 5.0);
+            self.ratio = (self.ratio * 1.3).max(self.ratio + 0.1);
         } else if comfortable {
-            self.pause_ms = self.pause_ms * 5.0 / 6.0 - 1.0;
+            self.ratio = self.ratio * 5.0 / 6.0 - 0.05;
         }
-        self.pause_ms = self.pause_ms.clamp(0.0, MAX_PAUSE_MS);
-        self.work_ms = if comfortable && self.pause_ms == 0.0 {
+        self.ratio = self.ratio.clamp(0.0, MAX_RATIO);
+        self.work_ms = if comfortable && self.ratio == 0.0 {
             (self.work_ms * 2).min(MAX_WORK_MS)
         } else {
             WORK_MS
@@ -267,8 +269,8 @@ mod tests {
                     now += ms;
                     count += base * ms as f64 / 1000.0;
                 }
-                Pace::Work { pause_ms } => {
-                    let step = batch_ms + pause_ms as f64;
+                Pace::Work { ratio } => {
+                    let step = batch_ms * (1.0 + ratio);
                     let duty = batch_ms / step;
                     let rate = base * (1.0 - slowdown * duty);
                     share_seen = rate / base;
@@ -285,7 +287,7 @@ mod tests {
         // full speed costs the application 53% (the measurement)
         let (c, share) = simulate(0.8, 20.0, 0.53);
         assert!((0.78..=0.9).contains(&share), "share {share}");
-        assert!(c.pause_ms() > 0);
+        assert!(c.ratio() > 0.0);
         let (_, share) = simulate(0.5, 20.0, 0.53);
         assert!(share >= 0.48, "share {share}");
     }
@@ -293,7 +295,7 @@ mod tests {
     #[test]
     fn no_pause_when_the_target_holds_at_full_speed() {
         let (c, share) = simulate(0.8, 20.0, 0.1);
-        assert_eq!(c.pause_ms(), 0);
+        assert_eq!(c.ratio(), 0.0);
         assert!(share >= 0.89);
     }
 
@@ -301,9 +303,9 @@ mod tests {
     fn an_idle_server_gets_full_speed_and_rare_rests() {
         let mut c = ShareController::new(0.8);
         assert_eq!(c.next(0, 0), Pace::Rest { ms: REST_MS });
-        assert_eq!(c.next(REST_MS, 2), Pace::Work { pause_ms: 0 });
+        assert_eq!(c.next(REST_MS, 2), Pace::Work { ratio: 0.0 });
         // stays working for the long idle window
-        assert_eq!(c.next(REST_MS + WORK_MS + 1, 3), Pace::Work { pause_ms: 0 });
+        assert_eq!(c.next(REST_MS + WORK_MS + 1, 3), Pace::Work { ratio: 0.0 });
         assert_eq!(
             c.next(REST_MS + IDLE_WORK_MS, 3),
             Pace::Rest { ms: REST_MS }
@@ -322,11 +324,11 @@ mod tests {
             now += REST_MS;
             count += 100;
             let start = now;
-            assert_eq!(c.next(now, count), Pace::Work { pause_ms: 0 });
+            assert_eq!(c.next(now, count), Pace::Work { ratio: 0.0 });
             loop {
                 now += 10;
                 count += 1;
-                if c.next(now, count) != (Pace::Work { pause_ms: 0 }) {
+                if c.next(now, count) != (Pace::Work { ratio: 0.0 }) {
                     break;
                 }
             }
@@ -350,12 +352,12 @@ mod tests {
                     now += ms;
                     count += ms * 10;
                 }
-                Pace::Work { pause_ms } => {
-                    now += pause_ms.max(10);
+                Pace::Work { ratio } => {
+                    now += (10.0 * (1.0 + ratio)) as u64;
                     // the application is stalled whatever the pause
                 }
             }
         }
-        assert_eq!(c.pause_ms(), MAX_PAUSE_MS as u64);
+        assert_eq!(c.ratio(), MAX_RATIO);
     }
 }

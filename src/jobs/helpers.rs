@@ -68,7 +68,7 @@ pub(crate) enum Turn {
 /// tables left (the job's own worker), then the vacuum the step made due.
 pub(crate) fn turn(job_id: i64, helper: bool, busy: &mut bool) -> Turn {
     let _ = reload_config_if_asked();
-    let mut extra = Duration::ZERO;
+    let mut ratio = 0.0;
     if *busy {
         match crate::jobs::pace::throttle(job_id) {
             crate::jobs::pace::Throttle::Wait(wait) => {
@@ -78,9 +78,10 @@ pub(crate) fn turn(job_id: i64, helper: bool, busy: &mut bool) -> Turn {
                     Turn::Stopped
                 };
             }
-            crate::jobs::pace::Throttle::Go(pause) => extra = pause,
+            crate::jobs::pace::Throttle::Go(r) => ratio = r,
         }
     }
+    let started = std::time::Instant::now();
     let r = transaction(|| protocol::step(job_id, helper));
     *busy = matches!(r, Ok(Step::Again));
     if !helper {
@@ -93,6 +94,8 @@ pub(crate) fn turn(job_id: i64, helper: bool, busy: &mut bool) -> Turn {
     }
     // the vacuum behind the batches, when one is due (pace.rs)
     crate::jobs::pace::vacuum_if_due(job_id);
+    // the step and its vacuum are what the application competes with
+    let extra = started.elapsed().mul_f64(ratio);
     Turn::Step(r, extra)
 }
 

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 /// Batches since the last vacuum of the table being worked on.
 struct Since {
     tbl: pg_sys::Oid,
-    batches: u32,
+    /// full batches' worth of rewritten values since the last vacuum
+    batches: f64,
     /// the transaction id of the first of them: a snapshot older than it
     /// keeps the vacuum from freeing what they left behind
     first_xid: u32,
@@ -39,6 +40,8 @@ pub(crate) struct Due {
 
 thread_local! {
     static SINCE: RefCell<Option<Since>> = const { RefCell::new(None) };
+    /// the most values one batch of a table moved: a full batch
+    static FULL: RefCell<std::collections::HashMap<pg_sys::Oid, i64>> = RefCell::new(std::collections::HashMap::new());
     static DUE: RefCell<Option<Due>> = const { RefCell::new(None) };
     /// what `throttled_by` says now (this worker wrote it)
     static THROTTLED_BY: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -57,12 +60,21 @@ pub(crate) fn batch_blocks(blocks_per_batch: i64, table_blocks: i64) -> i64 {
 }
 
 /// Called by a batch that committed its bookkeeping (in its transaction):
-/// counts it if it rewrote rows, and makes a vacuum due when the batches
+/// counts what it rewrote (`moved` values; a batch of a later pass that
+/// finds a few values left counts for that much of a full batch, the most
+/// one batch of the table moved), and makes a vacuum due when the batches
 /// since the last one rewrote `ekm.rotation_vacuum_growth` of the table.
-pub(crate) fn batch_done(tbl: pg_sys::Oid, table_blocks: i64, blocks_per_batch: i64, wrote: bool) {
-    if !wrote {
+pub(crate) fn batch_done(tbl: pg_sys::Oid, table_blocks: i64, blocks_per_batch: i64, moved: i64) {
+    if moved <= 0 {
         return;
     }
+    let full = FULL.with(|f| {
+        let mut f = f.borrow_mut();
+        let e = f.entry(tbl).or_insert(0);
+        *e = (*e).max(moved);
+        *e
+    });
+    let weight = moved as f64 / full as f64;
     let Some(every) = ekm_core::pace::vacuum_every(
         table_blocks,
         blocks_per_batch,
@@ -75,7 +87,7 @@ pub(crate) fn batch_done(tbl: pg_sys::Oid, table_blocks: i64, blocks_per_batch: 
     SINCE.with(|s| {
         let mut s = s.borrow_mut();
         match s.as_mut() {
-            Some(c) if c.tbl == tbl => c.batches += 1,
+            Some(c) if c.tbl == tbl => c.batches += weight,
             _ => {
                 // another table: what the last one's batches left is vacuumed too
                 if let Some(prev) = s.take() {
@@ -88,12 +100,12 @@ pub(crate) fn batch_done(tbl: pg_sys::Oid, table_blocks: i64, blocks_per_batch: 
                 }
                 *s = Some(Since {
                     tbl,
-                    batches: 1,
+                    batches: weight,
                     first_xid: xid,
                 });
             }
         }
-        if s.as_ref().is_some_and(|c| c.batches >= every) {
+        if s.as_ref().is_some_and(|c| c.batches >= every as f64) {
             let c = s.take().expect("just counted");
             DUE.with(|d| {
                 *d.borrow_mut() = Some(Due {
@@ -111,7 +123,7 @@ pub(crate) fn batch_done(tbl: pg_sys::Oid, table_blocks: i64, blocks_per_batch: 
 pub(crate) fn pass_ended(tbl: pg_sys::Oid) {
     SINCE.with(|s| {
         let mut s = s.borrow_mut();
-        if s.as_ref().is_some_and(|c| c.tbl == tbl && c.batches > 0) {
+        if s.as_ref().is_some_and(|c| c.tbl == tbl && c.batches > 0.0) {
             let c = s.take().expect("checked");
             DUE.with(|d| {
                 *d.borrow_mut() = Some(Due {
@@ -277,72 +289,70 @@ pub(crate) enum Throttle {
     /// Run no step for this long, then ask again (a limit is exceeded, or
     /// the adaptive pause measures the application alone).
     Wait(Duration),
-    /// Run the step, then pause this long more than usual before the next
-    /// (the adaptive pause between batches).
-    Go(Duration),
+    /// Run the step, then pause this many times as long as it took, more
+    /// than usual, before the next (the adaptive pause).
+    Go(f64),
 }
 
 /// What the worker does before its next step, for the throttle. Sets or
 /// clears the job's `throttled_by`.
 pub(crate) fn throttle(job_id: i64) -> Throttle {
-    match throttle_ms(job_id) {
-        (true, d) => Throttle::Wait(d),
-        (false, d) => Throttle::Go(d),
-    }
-}
-
-/// (whether to wait before the step, how long).
-fn throttle_ms(job_id: i64) -> (bool, Duration) {
     let (max_lag, max_active, target) = gucs::rotation_throttle();
     if max_lag == 0 && max_active == 0 && target <= 0.0 {
         CONTROLLER.with(|c| c.borrow_mut().take());
         set_throttled_by(job_id, None);
-        return (false, Duration::ZERO);
+        return Throttle::Go(0.0);
     }
     if max_lag > 0 || max_active > 0 {
         let hard = transaction(|| hard_limit(max_lag, max_active)).unwrap_or(None);
         if let Some(why) = hard {
             set_throttled_by(job_id, Some(why));
-            return (true, Duration::from_millis(250));
+            return Throttle::Wait(Duration::from_millis(250));
         }
     }
     if target <= 0.0 {
         CONTROLLER.with(|c| c.borrow_mut().take());
         set_throttled_by(job_id, None);
-        return (false, Duration::ZERO);
+        return Throttle::Go(0.0);
     }
+    share_pace(job_id, target)
+}
+
+/// The adaptive pause (`ekm.rotation_target_app_share`).
+fn share_pace(job_id: i64, target: f64) -> Throttle {
     let start = STARTED.with(|s| *s.borrow_mut().get_or_insert_with(Instant::now));
     let now_ms = start.elapsed().as_millis() as u64;
     let next_xid = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
     let own = crate::pg::xact::own_xids();
     let app = next_xid.saturating_sub(own);
-    let (pace, share, pause) = CONTROLLER.with(|c| {
+    let (pace, share) = CONTROLLER.with(|c| {
         let mut c = c.borrow_mut();
         let ctl = c.get_or_insert_with(|| ShareController::new(target));
         ctl.set_target(target);
         let p = ctl.next(now_ms, app);
-        (p, ctl.last_share, ctl.pause_ms())
+        (p, ctl.last_share)
     });
     match pace {
         Pace::Rest { ms } => {
             // the rest window is the measurement, not a throttle: what
             // throttled_by said stays
-            (true, Duration::from_millis(ms))
+            Throttle::Wait(Duration::from_millis(ms))
         }
-        Pace::Work { pause_ms } => {
-            if pause > 0 {
+        Pace::Work { ratio } => {
+            if ratio > 0.0 {
                 set_throttled_by(
                     job_id,
                     Some(format!(
-                        "application share: the application's write throughput with the rotation running was {:.0}% of what it is without (ekm.rotation_target_app_share = {:.2}): pausing {pause} ms between batches",
+                        "application share: the application's write throughput with the rotation running was {:.0}% of what it is without (ekm.rotation_target_app_share = {:.2}): pausing {:.1} times each batch's time after it",
                         100.0 * share.unwrap_or(0.0),
-                        target
+                        target,
+                        ratio
                     )),
                 );
             } else {
                 set_throttled_by(job_id, None);
             }
-            (false, Duration::from_millis(pause_ms))
+            Throttle::Go(ratio)
         }
     }
 }

@@ -527,7 +527,7 @@ fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result
         g.tbl,
         g.nblocks,
         crate::jobs::pace::batch_blocks(g.blocks_per_batch as i64, g.nblocks),
-        total > 0,
+        total,
     );
     if hi < g.nblocks {
         // the end of the table is decided by a fresh read of its size
