@@ -342,21 +342,16 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
             new.reseal(old, bin, ctx, nonce, bytes)?;
             Ok(out)
         });
-        match r {
-            Ok(Some(out)) => {
-                count_moved(fcinfo);
-                pg_sys::Datum::from(out)
-            }
-            Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
-            // A value that does not open with the column's context (bound
-            // to another one, altered) or is malformed stays as it is: the
-            // job's check records it in ekm.rotation_problem and the job
-            // ends needs_attention instead of failing at the first one.
-            Err(EkmError::AuthenticationFailed(_) | EkmError::Malformed(_)) => {
-                pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0)
-            }
-            Err(e) => raise(e),
-        }
+        // A value that does not open with the column's context (bound to
+        // another one, altered) or is malformed stays as it is: the job's
+        // check records it in ekm.rotation_problem and the job ends
+        // needs_attention instead of failing at the first one.
+        moved_or_same(fcinfo, r, |e| {
+            matches!(
+                e,
+                EkmError::AuthenticationFailed(_) | EkmError::Malformed(_)
+            )
+        })
     }
 }
 
@@ -366,18 +361,34 @@ pub unsafe extern "C-unwind" fn ekm_rotate_value_v1(
 /// records it); anything else is returned as it is.
 unsafe fn fernet_moved(fcinfo: pg_sys::FunctionCallInfo, v: &[u8], ctx: &[u8]) -> pg_sys::Datum {
     unsafe {
-        match move_fernet(v, ctx) {
+        moved_or_same(fcinfo, move_fernet(v, ctx), |e| {
+            matches!(
+                e,
+                EkmError::FernetAuthenticationFailed(_)
+                    | EkmError::FernetMalformed(_)
+                    | EkmError::FernetKeyNotImported(_)
+                    | EkmError::NoFernetKeys
+            )
+        })
+    }
+}
+
+/// A batch function's result: the moved value (counted), or the argument
+/// as it is when nothing moved or the error is one `stays` leaves to the
+/// job's check; any other error is raised.
+unsafe fn moved_or_same<T: Into<pg_sys::Datum>>(
+    fcinfo: pg_sys::FunctionCallInfo,
+    r: Result<Option<T>, EkmError>,
+    stays: impl Fn(&EkmError) -> bool,
+) -> pg_sys::Datum {
+    unsafe {
+        match r {
             Ok(Some(out)) => {
                 count_moved(fcinfo);
-                pg_sys::Datum::from(out)
+                out.into()
             }
             Ok(None) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
-            Err(
-                EkmError::FernetAuthenticationFailed(_)
-                | EkmError::FernetMalformed(_)
-                | EkmError::FernetKeyNotImported(_)
-                | EkmError::NoFernetKeys,
-            ) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
+            Err(e) if stays(&e) => pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0),
             Err(e) => raise(e),
         }
     }

@@ -111,12 +111,7 @@ pub(crate) fn start(
     } else {
         ("ekm rotation", "ekm_rotation_worker_main")
     };
-    let name = if helper {
-        format!("{what} job {job_id} (database {})", db.to_u32())
-    } else {
-        format!("ekm rotation job {job_id} (database {})", db.to_u32())
-    };
-    BackgroundWorkerBuilder::new(&name)
+    BackgroundWorkerBuilder::new(&format!("{what} job {job_id} (database {})", db.to_u32()))
         .set_type(what)
         .set_library("ekm")
         .set_function(function)

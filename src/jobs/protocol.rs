@@ -523,12 +523,7 @@ fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result
     }
     // the vacuum behind the batches (pace.rs): due after enough batches
     // that rewrote rows
-    crate::jobs::pace::batch_done(
-        g.tbl,
-        g.nblocks,
-        crate::jobs::pace::batch_blocks(g.blocks_per_batch as i64, g.nblocks),
-        total,
-    );
+    crate::jobs::pace::batch_done(g.tbl, g.nblocks, hi - g.next_block, total);
     if hi < g.nblocks {
         // the end of the table is decided by a fresh read of its size
         let mut next = g;
