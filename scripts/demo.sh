@@ -23,7 +23,7 @@ case "$EKM_PG" in 15|18) ;; *) echo "demo: PostgreSQL $EKM_PG is not supported (
 bash scripts/setup.sh
 source scripts/lib.sh
 echo "== building and installing ekm (release) for PostgreSQL $EKM_PG"
-cargo pgrx install --release --pg-config "$EKM_PG_CONFIG" --no-default-features --features "pg$EKM_PG"
+ekm_install --release
 dir=/tmp/ekm-demo; port=55440
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 echo "== starting a throwaway cluster in $dir (port $port, shared_preload_libraries = 'ekm')"

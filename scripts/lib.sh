@@ -14,6 +14,13 @@ else
 fi
 EKM_PG_USER=${EKM_PG_USER:-ekmpg}
 
+# ekm_install [cargo pgrx install args...]: builds the crate in the current
+# directory for the server EKM_PG selects (its cargo feature) and installs it
+# there.
+ekm_install() {
+  cargo pgrx install --pg-config "$EKM_PG_CONFIG" --no-default-features --features "pg${EKM_PG:-15}" "$@"
+}
+
 # Runs a command as the cluster's OS user (ourselves unless we are root).
 as_pg() {
   if [ "$(id -u)" -eq 0 ]; then runuser -u "$EKM_PG_USER" -- "$@"; else "$@"; fi

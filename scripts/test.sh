@@ -103,9 +103,12 @@ if [[ " ${failures[*]:-} " == *" pg18_install "* ]]; then
   echo "pg18_install failed: skipping the PostgreSQL 18 cluster tests"
 else
   run pg18_regress env EKM_PG=18 bash pgrx-tests/scripts/run_regress.sh
-  for s in t_versions t_rotation t_strand t_standby t_dump_restore t_scale; do
-    run "pg18_$s" env EKM_PG=18 bash "pgrx-tests/scripts/$s.sh"
+  for s in pgrx-tests/scripts/t_*.sh; do
+    s=$(basename "$s" .sh)
+    # t_upgrade: from the previous release only (below)
+    [ "$s" = t_upgrade ] || run "pg18_$s" env EKM_PG=18 bash "pgrx-tests/scripts/$s.sh"
   done
+  run pg18_t_upgrade_from_0.3.0 env EKM_PG=18 EKM_OLD_VERSION=0.3.0 bash pgrx-tests/scripts/t_upgrade.sh
 fi
 
 echo

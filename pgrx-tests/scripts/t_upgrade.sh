@@ -25,7 +25,7 @@ install_new() {
   # (ekm-core too: an old release whose ekm-core had this one's version
   # shares its artifact name)
   touch "$repo/src/lib.rs" "$repo"/ekm-core/src/*.rs
-  (cd "$repo" && cargo pgrx install --pg-config /usr/bin/pg_config) >"$dir.install-new.log" 2>&1
+  (cd "$repo" && ekm_install) >"$dir.install-new.log" 2>&1
 }
 cleanup() {
   cluster_stop "$dir" immediate >/dev/null 2>&1 || true
@@ -40,7 +40,8 @@ q() { cpsql "$dir" "$port" -d app -At -q -c "$1" 2>&1; }
 wait_job() { cpsql "$dir" "$port" -d app -At -q -c "SELECT state FROM ekm_rotation_wait($1, 300)" 2>/dev/null; }
 qerr() { cpsql "$dir" "$port" -d app -At -q -v VERBOSITY=verbose -c "$1" 2>&1 | grep -E '^(ERROR|FATAL|server closed)' | head -n 1; }
 
-# 1. Build and install the released version from its tag. (Its
+# 1. Build and install the released version from its tag (for the server
+#    EKM_PG selects: every release since 0.1.0 declares the pg15-pg18 features). (Its
 #    .cargo/config.toml built for x86-64-v3; its SQL does not depend on that,
 #    and without it the build shares this tree's compiled dependencies.)
 # the tag, or (in a clone without tags) the commit it names
@@ -57,7 +58,7 @@ git -C "$repo" archive "$tag" | tar -x -C "$old_src"
 rm -f "$old_src/.cargo/config.toml"
 find "$old_src" -type f -exec touch {} +   # newer than any artifact of the same version
 installed_old=1
-if (cd "$old_src" && CARGO_TARGET_DIR="$repo/target" cargo pgrx install --pg-config /usr/bin/pg_config) >"$dir.install-old.log" 2>&1; then
+if (cd "$old_src" && CARGO_TARGET_DIR="$repo/target" ekm_install) >"$dir.install-old.log" 2>&1; then
   ok "ekm $OLD builds and installs from $tag"
 else
   tail -n 20 "$dir.install-old.log"; not_ok "ekm $OLD builds and installs from $tag"; tap_done; exit 1
