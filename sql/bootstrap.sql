@@ -149,7 +149,25 @@ CREATE TABLE ekm.rotation_cursor (
     -- the table's size when the cursor was made (TOAST: its table and index)
     heap_bytes_before  bigint,
     toast_bytes_before bigint,
+    -- where this cursor's part of its pass ends once other workers took
+    -- block ranges of it (ekm.rotation_range); NULL: the end of the pass
+    pass_end        bigint,
     PRIMARY KEY (job_id, tbl, col)
+);
+
+-- Block ranges of one table's pass that other workers split off a cursor
+-- group or another range (ekm.rotation_workers): the columns `cols` of table
+-- `tbl` from block `next_block` (the next batch) to `hi` (the first block past
+-- the range). A range goes when its last batch commits; the pass ends when
+-- its cursors reached their pass_end and no range is left.
+CREATE TABLE ekm.rotation_range (
+    job_id     bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
+    tbl        regclass NOT NULL,
+    seq        smallint NOT NULL CHECK (seq >= 0),   -- a worker's claim on it is (tbl, seq)
+    cols       name[] NOT NULL,
+    next_block bigint NOT NULL,
+    hi         bigint NOT NULL,
+    PRIMARY KEY (job_id, tbl, seq)
 );
 
 -- Values a job could not move (wrong context, altered, on a key that does
@@ -185,3 +203,4 @@ SELECT pg_catalog.pg_extension_config_dump('ekm.ciphertext_scan', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job_job_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_cursor', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_range', '');

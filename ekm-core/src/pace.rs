@@ -34,6 +34,29 @@ pub fn batch_blocks(blocks_per_batch: i64, table_blocks: i64, growth: f64) -> i6
     bpb.min(cap.max(1))
 }
 
+/// A range of one table's pass is split between two workers only when at
+/// least this many batches are left in it for each of them.
+pub const SPLIT_MIN_BATCHES: i64 = 4;
+
+/// Where to split the part of a pass that a worker is working on, blocks
+/// `next` (its next batch starts there) to `end`, for a second worker to take
+/// `[split, end)` (`ekm.rotation_workers`): the middle, if each half has at
+/// least [`SPLIT_MIN_BATCHES`] batches of `blocks_per_batch` blocks. The
+/// first worker may be in the middle of a batch from `next` (and, its
+/// bookkeeping committing while the split waits for it, of the next one):
+/// the split point is always at least two whole batches past `next`, so
+/// neither batch crosses it.
+pub fn split_point(next: i64, end: i64, blocks_per_batch: i64) -> Option<i64> {
+    let bpb = blocks_per_batch.max(1);
+    let left = end - next;
+    if left < 2 * SPLIT_MIN_BATCHES * bpb {
+        return None;
+    }
+    let split = next + left / 2;
+    debug_assert!(split >= next + 2 * bpb && split < end);
+    Some(split)
+}
+
 /// Window lengths of the adaptive pause (milliseconds).
 pub const REST_MS: u64 = 1_000;
 pub const WORK_MS: u64 = 4_000;
@@ -214,6 +237,35 @@ fn per_second(n: u64, ms: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn split_point_halves_what_is_left_past_two_batches() {
+        // too little left: no split
+        assert_eq!(split_point(0, 7, 1), None);
+        assert_eq!(split_point(100, 100 + 8 * 10 - 1, 10), None);
+        assert_eq!(split_point(100, 100, 10), None);
+        assert_eq!(split_point(100, 50, 10), None);
+        // the middle
+        assert_eq!(split_point(0, 8, 1), Some(4));
+        assert_eq!(split_point(100, 180, 10), Some(140));
+        assert_eq!(split_point(0, 1_000_001, 64), Some(500_000));
+        // always two whole batches past next, and short of the end
+        for bpb in [1i64, 2, 3, 7, 64, 1000] {
+            for next in [0i64, 5, 999] {
+                for left in 0..(40 * bpb) {
+                    if let Some(s) = split_point(next, next + left, bpb) {
+                        assert!(
+                            s >= next + 2 * bpb && s < next + left,
+                            "{next} {left} {bpb} {s}"
+                        );
+                        assert!(next + left - s >= SPLIT_MIN_BATCHES * bpb);
+                    }
+                }
+            }
+        }
+        // a batch size of 0 counts as 1
+        assert_eq!(split_point(0, 8, 0), Some(4));
+    }
+
     use super::*;
 
     #[test]

@@ -16,7 +16,10 @@
 #      writers: while one worker is held inside a batch of one partition the
 #      other finishes the rest; the held one is killed there (SIGKILL: the
 #      server restarts), the job resumes and finishes, and every row holds
-#      what its last writer wrote, on the new key.
+#      what its last writer wrote, on the new key;
+#   6. two workers on block ranges of one (unpartitioned) table under
+#      writers: each held inside a batch of its own range, one killed there,
+#      the job resumes and finishes, nothing lost.
 # The replica lag throttle is in t_standby.sh (it needs a standby).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -270,7 +273,85 @@ q "ALTER SYSTEM RESET ekm.rotation_lock_timeout" >/dev/null
 q "ALTER SYSTEM RESET deadlock_timeout" >/dev/null
 reload
 
-# section 5's SIGKILL (the worker killed, the others ended, the
+# --- 6. two workers on block ranges of one table, writers, a worker killed --------
+# 60,000 rows in one table; a trigger holds a rotation worker inside a batch
+# of a row with id > 45,000 (the top quarter of the table) while this script
+# holds advisory lock (4242, 6). The job's worker starts on the table, the
+# helper splits the rest of its part and takes the upper half; the job's
+# worker finishes the lower half, then splits the helper's range and takes
+# its upper half: both are held in batches of the same table, each on a
+# block range of its own.
+q "CREATE TABLE items (id int PRIMARY KEY, email text, plain text)" >/dev/null
+q "INSERT INTO items SELECT g, ekm_encrypt('i' || g, 'items.email'), 'i' || g FROM generate_series(1, 60000) g" >/dev/null
+q "VACUUM ANALYZE items" >/dev/null
+q "CREATE FUNCTION hold_top() RETURNS trigger LANGUAGE plpgsql AS \$\$
+   BEGIN
+     IF OLD.id > 45000 AND (SELECT backend_type FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid()) LIKE 'ekm rotation%' THEN
+       PERFORM pg_catalog.pg_advisory_xact_lock_shared(4242, 6);
+     END IF;
+     RETURN NEW;
+   END \$\$" >/dev/null
+q "CREATE TRIGGER hold_top BEFORE UPDATE ON items FOR EACH ROW EXECUTE FUNCTION hold_top()" >/dev/null
+q "SELECT ekm_register_column('items', 'email', 'items.email')" >/dev/null
+q "CREATE PROCEDURE item_writer(n int) LANGUAGE plpgsql AS \$\$
+   DECLARE i int; r int; v text;
+   BEGIN
+     FOR i IN 1..n LOOP
+       r := 1 + floor(random() * 60000)::int; v := 'w' || i || '-' || r;
+       UPDATE items SET email = ekm_encrypt(v, 'items.email'), plain = v WHERE id = r;
+       COMMIT;
+     END LOOP;
+   END \$\$" >/dev/null
+q "ALTER SYSTEM SET ekm.rotation_workers = 2" >/dev/null
+q "ALTER SYSTEM SET ekm.rotation_lock_timeout = 600000" >/dev/null
+q "ALTER SYSTEM SET deadlock_timeout = '20min'" >/dev/null
+reload
+rm -f "$dir/lock6.in"; mkfifo "$dir/lock6.in"
+cpsql "$dir" "$port" -d app -At -q <"$dir/lock6.in" >"$dir/lock6.out" 2>&1 &
+lock_pid=$!
+exec 8>"$dir/lock6.in"
+echo "SELECT pg_advisory_lock(4242, 6); SELECT 'held';" >&8
+for _ in $(seq 1 200); do grep -q '^held$' "$dir/lock6.out" && break; sleep 0.05; done
+for w in 1 2; do cpsql "$dir" "$port" -d app -q -c "CALL item_writer(3000)" >"$dir/writer$w.out" 2>&1 & done
+q "SELECT DISTINCT job_id FROM ekm_rotate(batch_size => 500, force => true)" >/dev/null
+job=$(job_of)
+held=""
+for _ in $(seq 1 1200); do
+  held=$(q "SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.backend_type LIKE 'ekm rotation%' AND l.locktype = 'advisory' AND l.classid = 4242 AND l.objid = 6 AND NOT l.granted")
+  [ "$held" = 2 ] && break; sleep 0.05
+done
+check "6: both workers are held inside batches of the one table" "$held" 2
+check "6: each holds a block range of it (ekm.rotation_range, a claim each)" \
+  "$(q "SELECT (SELECT count(*) FROM ekm.rotation_range WHERE job_id = $job AND tbl = 'items'::regclass) || ':' ||
+               (SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                WHERE a.backend_type LIKE 'ekm rotation%' AND l.locktype = 'userlock' AND l.objid = 'items'::regclass::oid AND l.objsubid >= 16 AND l.granted)")" 2:2
+check "6: the cursor's own part is done (it ends where the first range begins)" \
+  "$(q "SELECT next_block >= pass_end AND pass_end <= (SELECT min(r.next_block) FROM ekm.rotation_range r WHERE r.job_id = c.job_id AND r.tbl = c.tbl) FROM ekm.rotation_cursor c WHERE job_id = $job AND tbl = 'items'::regclass")" t
+# (the lower half and most of a quarter are done: the ranges left are the rest)
+check "6: the progress view shows the ranges and where the pass stands" \
+  "$(q "SELECT block_ranges || ' ' || column_state || ' ' || (percent BETWEEN 60 AND 95) FROM ekm.rotation_progress WHERE job_id = $job AND table_name = 'items'::regclass")" '2 scanning true'
+helper=$(q "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.backend_type = 'ekm rotation helper' AND l.locktype = 'advisory' AND l.classid = 4242 AND l.objid = 6 AND NOT l.granted")
+check_match "6: one of them is the helper" "$helper" '^[0-9]+$'
+kill -KILL "$helper"; check "6: the helper was sent SIGKILL inside its batch" "$?" 0
+exec 8>&-; wait "$lock_pid" 2>/dev/null
+for _ in $(seq 1 300); do as_pg "$PGBIN/pg_isready" -q -h "$dir" -p "$port" && [ "$(q "SELECT 1")" = 1 ] && break; sleep 0.1; done
+wait 2>/dev/null
+for w in 1 2; do cpsql "$dir" "$port" -d app -q -c "CALL item_writer(1000)" >"$dir/writer$w.out" 2>&1 & done
+check "6: the job resumes after the restart and ends done" "$(wait_job "$job")" done
+wait
+check "6: the writers committed without error after the restart" "$(client_errors "$dir/writer1.out" "$dir/writer2.out")" 0
+check "6: every row holds what its last writer wrote, on the new key" \
+  "$(q "SELECT count(*) FROM items WHERE ekm_decrypt(email, 'items.email') = plain AND ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job)")" 60000
+check "6: no block range is left, the cursor is done" \
+  "$(q "SELECT (SELECT count(*) FROM ekm.rotation_range WHERE job_id = $job) || ':' || state || ':' || (pass_end IS NULL) FROM ekm.rotation_cursor WHERE job_id = $job AND tbl = 'items'::regclass")" 0:done:true
+check "6: the old key is retired after the final check" \
+  "$(q "SELECT rotation_status FROM ekm.keys WHERE key_id = (SELECT from_key FROM ekm.rotation_job WHERE job_id = $job)")" retired
+q "ALTER SYSTEM RESET ekm.rotation_workers" >/dev/null
+q "ALTER SYSTEM RESET ekm.rotation_lock_timeout" >/dev/null
+q "ALTER SYSTEM RESET deadlock_timeout" >/dev/null
+reload
+
+# sections 5's and 6's SIGKILLs (the worker killed, the others ended, the
 # reinitialization): nothing else crashed
-check_log_clean "$dir/server.log" 3
+check_log_clean "$dir/server.log" 6
 tap_done

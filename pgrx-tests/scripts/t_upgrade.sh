@@ -51,6 +51,8 @@ tag=v$OLD
 [ "$OLD" = 0.2.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=2cd95a860b5df280a79cf268ed5d775022c10776
 # 0.3.0: the last commit of 0.3.0
 [ "$OLD" = 0.3.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=f64ec1bceb7ff0e85a4c97ab64f0e37c5835ee40
+# 0.4.0: the last commit of 0.4.0
+[ "$OLD" = 0.4.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=007e3964c8e5d22e061da1eaa2e59638625786bf
 if ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null; then
   not_ok "ekm $OLD ($tag) is in this clone's history"; tap_done; exit 1
 fi

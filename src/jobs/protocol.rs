@@ -26,6 +26,7 @@
 
 use crate::jobs::notify::notify;
 use crate::keys::catalog;
+use crate::keys::locks::EkmLock;
 use crate::pg::owner;
 use crate::pg::spi::{self, err_text as spi_err, kept, one_i64, set_local, INT8};
 use pgrx::prelude::*;
@@ -78,33 +79,36 @@ thread_local! {
     /// The fence, taken after a clean check; dropped when anything sends a
     /// column back for another pass, adds a cursor, or changes the keys.
     static FENCE: std::cell::RefCell<Option<Fence>> = const { std::cell::RefCell::new(None) };
-    /// The table this worker has claimed (ekm's claim lock, session-scoped),
-    /// and whether for a scan.
-    static CLAIMED: std::cell::Cell<Option<(pg_sys::Oid, bool)>> = const { std::cell::Cell::new(None) };
+    /// What this worker has claimed (ekm's claim lock, session-scoped): a
+    /// table's cursor group (and whether for a scan), or a block range of
+    /// one (ekm.rotation_range).
+    static CLAIMED: std::cell::Cell<Option<EkmLock>> = const { std::cell::Cell::new(None) };
     /// When this worker last picked a group: how many other tables had
     /// cursors left (the job's worker starts helpers for them).
     static OTHERS_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
-/// Claims table `tbl` for this worker, unless another worker has it. A
-/// claim is held across the group's batches and given back at the end of
-/// its pass, when the table is dropped, or when the worker exits.
-fn claim(tbl: pg_sys::Oid, scan: bool) -> bool {
-    if CLAIMED.with(|c| c.get()) == Some((tbl, scan)) {
+/// Claims a table's cursor group or a block range of one for this worker
+/// (giving back what it had), unless another worker has it. A claim is
+/// held across the batches and given back when the worker picks its next
+/// group (after the step that ended the pass or the range committed), when
+/// the table is dropped, or when the worker exits.
+fn claim(lock: EkmLock) -> bool {
+    if CLAIMED.with(|c| c.get()) == Some(lock) {
         return true;
     }
     release_claim();
-    let ok = crate::keys::locks::try_lock_session(crate::keys::locks::EkmLock::Claim(tbl, scan));
+    let ok = crate::keys::locks::try_lock_session(lock);
     if ok {
-        CLAIMED.with(|c| c.set(Some((tbl, scan))));
+        CLAIMED.with(|c| c.set(Some(lock)));
     }
     ok
 }
 
 /// Gives back this worker's claim, if it holds one.
 pub(crate) fn release_claim() {
-    if let Some((t, scan)) = CLAIMED.with(|c| c.take()) {
-        crate::keys::locks::unlock_session(crate::keys::locks::EkmLock::Claim(t, scan));
+    if let Some(lock) = CLAIMED.with(|c| c.take()) {
+        crate::keys::locks::unlock_session(lock);
     }
 }
 
@@ -145,6 +149,15 @@ struct Group {
     /// where this pass ends: the table's size when the pass began (or now,
     /// if it shrank)
     nblocks: i64,
+    /// where this worker's part of the pass ends: `nblocks`, or less once
+    /// other workers took block ranges of it (ekm.rotation_range)
+    end: i64,
+    /// the block range this group is (None: the cursors' own part)
+    range: Option<u16>,
+    /// the cursors' part: where it ends once ranges were split off this
+    /// pass (rotation_cursor.pass_end), and how many of them are left
+    pass_end: Option<i64>,
+    ranges_left: i64,
     /// quoted identifiers, names, contexts (same order)
     quoted: Vec<String>,
     names: Vec<String>,
@@ -169,6 +182,9 @@ pub(crate) fn step(job_id: i64, helper: bool) -> Result<Step, String> {
             Some((kind, Head::AllDone)) => (kind, None),
             Some((_, Head::Busy)) if helper => return Ok(Step::Stop),
             Some((_, Head::Busy)) => return Ok(Step::Soon),
+            // (a block range was split off for this worker: its batches
+            // begin in the next step, the split committed)
+            Some((_, Head::Split)) => return Ok(Step::Again),
             None => return Ok(Step::Stop),
         },
     };
@@ -191,8 +207,13 @@ pub(crate) fn step(job_id: i64, helper: bool) -> Result<Step, String> {
             g.table = Some(table);
             if g.state != "scanning" {
                 sweep(job_id, g)
-            } else if g.next_block >= g.nblocks {
-                end_pass(job_id, &kind, g)
+            } else if g.next_block >= g.end {
+                match g.range {
+                    Some(seq) => end_range(job_id, &g, seq),
+                    // the ranges split off this pass are not all done
+                    None if g.ranges_left > 0 => Ok(if helper { Step::Stop } else { Step::Soon }),
+                    None => end_pass(job_id, &kind, g),
+                }
             } else if kind == "scan" {
                 scan_batch(job_id, kind, g)
             } else {
@@ -213,6 +234,11 @@ fn dropped_table(job_id: i64, kind: &str, tbl: pg_sys::Oid) -> Result<Step, Stri
     release_claim();
     spi::exec(
         "DELETE FROM ekm.rotation_cursor WHERE job_id = $1 AND tbl = $2::oid",
+        vec![job_id.into(), tbl.into()],
+    )
+    .map_err(e)?;
+    spi::exec(
+        "DELETE FROM ekm.rotation_range WHERE job_id = $1 AND tbl = $2::oid",
         vec![job_id.into(), tbl.into()],
     )
     .map_err(e)?;
@@ -290,11 +316,16 @@ enum Head {
     AllDone,
     /// cursors are left, each on a table another worker has claimed
     Busy,
+    /// this worker split a block range off another worker's part of a
+    /// pass, and claimed it
+    Split,
 }
 
 /// The job's kind and what this worker works on next, or None if the job
 /// is not running: the first table with cursors left that no other worker
-/// has claimed.
+/// has claimed; else a block range no worker has (one whose worker
+/// exited); else a range split off the largest part of a pass another
+/// worker is on (ekm.rotation_workers; not for scans of the database).
 fn next_group(job_id: i64) -> Result<Option<(String, Head)>, String> {
     let Some((kind, tables)) = kept(
         "SELECT j.kind, coalesce(array_agg(DISTINCT c.tbl::oid::int8) FILTER (WHERE c.state <> 'done'), '{}') \
@@ -319,40 +350,82 @@ fn next_group(job_id: i64) -> Result<Option<(String, Head)>, String> {
         return Ok(Some((kind, Head::AllDone)));
     }
     let scan = kind == "scan";
+    // the block range this worker was on, while it lasts
+    if let Some(EkmLock::Range(t, seq)) = CLAIMED.with(|c| c.get()) {
+        if let Some(g) = range_group(job_id, t, seq)? {
+            note_others(tables.len() - 1, &g, scan);
+            return Ok(Some((kind, Head::Group(g))));
+        }
+        release_claim();
+    }
     // the table this worker had first (its claim), then the others in order
-    let mine = CLAIMED.with(|c| c.get()).map(|(t, _)| t.to_u32() as i64);
+    let mine = match CLAIMED.with(|c| c.get()) {
+        Some(EkmLock::Claim(t, _)) => Some(t.to_u32() as i64),
+        _ => None,
+    };
     let mut order = tables.clone();
     order.sort_by_key(|t| (Some(*t) != mine, *t));
     for t in order {
         let tbl = pg_sys::Oid::from(t as u32);
-        if !claim(tbl, scan) {
+        if !claim(EkmLock::Claim(tbl, scan)) {
             continue;
         }
-        if let Some((_, Some(g))) = group_of(job_id, tbl)? {
-            OTHERS_LEFT.with(|c| c.set(Some(tables.len() - 1)));
+        match group_of(job_id, tbl)? {
+            // its own part of the pass is done, the ranges split off it are
+            // other workers' (the pass ends when they are done)
+            Some((_, Some(g))) if g.next_block >= g.end && g.ranges_left > 0 => release_claim(),
+            Some((_, Some(g))) => {
+                note_others(tables.len() - 1, &g, scan);
+                return Ok(Some((kind, Head::Group(g))));
+            }
+            // done meanwhile
+            _ => release_claim(),
+        }
+    }
+    if !scan {
+        if let Some(g) = free_range(job_id)? {
+            note_others(tables.len(), &g, scan);
             return Ok(Some((kind, Head::Group(g))));
         }
-        // done meanwhile
-        release_claim();
+        if split(job_id, &tables)? {
+            return Ok(Some((kind, Head::Split)));
+        }
     }
     Ok(Some((kind, Head::Busy)))
+}
+
+/// What other workers could take beside group `g` this worker picked: the
+/// `tables` left beside it, and, if `g` can be split, one block range of it
+/// per other worker ekm.rotation_workers allows (the job's worker starts
+/// helpers for them).
+fn note_others(tables: usize, g: &Group, scan: bool) {
+    let splittable = !scan
+        && g.state == "scanning"
+        && ekm_core::pace::split_point(g.next_block, g.end, g.blocks_per_batch as i64).is_some();
+    let helpers = if splittable {
+        crate::pg::gucs::rotation_workers().max(1) as usize - 1
+    } else {
+        0
+    };
+    OTHERS_LEFT.with(|c| c.set(Some(tables + helpers)));
 }
 
 /// The cursor group of table `tbl`: its columns that stand at the first
 /// unfinished position.
 fn group_of(job_id: i64, tbl: pg_sys::Oid) -> Result<Option<(String, Option<Group>)>, String> {
     kept(
-        "SELECT j.kind, g.tbl, g.state, g.next_block, g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts \
+        "SELECT j.kind, g.tbl, g.state, g.next_block, g.blocks_per_batch, g.nblocks, g.quoted, g.names, g.contexts, \
+                g.pass_end, (SELECT count(*) FROM ekm.rotation_range r WHERE r.job_id = j.job_id AND r.tbl = g.tbl::pg_catalog.regclass) \
          FROM ekm.rotation_job j \
          LEFT JOIN LATERAL ( \
-           SELECT f.tbl::oid AS tbl, f.state, f.next_block, f.blocks_per_batch, \
+           SELECT f.tbl::oid AS tbl, f.state, f.next_block, f.blocks_per_batch, f.pass_end, \
                   least(pg_relation_size(f.tbl) / current_setting('block_size')::bigint, f.blocks_total) AS nblocks, \
                   array_agg(pg_catalog.quote_ident(c.col) ORDER BY c.col) AS quoted, array_agg(c.col::text ORDER BY c.col) AS names, \
                   array_agg(c.context ORDER BY c.col) AS contexts \
-           FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total FROM ekm.rotation_cursor \
+           FROM (SELECT tbl, state, next_block, blocks_per_batch, blocks_total, pass_end FROM ekm.rotation_cursor \
                  WHERE job_id = j.job_id AND tbl = $2::pg_catalog.oid AND state <> 'done' ORDER BY col LIMIT 1) f \
            JOIN ekm.rotation_cursor c ON c.job_id = j.job_id AND c.tbl = f.tbl AND c.state = f.state AND c.next_block = f.next_block \
-           GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch, f.blocks_total) g ON true \
+           GROUP BY f.tbl, f.state, f.next_block, f.blocks_per_batch, f.blocks_total, f.pass_end) g ON true \
          WHERE j.job_id = $1 AND j.state = 'running'",
         &[INT8, pg_sys::OIDOID],
         false,
@@ -365,21 +438,228 @@ fn group_of(job_id: i64, tbl: pg_sys::Oid) -> Result<Option<(String, Option<Grou
             let kind = r.get::<String>(1)?.unwrap_or_default();
             let group = match r.get::<pg_sys::Oid>(2)? {
                 None => None,
-                Some(tbl) => Some(Group {
-                    tbl,
-                    table: None, // looked up at every batch
-                    state: r.get::<String>(3)?.unwrap_or_default(),
-                    next_block: r.get::<i64>(4)?.unwrap_or(0),
-                    blocks_per_batch: r.get::<i32>(5)?.unwrap_or(1),
-                    nblocks: r.get::<i64>(6)?.unwrap_or(0),
-                    quoted: r.get::<Vec<String>>(7)?.unwrap_or_default(),
-                    names: r.get::<Vec<String>>(8)?.unwrap_or_default(),
-                    contexts: r.get::<Vec<String>>(9)?.unwrap_or_default(),
-                }),
+                Some(tbl) => {
+                    let nblocks = r.get::<i64>(6)?.unwrap_or(0);
+                    let pass_end = r.get::<i64>(10)?;
+                    Some(Group {
+                        tbl,
+                        table: None, // looked up at every batch
+                        state: r.get::<String>(3)?.unwrap_or_default(),
+                        next_block: r.get::<i64>(4)?.unwrap_or(0),
+                        blocks_per_batch: r.get::<i32>(5)?.unwrap_or(1),
+                        nblocks,
+                        end: pass_end.map_or(nblocks, |p| p.min(nblocks)),
+                        range: None,
+                        pass_end,
+                        ranges_left: r.get::<i64>(11)?.unwrap_or(0),
+                        quoted: r.get::<Vec<String>>(7)?.unwrap_or_default(),
+                        names: r.get::<Vec<String>>(8)?.unwrap_or_default(),
+                        contexts: r.get::<Vec<String>>(9)?.unwrap_or_default(),
+                    })
+                }
             };
             Ok(Some((kind, group)))
         },
     )
+}
+
+/// Block range `seq` of table `tbl` as a group (its columns' cursors give
+/// the batch size and contexts), if it is left and the job runs.
+fn range_group(job_id: i64, tbl: pg_sys::Oid, seq: u16) -> Result<Option<Group>, String> {
+    kept(
+        "SELECT r.next_block, r.hi, c.bpb, least(pg_relation_size(r.tbl) / current_setting('block_size')::bigint, c.blocks_total), \
+                c.quoted, c.names, c.contexts \
+         FROM ekm.rotation_job j JOIN ekm.rotation_range r ON r.job_id = j.job_id \
+         CROSS JOIN LATERAL (SELECT min(x.blocks_per_batch) AS bpb, max(x.blocks_total) AS blocks_total, \
+                                    array_agg(pg_catalog.quote_ident(x.col) ORDER BY x.col) AS quoted, \
+                                    array_agg(x.col::text ORDER BY x.col) AS names, array_agg(x.context ORDER BY x.col) AS contexts \
+                             FROM ekm.rotation_cursor x \
+                             WHERE x.job_id = r.job_id AND x.tbl = r.tbl AND x.col = ANY (r.cols) AND x.state = 'scanning') c \
+         WHERE j.job_id = $1 AND j.state = 'running' AND r.tbl = $2::pg_catalog.oid AND r.seq = $3 AND c.names IS NOT NULL",
+        &[INT8, pg_sys::OIDOID, pg_sys::INT2OID],
+        false,
+        &[job_id.into(), tbl.into(), (seq as i16).into()],
+        |t| -> pgrx::spi::SpiResult<Option<Group>> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            let nblocks = r.get::<i64>(4)?.unwrap_or(0);
+            Ok(Some(Group {
+                tbl,
+                table: None,
+                state: "scanning".into(),
+                next_block: r.get::<i64>(1)?.unwrap_or(0),
+                blocks_per_batch: r.get::<i32>(3)?.unwrap_or(1),
+                nblocks,
+                end: r.get::<i64>(2)?.unwrap_or(0),
+                range: Some(seq),
+                pass_end: None,
+                ranges_left: 0,
+                quoted: r.get::<Vec<String>>(5)?.unwrap_or_default(),
+                names: r.get::<Vec<String>>(6)?.unwrap_or_default(),
+                contexts: r.get::<Vec<String>>(7)?.unwrap_or_default(),
+            }))
+        },
+    )
+}
+
+/// A block range of the job that no worker has (its worker exited, or
+/// split it off and stopped), claimed: the largest first.
+fn free_range(job_id: i64) -> Result<Option<Group>, String> {
+    let ranges = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i16)>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT tbl::oid, seq FROM ekm.rotation_range WHERE job_id = $1 ORDER BY hi - next_block DESC, tbl, seq",
+            None,
+            &[job_id.into()],
+        )? {
+            v.push((r.get::<pg_sys::Oid>(1)?.unwrap_or_default(), r.get::<i16>(2)?.unwrap_or(0)));
+        }
+        Ok(v)
+    })
+    .map_err(spi_err)?;
+    for (tbl, seq) in ranges {
+        let seq = seq as u16;
+        if !claim(EkmLock::Range(tbl, seq)) {
+            continue;
+        }
+        if let Some(g) = range_group(job_id, tbl, seq)? {
+            return Ok(Some(g));
+        }
+        release_claim();
+    }
+    Ok(None)
+}
+
+/// Splits the largest part of a pass that another worker is on (a cursor
+/// group's own part or a block range; `tables`: those with cursors left)
+/// at `ekm_core::pace::split_point`, and claims the upper half as a new
+/// block range for this worker. Whether it did. The other worker's batch
+/// in flight ends below the split point, and its next bookkeeping learns
+/// the new end of its part (advance).
+fn split(job_id: i64, tables: &[i64]) -> Result<bool, String> {
+    // (table, range or None, next, end, blocks per batch, columns)
+    let mut parts: Vec<(
+        pg_sys::Oid,
+        Option<u16>,
+        i64,
+        i64,
+        i64,
+        Vec<String>,
+        Option<i64>,
+    )> = Vec::new();
+    for t in tables {
+        let tbl = pg_sys::Oid::from(*t as u32);
+        if let Some((_, Some(g))) = group_of(job_id, tbl)? {
+            if g.state == "scanning" {
+                parts.push((
+                    tbl,
+                    None,
+                    g.next_block,
+                    g.end,
+                    g.blocks_per_batch as i64,
+                    g.names,
+                    g.pass_end,
+                ));
+            }
+        }
+    }
+    let ranges = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i16)>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT tbl::oid, seq FROM ekm.rotation_range WHERE job_id = $1",
+            None,
+            &[job_id.into()],
+        )? {
+            v.push((
+                r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                r.get::<i16>(2)?.unwrap_or(0),
+            ));
+        }
+        Ok(v)
+    })
+    .map_err(spi_err)?;
+    for (tbl, seq) in ranges {
+        if let Some(g) = range_group(job_id, tbl, seq as u16)? {
+            parts.push((
+                tbl,
+                Some(seq as u16),
+                g.next_block,
+                g.end,
+                g.blocks_per_batch as i64,
+                g.names,
+                Some(g.end),
+            ));
+        }
+    }
+    // the part with the most left that can be split
+    let Some((tbl, range, next, end, bpb, names, old_end, at)) = parts
+        .into_iter()
+        .filter_map(|(tbl, range, next, end, bpb, names, old_end)| {
+            ekm_core::pace::split_point(next, end, bpb)
+                .map(|at| (tbl, range, next, end, bpb, names, old_end, at))
+        })
+        .max_by_key(|p| p.3 - p.2)
+    else {
+        return Ok(false);
+    };
+    let _ = next;
+    // a free range number whose claim this worker gets
+    let taken = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i16>> {
+        let mut v = Vec::new();
+        for r in c.select(
+            "SELECT seq FROM ekm.rotation_range WHERE job_id = $1 AND tbl = $2::pg_catalog.oid",
+            None,
+            &[job_id.into(), tbl.into()],
+        )? {
+            v.push(r.get::<i16>(1)?.unwrap_or(0));
+        }
+        Ok(v)
+    })
+    .map_err(spi_err)?;
+    let Some(seq) = (0..crate::keys::locks::MAX_RANGES)
+        .filter(|s| !taken.contains(&(*s as i16)))
+        .take(16)
+        .find(|s| claim(EkmLock::Range(tbl, *s)))
+    else {
+        return Ok(false);
+    };
+    // The other worker's part now ends at the split point, if it is still
+    // at least two batches short of it and nobody split it meanwhile (the
+    // row versions this reads are the newest: READ COMMITTED re-checks a
+    // row another transaction updated).
+    let cut = match range {
+        None => kept(
+            "UPDATE ekm.rotation_cursor SET pass_end = $4 \
+             WHERE job_id = $1 AND tbl = $2::pg_catalog.oid AND col = ANY ($3::name[]) AND state = 'scanning' \
+               AND next_block + 2 * $5 <= $4 AND pass_end IS NOT DISTINCT FROM $6",
+            &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, INT8, INT8],
+            true,
+            &[job_id.into(), tbl.into(), names.clone().into(), at.into(), bpb.into(), old_end.into()],
+            |t| Ok(t.len()),
+        )?,
+        Some(r) => kept(
+            "UPDATE ekm.rotation_range SET hi = $4 \
+             WHERE job_id = $1 AND tbl = $2::pg_catalog.oid AND seq = $3 AND next_block + 2 * $5 <= $4 AND hi = $6",
+            &[INT8, pg_sys::OIDOID, pg_sys::INT2OID, INT8, INT8, INT8],
+            true,
+            &[job_id.into(), tbl.into(), (r as i16).into(), at.into(), bpb.into(), end.into()],
+            |t| Ok(t.len()),
+        )?,
+    };
+    let expected = if range.is_none() { names.len() } else { 1 };
+    if cut != expected {
+        // it moved on or was split meanwhile: this step is rolled back
+        release_claim();
+        return Err(STALE_GROUP.to_string());
+    }
+    spi::exec(
+        "INSERT INTO ekm.rotation_range (job_id, tbl, seq, cols, next_block, hi) VALUES ($1, $2::pg_catalog.oid, $3, $4::name[], $5, $6)",
+        vec![job_id.into(), tbl.into(), (seq as i16).into(), names.into(), at.into(), end.into()],
+    )
+    .map_err(e)?;
+    Ok(true)
 }
 
 /// What a job's batches move: the per-row predicate and the function that
@@ -409,7 +689,8 @@ fn run_batch(job_id: i64, kind: String, g: Group) -> Result<Step, String> {
     // (smaller than the job's batch size in a small table, for the vacuum
     // behind the batches to bound its growth: pace.rs)
     let bpb = crate::jobs::pace::batch_blocks(g.blocks_per_batch as i64, g.nblocks);
-    let hi = g.next_block + bpb;
+    // (never past the end of this worker's part: beyond it is another's)
+    let hi = (g.next_block + bpb).min(g.end);
     // Identifiers are quoted by PostgreSQL (quote_identifier), every
     // function and operator is qualified; values are bound. Each function
     // returns the value unchanged unless it moves it. ONLY: a partition or
@@ -498,36 +779,82 @@ fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result
     // whatever the values): re-planning it for each batch cost more than
     // running it.
     set_local("plan_cache_mode", "force_generic_plan");
-    let moved = kept(
-        "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $7 \
-                    WHERE job_id = $1 AND state = 'running' RETURNING 1) \
-         UPDATE ekm.rotation_cursor \
-         SET next_block = $4, rows_done = rows_done + ($5::bigint[])[array_position($3::name[], col)] \
-         WHERE job_id = $1 AND tbl = $2 AND col = ANY($3::name[]) AND state = 'scanning' AND next_block = $6 \
-           AND EXISTS (SELECT FROM j)",
-        &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8, INT8],
-        true,
-        &[
-            job_id.into(),
-            g.tbl.into(),
-            g.names.clone().into(),
-            hi.into(),
-            ns.into(),
-            g.next_block.into(),
-            total.into(),
-        ],
-        |t| Ok(t.len()),
-    )?;
+    // (what the statement returns: where this worker's part now ends,
+    // another worker may have split a range off it)
+    let (moved, end) = match g.range {
+        None => kept(
+            "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $7 \
+                        WHERE job_id = $1 AND state = 'running' RETURNING 1) \
+             UPDATE ekm.rotation_cursor \
+             SET next_block = $4, rows_done = rows_done + ($5::bigint[])[array_position($3::name[], col)] \
+             WHERE job_id = $1 AND tbl = $2 AND col = ANY($3::name[]) AND state = 'scanning' AND next_block = $6 \
+               AND EXISTS (SELECT FROM j) \
+             RETURNING pass_end",
+            &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8, INT8],
+            true,
+            &[
+                job_id.into(),
+                g.tbl.into(),
+                g.names.clone().into(),
+                hi.into(),
+                ns.into(),
+                g.next_block.into(),
+                total.into(),
+            ],
+            |t| -> pgrx::spi::SpiResult<(usize, i64)> {
+                let (n, mut end) = (t.len(), g.end);
+                for r in t {
+                    if let Some(p) = r.get::<i64>(1)? {
+                        end = end.min(p);
+                    }
+                }
+                Ok((n, end))
+            },
+        )?,
+        // a block range: its own position, the cursors' counts
+        Some(seq) => kept(
+            "WITH j AS (UPDATE ekm.rotation_job SET rows_done = rows_done + $7 \
+                        WHERE job_id = $1 AND state = 'running' RETURNING 1), \
+                  r AS (UPDATE ekm.rotation_range SET next_block = $4 \
+                        WHERE job_id = $1 AND tbl = $2 AND seq = $8 AND next_block = $6 AND EXISTS (SELECT FROM j) RETURNING hi) \
+             UPDATE ekm.rotation_cursor \
+             SET rows_done = rows_done + ($5::bigint[])[array_position($3::name[], col)] \
+             WHERE job_id = $1 AND tbl = $2 AND col = ANY($3::name[]) AND state = 'scanning' AND EXISTS (SELECT FROM r) \
+             RETURNING (SELECT hi FROM r)",
+            &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, pg_sys::INT8ARRAYOID, INT8, INT8, pg_sys::INT2OID],
+            true,
+            &[
+                job_id.into(),
+                g.tbl.into(),
+                g.names.clone().into(),
+                hi.into(),
+                ns.into(),
+                g.next_block.into(),
+                total.into(),
+                (seq as i16).into(),
+            ],
+            |t| -> pgrx::spi::SpiResult<(usize, i64)> {
+                let (n, mut end) = (t.len(), g.end);
+                for r in t {
+                    if let Some(p) = r.get::<i64>(1)? {
+                        end = end.min(p);
+                    }
+                }
+                Ok((n, end))
+            },
+        )?,
+    };
     if moved != g.names.len() {
         return Err(STALE_GROUP.to_string());
     }
     // the vacuum behind the batches (pace.rs): due after enough batches
     // that rewrote rows
     crate::jobs::pace::batch_done(g.tbl, g.nblocks, hi - g.next_block, total);
-    if hi < g.nblocks {
+    if hi < end {
         // the end of the table is decided by a fresh read of its size
         let mut next = g;
         next.next_block = hi;
+        next.end = end;
         GROUP.with(|c| *c.borrow_mut() = Some((kind, next)));
     }
     Ok(Step::Again)
@@ -604,13 +931,26 @@ fn end_pass(job_id: i64, kind: &str, g: Group) -> Result<Step, String> {
     crate::jobs::pace::pass_ended(g.tbl);
     spi::exec(
         if kind == "encrypt" {
-            "UPDATE ekm.rotation_cursor SET state = 'sweeping' \
+            "UPDATE ekm.rotation_cursor SET state = 'sweeping', pass_end = NULL \
              WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])"
         } else {
-            "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done \
+            "UPDATE ekm.rotation_cursor SET state = 'done', rows_total = rows_done, pass_end = NULL \
              WHERE job_id = $1 AND tbl = $2::regclass AND col = ANY($3::name[])"
         },
         vec![job_id.into(), g.tbl.into(), g.names.clone().into()],
+    )
+    .map_err(e)?;
+    Ok(Step::Again)
+}
+
+/// Step: a block range reached its end: it goes (the claim on it is given
+/// back when this worker picks its next group). The pass it belongs to ends
+/// when its cursors' own part and every range are done (end_pass, by the
+/// worker that then claims the table).
+fn end_range(job_id: i64, g: &Group, seq: u16) -> Result<Step, String> {
+    spi::exec(
+        "DELETE FROM ekm.rotation_range WHERE job_id = $1 AND tbl = $2::pg_catalog.oid AND seq = $3",
+        vec![job_id.into(), g.tbl.into(), (seq as i16).into()],
     )
     .map_err(e)?;
     Ok(Step::Again)
@@ -1145,7 +1485,7 @@ fn another_pass(
         return Ok(false);
     }
     spi::exec(
-        "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n, \
+        "UPDATE ekm.rotation_cursor c SET state = 'scanning', next_block = 0, passes = passes + 1, skipped_locked = u.n, pass_end = NULL, \
                 blocks_total = pg_relation_size(c.tbl) / current_setting('block_size')::bigint \
          FROM unnest($3::name[], $4::bigint[]) AS u(col, n) \
          WHERE c.job_id = $1 AND c.tbl = $2::regclass AND c.col = u.col",

@@ -24,7 +24,7 @@ use pgrx::PgSqlErrorCode;
 pub const CLASS: u32 = 0x656b6d;
 
 /// One of ekm's locks. `pg_locks.objsubid` tells them apart.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum EkmLock {
     /// Serializes key and registration changes with a job's final step
     /// (transaction-scoped; `objid` 0, `objsubid` 1).
@@ -40,7 +40,15 @@ pub enum EkmLock {
     /// `objsubid` 4, or 5 for a scan of the database, which runs beside a
     /// rotation): two workers never work on one table at once.
     Claim(pg_sys::Oid, bool),
+    /// Held by the worker working on block range `seq` of table `oid`
+    /// (ekm.rotation_range; session-scoped; `objid` the table, `objsubid`
+    /// 16 + `seq`, `seq` below [`MAX_RANGES`]).
+    Range(pg_sys::Oid, u16),
 }
+
+/// How many block ranges of one table a job's workers may have at once
+/// (`seq` 0 to this - 1).
+pub const MAX_RANGES: u16 = 1000;
 
 impl EkmLock {
     fn ids(self) -> (u32, u16) {
@@ -49,6 +57,7 @@ impl EkmLock {
             EkmLock::CountFlush => (0, 2),
             EkmLock::Job(n) => (n as u32, 3),
             EkmLock::Claim(t, scan) => (t.to_u32(), if scan { 5 } else { 4 }),
+            EkmLock::Range(t, seq) => (t.to_u32(), 16 + seq.min(MAX_RANGES - 1)),
         }
     }
 
@@ -71,6 +80,7 @@ impl EkmLock {
             EkmLock::CountFlush => "ekm's encryption-count lock".into(),
             EkmLock::Job(n) => format!("the lock of rotation job {n}"),
             EkmLock::Claim(t, _) => format!("the claim of a rotation worker on table {}", t.to_u32()),
+            EkmLock::Range(t, seq) => format!("the claim of a rotation worker on block range {seq} of table {}", t.to_u32()),
         }
     }
 
