@@ -65,10 +65,10 @@ batches() {  # table, SET clause, vacuum every (0: never)[, rows] -> a psql scri
   return 0
 }
 
+q -c "CREATE EXTENSION ekm" >/dev/null
 if [ $ONLY_WORKERS -eq 0 ]; then
 echo "== A. heap and TOAST growth, $ROWS rows x 2 columns, batches of 1,000 rows"
 q <<SQL
-CREATE EXTENSION ekm;
 CREATE EXTENSION pgcrypto;
 CREATE TABLE k AS SELECT decode(repeat('5a', 32), 'hex') AS old_key, decode(repeat('a5', 32), 'hex') AS new_key;
 CREATE TABLE t_ekm (id int PRIMARY KEY, email text, mobno text);

@@ -54,3 +54,50 @@ LEFT JOIN LATERAL (SELECT count(*) AS ranges, sum(greatest(x.hi - x.next_block, 
                    WHERE x.job_id = c.job_id AND x.tbl = c.tbl AND c.col = ANY (x.cols)) g ON true
 ORDER BY j.job_id DESC, c.tbl::text, c.col;
 COMMENT ON VIEW ekm.rotation_progress IS 'Rotation jobs per column: rows done/total, percent, rows/s, ETA, state, error, throttling, table size before and now, vacuums, block ranges other workers took.';
+
+-- One key catalog for a Citus cluster (docs/design.md, section 9): a worker
+-- node's keys are the coordinator's, sent with every key change in the
+-- coordinator's distributed transaction.
+CREATE FUNCTION @extschema@."ekm_cluster_sync"() RETURNS bigint /* i64 */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'ekm_cluster_sync_wrapper';
+
+CREATE FUNCTION ekm."_ekm_cluster_apply"(
+	"catalog" jsonb /* pgrx :: JsonB */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ekm_cluster_apply_wrapper';
+
+CREATE FUNCTION ekm."_ekm_cluster_state"() RETURNS TEXT /* String */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ekm_cluster_state_wrapper';
+
+CREATE FUNCTION ekm."_ekm_key_worker_guard"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_ekm_key_worker_guard_wrapper';
+
+CREATE FUNCTION ekm."_ekm_key_cluster"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_ekm_key_cluster_wrapper';
+
+REVOKE ALL ON FUNCTION @extschema@.ekm_cluster_sync(), ekm._ekm_cluster_apply(jsonb), ekm._ekm_cluster_state(),
+    ekm._ekm_key_worker_guard(), ekm._ekm_key_cluster() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.ekm_cluster_sync(), ekm._ekm_cluster_state() TO ekm_admin;
+
+-- Citus (docs/design.md, section 9): on a worker node only the coordinator's
+-- catalog changes the keys; on the coordinator every key change goes to the
+-- worker nodes at commit, in the same distributed transaction.
+CREATE TRIGGER key_worker_guard BEFORE INSERT OR DELETE OR UPDATE OF rotation_status ON ekm.key
+    FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_worker_guard();
+CREATE TRIGGER key_material_worker_guard BEFORE INSERT OR DELETE OR UPDATE ON ekm.key_material
+    FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_worker_guard();
+CREATE CONSTRAINT TRIGGER key_cluster
+    AFTER INSERT OR DELETE OR UPDATE OF rotation_status, activated_at, rotated_at, retired_at, destroyed_at, bootstrap ON ekm.key
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_cluster();
+CREATE CONSTRAINT TRIGGER key_material_cluster AFTER INSERT OR DELETE OR UPDATE ON ekm.key_material
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_cluster();

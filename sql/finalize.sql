@@ -40,6 +40,19 @@ $$;
 CREATE CONSTRAINT TRIGGER key_exactly_one_active AFTER INSERT OR UPDATE OR DELETE ON ekm.key
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ekm._ekm_check_one_active();
 
+-- Citus (docs/design.md, section 9): on a worker node only the coordinator's
+-- catalog changes the keys; on the coordinator every key change goes to the
+-- worker nodes at commit, in the same distributed transaction.
+CREATE TRIGGER key_worker_guard BEFORE INSERT OR DELETE OR UPDATE OF rotation_status ON ekm.key
+    FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_worker_guard();
+CREATE TRIGGER key_material_worker_guard BEFORE INSERT OR DELETE OR UPDATE ON ekm.key_material
+    FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_worker_guard();
+CREATE CONSTRAINT TRIGGER key_cluster
+    AFTER INSERT OR DELETE OR UPDATE OF rotation_status, activated_at, rotated_at, retired_at, destroyed_at, bootstrap ON ekm.key
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_cluster();
+CREATE CONSTRAINT TRIGGER key_material_cluster AFTER INSERT OR DELETE OR UPDATE ON ekm.key_material
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ekm._ekm_key_cluster();
+
 -- Key metadata for psql and monitoring: never the material.
 CREATE VIEW ekm.keys AS
 SELECT k.key_id, k.rotation_status, k.is_active,
@@ -186,7 +199,8 @@ GRANT EXECUTE ON FUNCTION
     @extschema@.ekm_encrypt_column(regclass, name, integer, boolean, text),
     ekm._ekm_encrypt_column(oid, text, integer, boolean, text),
     @extschema@.ekm_import_fernet_key(text, text, timestamptz, text),
-    @extschema@.ekm_import_fernet_keys(jsonb)
+    @extschema@.ekm_import_fernet_keys(jsonb),
+    @extschema@.ekm_cluster_sync(), ekm._ekm_cluster_state()
     TO ekm_admin;
 GRANT USAGE ON SCHEMA ekm TO ekm_admin;
 GRANT SELECT ON ekm.keys, ekm.audit_log, ekm.registered_column, ekm.registered_columns,

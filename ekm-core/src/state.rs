@@ -64,8 +64,73 @@ impl KeyState {
     }
 }
 
+impl KeyState {
+    /// The states a key passes through from `self` to `to`, each step one
+    /// [`KeyState::may_become`] allows (`to` last; empty when they are the
+    /// same), the shortest such path; `None` when there is none (nothing
+    /// comes back from destroyed). A node that missed a key's changes (a
+    /// Citus worker node synced later) catches up along it.
+    pub fn path_to(self, to: KeyState) -> Option<Vec<KeyState>> {
+        let mut paths: Vec<Vec<KeyState>> = vec![vec![self]];
+        for _ in 0..KeyState::ALL.len() {
+            if let Some(p) = paths.iter().find(|p| *p.last().expect("never empty") == to) {
+                return Some(p[1..].to_vec());
+            }
+            let mut next = Vec::new();
+            for p in &paths {
+                let last = *p.last().expect("never empty");
+                for s in KeyState::ALL {
+                    if s != last && last.may_become(s) && !p.contains(&s) {
+                        let mut q = p.clone();
+                        q.push(s);
+                        next.push(q);
+                    }
+                }
+            }
+            paths = next;
+        }
+        None
+    }
+}
+
 impl fmt::Display for KeyState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_to_steps_through_allowed_states() {
+        use KeyState::*;
+        assert_eq!(Active.path_to(Active), Some(vec![]));
+        assert_eq!(Active.path_to(Rotating), Some(vec![Rotating]));
+        assert_eq!(Active.path_to(Retired), Some(vec![Rotating, Retired]));
+        assert_eq!(
+            Active.path_to(Destroyed),
+            Some(vec![Rotating, Retired, Destroyed])
+        );
+        assert_eq!(
+            Created.path_to(Retired),
+            Some(vec![Active, Rotating, Retired])
+        );
+        assert_eq!(Retired.path_to(Active), Some(vec![Active]));
+        assert_eq!(Destroyed.path_to(Active), None);
+        assert_eq!(Created.path_to(Destroyed), Some(vec![Destroyed]));
+        for from in KeyState::ALL {
+            for to in KeyState::ALL {
+                if let Some(p) = from.path_to(to) {
+                    let mut at = from;
+                    for s in &p {
+                        assert!(at.may_become(*s), "{from} -> {to}: {at} -> {s}");
+                        at = *s;
+                    }
+                    assert_eq!(at, to);
+                }
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! and the key lifecycle operations. Uses `pg`; never `jobs` or `sql`.
 
 pub mod catalog;
+pub mod cluster;
 pub mod keycache;
 pub mod lifecycle;
 pub mod locks;

@@ -2,6 +2,7 @@
 //! owner, errors and the log hook, settings, log redaction, timestamps and
 //! `text` varlenas. It uses nothing else of ekm (only `ekm-core`).
 
+pub mod citus;
 pub mod error;
 pub mod gucs;
 pub mod owner;

@@ -122,6 +122,9 @@ fn health() -> Vec<HealthRow> {
         push(check_decrypt_keys(), "decrypt_keys");
         push(check_unregistered_ciphertexts(), "unregistered_ciphertexts");
         push(check_log_statement(), "log_statement");
+        if let Some(r) = check_citus_nodes().transpose() {
+            push(r, "citus_nodes");
+        }
         match registered_columns() {
             Ok(cols) => {
                 let missing: Vec<&str> =
@@ -437,6 +440,60 @@ fn check_unregistered_ciphertexts() -> EkmResult<HealthRow> {
             format!("the scan of {at} found ekm ciphertexts only in registered columns"),
         ),
     })
+}
+
+/// On the coordinator of a Citus cluster: every worker node has the
+/// coordinator's keys (the same ids, states and wrapped material) and its
+/// master key unwraps them; the node that differs is named. Nothing on a
+/// single node.
+fn check_citus_nodes() -> EkmResult<Option<HealthRow>> {
+    use crate::pg::citus::{self, Node};
+    match citus::node()? {
+        Node::Single => Ok(None),
+        Node::Worker => Ok(Some(row(
+            "citus_nodes",
+            "ok",
+            "this is a Citus worker node: its keys come from the coordinator, whose ekm_health() checks every node".into(),
+        ))),
+        Node::Coordinator => {
+            let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+            let mine = parse(&crate::keys::cluster::state()?);
+            let nodes = citus::read_on_workers("SELECT ekm._ekm_cluster_state()")?;
+            let mut bad = Vec::new();
+            for (node, ok, result) in &nodes {
+                if !ok {
+                    bad.push(format!("node {node} cannot be checked: {result}"));
+                    continue;
+                }
+                let theirs = parse(result);
+                if theirs["digest"] != mine["digest"] {
+                    bad.push(format!(
+                        "node {node} does not have the coordinator's keys ({} keys there, {} here): SELECT ekm_cluster_sync() sends them",
+                        theirs["keys"], mine["keys"]
+                    ));
+                }
+                if theirs["unwrap"] != "ok" {
+                    bad.push(format!(
+                        "node {node}: {} (configure the same master key on every node)",
+                        theirs["unwrap"].as_str().unwrap_or("its master key cannot be checked")
+                    ));
+                }
+            }
+            Ok(Some(if bad.is_empty() {
+                row(
+                    "citus_nodes",
+                    "ok",
+                    format!(
+                        "{} worker node(s) have the coordinator's {} keys, and each node's master key unwraps them",
+                        nodes.len(),
+                        mine["keys"]
+                    ),
+                )
+            } else {
+                row("citus_nodes", "failed", bad.join("; "))
+            }))
+        }
+    }
 }
 
 /// `log_statement = 'all'` (or 'mod') logs every statement's text before it

@@ -176,6 +176,10 @@ fn ekm_rotate_master_key() -> TableIterator<
     ),
 > {
     crate::pg::error::refuse_on_standby("rotate the master key", "ekm_rotate_master_key()");
+    crate::sql::cluster::refuse_on_cluster(
+        "rotate the master key",
+        "each node loads the master key from its own configuration, and re-wrapping the keys on the coordinator would leave the worker nodes with keys wrapped under a master key they do not load",
+    );
     TableIterator::new(rotate_master_key().or_raise())
 }
 
@@ -219,6 +223,11 @@ mod ekm {
     /// Creates the first key when the extension is created.
     #[pg_extern(volatile)]
     fn _ekm_bootstrap_key() -> String {
+        // a Citus worker node gets the coordinator's keys (keys::cluster),
+        // none of its own
+        if crate::pg::citus::node().or_raise() == crate::pg::citus::Node::Worker {
+            return "none: a Citus worker node receives the coordinator's keys".into();
+        }
         create_key_as(KeyState::Active, true).or_raise().to_string()
     }
 

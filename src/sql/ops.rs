@@ -131,6 +131,10 @@ fn ekm_cleanup_old_keys_v2(
     }
     if !dry_run {
         refuse_on_standby("destroy keys", "ekm_cleanup_old_keys()");
+        crate::sql::cluster::refuse_on_cluster(
+            "destroy keys",
+            "ekm does not yet scan the worker nodes' shards for values on a key, so it cannot know that a key is unused on every node (dry_run => true lists what would go)",
+        );
     }
     let (_, owner) = catalog::ekm_tables().or_raise();
     let rows = as_owner(owner, || cleanup(days, dry_run, force)).or_raise();

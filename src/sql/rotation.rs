@@ -111,6 +111,16 @@ pub(crate) fn register_as_caller(
 ) -> EkmResult<String> {
     // Only ordinary and partitioned tables (42809 for a view, ...).
     owner::Table::require(tbl)?;
+    // Citus tables: their rows are in shards on the worker nodes, which
+    // ekm's rotation does not reach yet (it would retire keys their values
+    // are on): refused up front.
+    if crate::pg::citus::is_citus_table(tbl)? {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("{name} is a Citus distributed or reference table: ekm cannot rotate its shards yet"),
+            Some("ekm_encrypt and ekm_decrypt work on it on every node; README, \"Scaling out with Citus\", says what ekm does on a cluster".into()),
+        );
+    }
     // As the caller: the column must exist, hold text, and be theirs to update.
     match crate::jobs::scan::column_type(tbl, col)? {
         None => raise_with(

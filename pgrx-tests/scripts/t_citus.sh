@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# ekm on a Citus cluster (Citus 13.2.2 built by scripts/citus.sh; README,
+# "Scaling out with Citus"; docs/design.md, section 9). A coordinator and two
+# worker nodes on loopback ports, each with shared_preload_libraries =
+# 'citus,ekm' and the same master key file:
+#   1. one key catalog: CREATE EXTENSION ekm on the coordinator reaches the
+#      worker node with Citus's propagation and the worker node gets the
+#      coordinator's key, none of its own, in the same transaction; a node
+#      added later has none until ekm_cluster_sync(), and ekm_health() on
+#      the coordinator names it meanwhile;
+#   2. per-row functions where Citus runs them: a 100,000-row distributed
+#      table with two encrypted columns and a reference table; distributed
+#      SELECTs decrypt on the worker nodes, router queries, INSERT ... SELECT
+#      between colocated tables: the same answers as a plaintext shadow;
+#   3. key changes reach every node in the coordinator's distributed
+#      transaction: a new active key is the active key on every node, values
+#      written after it are on it and decrypt everywhere; with a worker node
+#      down the key change fails and no node has the new key; a worker node
+#      with a different master key is named by ekm_health();
+#   4. refusals (up front, with a SQLSTATE and a hint): registering a
+#      distributed or reference table for rotation, destroying keys,
+#      rotating the master key, key changes on a worker node; a node that
+#      had ekm of its own with a used key refuses the coordinator's catalog;
+#   5. no wrapped key material and no plaintext in any node's server log.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/lib.sh"
+source "$here/tap.sh"
+base=/tmp/ekm-citus
+ports=(55461 55462 55463 55464)
+cleanup() {
+  for n in 0 1 2 3; do cluster_stop "$base$n" immediate >/dev/null 2>&1; done
+}
+trap cleanup EXIT
+if [ ! -f "$(/usr/bin/pg_config --pkglibdir)/citus.so" ]; then
+  not_ok "Citus is installed (bash scripts/citus.sh builds it)"; tap_done; exit 1
+fi
+# node n: data in $base$n, port ${ports[n]}
+c() { cpsql "${base}0" "${ports[0]}" -d app -At -q -c "$1" 2>&1; }
+w() { cpsql "$base$1" "${ports[$1]}" -d app -At -q -c "$2" 2>&1; }
+werr() { cpsql "$base$1" "${ports[$1]}" -d app -At -q -v VERBOSITY=verbose -c "$2" 2>&1 | grep -E '^(ERROR|HINT)' | tr '\n' ' '; }
+start_node() { # n [extra conf lines...]
+  local n=$1; shift
+  cluster_start "$base$n" "${ports[$n]}" "shared_preload_libraries = 'citus,ekm'" "max_prepared_transactions = 20" \
+    "wal_level = logical" "citus.node_conninfo = 'sslmode=disable'" "ekm.master_key_file = '$base.key/master.key'" "$@" \
+    && cpsql "$base$n" "${ports[$n]}" -d postgres -q -c "CREATE DATABASE app" \
+    && cpsql "$base$n" "${ports[$n]}" -d app -q -c "CREATE EXTENSION citus"
+}
+keys_of() { w "$1" "SELECT string_agg(key_id || ':' || rotation_status, ',' ORDER BY key_id) FROM ekm.keys"; }
+digest_of() { w "$1" "SELECT ekm._ekm_cluster_state()::jsonb ->> 'digest'"; }
+
+# one master key for every node (a file each node reads; in production each
+# node's own ekm.master_key_command or file: README)
+rm -rf "$base.key"; mkdir -p "$base.key"
+python3 -c "import os, sys; sys.stdout.write(os.urandom(32).hex())" >"$base.key/master.key"
+chmod 600 "$base.key/master.key"
+[ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$base.key"
+for n in 0 1 2; do start_node "$n" >/dev/null || { not_ok "node $n starts"; tap_done; exit 1; }; done
+c "SELECT citus_set_coordinator_host('127.0.0.1', ${ports[0]})" >/dev/null
+c "SELECT citus_add_node('127.0.0.1', ${ports[1]})" >/dev/null
+
+# --- 1. one key catalog ------------------------------------------------------
+check "1: CREATE EXTENSION ekm on the coordinator" "$(c "CREATE EXTENSION ekm" && c "SELECT extversion = (SELECT default_version FROM pg_available_extensions WHERE name = 'ekm') FROM pg_extension WHERE extname = 'ekm'")" t
+check "1: Citus created it on the worker node" "$(w 1 "SELECT count(*) FROM pg_extension WHERE extname = 'ekm'")" 1
+k0=$(keys_of 0)
+check_match "1: the coordinator has one active key" "$k0" '^key_[0-9_a-f]+:active$'
+check "1: the worker node has the coordinator's key, in the same state" "$(keys_of 1)" "$k0"
+check "1: and the same material (digest of ids, states, wrapped keys)" "$(digest_of 1)" "$(digest_of 0)"
+check "1: the worker node made no key of its own (its audit log: the key received)" \
+  "$(w 1 "SELECT string_agg(event, ',' ORDER BY id) FROM ekm.audit_log")" key_received
+c "SELECT citus_add_node('127.0.0.1', ${ports[2]})" >/dev/null
+check "1: a node added later gets ekm from Citus" "$(w 2 "SELECT count(*) FROM pg_extension WHERE extname = 'ekm'")" 1
+check "1: but no key (it makes none of its own)" "$(w 2 "SELECT count(*) FROM ekm.keys")" 0
+check_match "1: ekm_health() on the coordinator names it" \
+  "$(c "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" \
+  "^failed: node 127.0.0.1:${ports[2]} does not have the coordinator's keys .*ekm_cluster_sync"
+check "1: ekm_cluster_sync() sends the catalog to both worker nodes" "$(c "SELECT ekm_cluster_sync()")" 2
+check "1: the new node has the coordinator's keys" "$(digest_of 2):$(keys_of 2)" "$(digest_of 0):$k0"
+check_match "1: ekm_health() on the coordinator: every node has them and unwraps them" \
+  "$(c "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" '^ok: 2 worker node\(s\) have the coordinator.s 1 keys'
+check_match "1: ekm_health_status() does not count it among what fails" "$(c "SELECT ekm_health_status()")" '^(ok|warning: [a-z_, ]+)$'
+
+# --- 2. per-row functions where Citus runs them --------------------------------
+c "CREATE TABLE people (id int PRIMARY KEY, email text, mobno text, email_plain text, mobno_plain text)" >/dev/null
+c "SELECT create_distributed_table('people', 'id')" >/dev/null
+c "INSERT INTO people SELECT g, ekm_encrypt('user' || g || '@example.com', 'public.people.email'), ekm_encrypt('+91' || lpad(g::text, 10, '0')),
+                             'user' || g || '@example.com', '+91' || lpad(g::text, 10, '0') FROM generate_series(1, 100000) g" >/dev/null
+check "2: 100,000 rows distributed over both worker nodes" \
+  "$(c "SELECT count(*) FROM people")/$(w 1 "SELECT count(*) > 0 FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid) WHERE s.logicalrelid = 'people'::regclass AND p.groupid = (SELECT groupid FROM pg_dist_node WHERE nodeport = ${ports[1]})")/$(w 1 "SELECT count(*) > 0 FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid) WHERE s.logicalrelid = 'people'::regclass AND p.groupid = (SELECT groupid FROM pg_dist_node WHERE nodeport = ${ports[2]})")" \
+  "100000/t/t"
+check_match "2: the decrypting SELECT is pushed down to the worker nodes" \
+  "$(c "EXPLAIN (VERBOSE, COSTS OFF) SELECT count(*) FROM people WHERE ekm_decrypt(email, 'public.people.email') LIKE 'user1%'" | grep -c 'ekm_decrypt(email')" '^[1-9]'
+check "2: a distributed SELECT decrypts on the worker nodes: the shadow's answer" \
+  "$(c "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'public.people.email') LIKE 'user1%'")" \
+  "$(c "SELECT count(*) FROM people WHERE email_plain LIKE 'user1%'")"
+check "2: every value of both columns decrypts to its shadow" \
+  "$(c "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'public.people.email') = email_plain AND ekm_decrypt(mobno) = mobno_plain")" 100000
+check "2: a router query" "$(c "SELECT ekm_decrypt(email, 'public.people.email') FROM people WHERE id = 4242")" user4242@example.com
+check "2: a wrong context fails on the worker node as on one node (22023 or the like, no value)" \
+  "$(c "SELECT ekm_decrypt(email, 'other') FROM people WHERE id = 4242" | grep -c '^ERROR')" 1
+c "CREATE TABLE contacts (id int PRIMARY KEY, email text)" >/dev/null
+c "SELECT create_distributed_table('contacts', 'id', colocate_with => 'people')" >/dev/null
+c "INSERT INTO contacts SELECT id, ekm_encrypt(ekm_decrypt(email, 'public.people.email'), 'contacts') FROM people WHERE id <= 20000" >/dev/null
+check "2: INSERT ... SELECT between colocated tables re-encrypts with another context" \
+  "$(c "SELECT count(*) FROM contacts c JOIN people p USING (id) WHERE ekm_decrypt(c.email, 'contacts') = p.email_plain")" 20000
+c "CREATE TABLE branches (code text PRIMARY KEY, vault text)" >/dev/null
+c "SELECT create_reference_table('branches')" >/dev/null
+c "INSERT INTO branches SELECT 'b' || g, ekm_encrypt('vault-' || g, 'branches') FROM generate_series(1, 100) g" >/dev/null
+check "2: a reference table's values decrypt on the coordinator" \
+  "$(c "SELECT count(*) FROM branches WHERE ekm_decrypt(vault, 'branches') = 'vault-' || substr(code, 2)")" 100
+check "2: and joined on the worker nodes with a distributed table" \
+  "$(c "SELECT count(*) FROM people p JOIN branches b ON b.code = 'b' || (p.id % 100 + 1) WHERE ekm_decrypt(b.vault, 'branches') = 'vault-' || (p.id % 100 + 1) AND p.id <= 5000")" 5000
+
+# --- 3. key changes in the coordinator's distributed transaction ----------------
+old=$(c "SELECT key_id FROM ekm.keys WHERE is_active")
+new=$(c "SELECT ekm_activate_key(ekm_create_key())")
+check_match "3: a new key, activated on the coordinator" "$new" '^key_'
+for n in 1 2; do
+  check "3: node $n has it active and the old key rotating, like the coordinator" "$(keys_of "$n")" "$(keys_of 0)"
+done
+check "3: node 1's audit log has each transition" \
+  "$(w 1 "SELECT string_agg(event || ':' || (key_id = '$new'), ',' ORDER BY id) FROM ekm.audit_log WHERE id > 1")" \
+  "key_rotating:false,key_received:true"
+check_match "3: Citus refuses ekm_encrypt in an UPDATE of a distributed table (a volatile function: README)" \
+  "$(c "UPDATE people SET email = ekm_encrypt('x', 'public.people.email') WHERE id = 1")" 'functions used in UPDATE queries on distributed tables must not be VOLATILE'
+# the write README shows instead: INSERT ... ON CONFLICT DO UPDATE
+c "INSERT INTO people (id, email, email_plain)
+   SELECT id, ekm_encrypt('moved' || id || '@example.com', 'public.people.email'), 'moved' || id || '@example.com' FROM people WHERE id % 10 = 0
+   ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_plain = excluded.email_plain" >/dev/null
+check "3: values written since are on the new key (INSERT ... ON CONFLICT DO UPDATE)" \
+  "$(c "SELECT count(*) FILTER (WHERE ekm_key_id(email) = '$new') || '/' || count(*) FILTER (WHERE ekm_key_id(email) = '$old') FROM people")" 10000/90000
+check "3: and every value decrypts through the coordinator" \
+  "$(c "SELECT count(*) FROM people WHERE ekm_decrypt(email, 'public.people.email') = email_plain")" 100000
+cluster_stop "${base}2" >/dev/null
+err=$(c "SELECT ekm_activate_key(ekm_create_key())")
+check_match "3: with a worker node down a key change fails" "$err" '^ERROR: '
+check "3: and changed nothing on the coordinator or the node that is up" "$(keys_of 0):$(keys_of 1)" "$(keys_of 0):$(keys_of 0)"
+check "3: the coordinator still has two keys" "$(c "SELECT count(*) FROM ekm.keys")" 2
+cluster_restart_only "${base}2" >/dev/null
+check "3: the node is back with the same keys" "$(keys_of 2)" "$(keys_of 0)"
+# a worker node configured with another master key
+python3 -c "import os, sys; sys.stdout.write(os.urandom(32).hex())" >"$base.key/other.key"; chmod 600 "$base.key/other.key"
+[ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$base.key"
+echo "ekm.master_key_file = '$base.key/other.key'" | as_pg tee -a "${base}2/data/postgresql.conf" >/dev/null
+cluster_stop "${base}2" >/dev/null; cluster_restart_only "${base}2" >/dev/null
+check_match "3: ekm_health() names a node whose master key does not unwrap the keys" \
+  "$(c "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" \
+  "^failed: node 127.0.0.1:${ports[2]}: key key_[0-9_a-f]+ does not unwrap under the master key this node loads"
+as_pg sed -i '$d' "${base}2/data/postgresql.conf"
+cluster_stop "${base}2" >/dev/null; cluster_restart_only "${base}2" >/dev/null
+check_match "3: and is ok once it has the same master key" \
+  "$(c "SELECT status FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" '^ok$'
+
+# --- 4. refusals ---------------------------------------------------------------
+check_match "4: registering a distributed table for rotation is refused up front" \
+  "$(cpsql "${base}0" "${ports[0]}" -d app -At -q -v VERBOSITY=verbose -c "SELECT ekm_register_column('people', 'email', 'public.people.email')" 2>&1 | tr '\n' ' ')" \
+  '^ERROR:  0A000: people is a Citus distributed or reference table: ekm cannot rotate its shards yet .*HINT: '
+check_match "4: so is a reference table" \
+  "$(c "SELECT ekm_register_column('branches', 'vault', 'branches')")" 'ERROR:  branches is a Citus distributed or reference table'
+check "4: nothing is registered" "$(c "SELECT count(*) FROM ekm.registered_column")" 0
+check_match "4: destroying keys is refused on the cluster (their values may be on any node)" \
+  "$(cpsql "${base}0" "${ports[0]}" -d app -At -q -v VERBOSITY=verbose -c "SELECT * FROM ekm_cleanup_old_keys(0, force => true)" 2>&1 | tr '\n' ' ')" \
+  '^ERROR:  0A000: cannot destroy keys on a Citus cluster yet'
+check_match "4: a dry run still lists what would go" "$(c "SELECT count(*) FROM ekm_cleanup_old_keys(0, dry_run => true)")" '^[0-9]+$'
+check_match "4: rotating the master key is refused on the cluster" \
+  "$(c "SELECT * FROM ekm_rotate_master_key()")" "^ERROR:  cannot rotate the master key on a Citus cluster yet"
+check_match "4: a key change on a worker node is refused with a hint" \
+  "$(werr 1 "SELECT ekm_create_key()")" "^ERROR:  55000: this is a Citus worker node: ekm's keys are managed on the coordinator HINT: "
+check_match "4: so is ekm_cluster_sync() there" "$(werr 1 "SELECT ekm_cluster_sync()")" "^ERROR:  55000: this is a Citus worker node"
+check_match "4: and applying a catalog by hand, by a non-superuser" \
+  "$(cpsql "${base}1" "${ports[1]}" -d app -At -q -c "CREATE ROLE adm LOGIN; GRANT ekm_admin TO adm" >/dev/null; cpsql "${base}1" "${ports[1]}" -d app -U adm -At -q -c "SELECT ekm._ekm_cluster_apply('[]')" 2>&1)" \
+  '^ERROR:  permission denied for (function|schema)'
+check "4: the worker nodes' keys are unchanged" "$(keys_of 1):$(keys_of 2)" "$(keys_of 0):$(keys_of 0)"
+# a node that had ekm of its own, with a key that encrypted a value
+start_node 3 >/dev/null
+cpsql "${base}3" "${ports[3]}" -d app -q -c "CREATE EXTENSION ekm" -c "CREATE TABLE local_secrets AS SELECT ekm_encrypt('mine') AS v" >/dev/null 2>&1
+own=$(keys_of 3)
+c "SELECT citus_add_node('127.0.0.1', ${ports[3]})" >/dev/null
+check_match "4: a joining node with a used key of its own refuses the coordinator's catalog" \
+  "$(cpsql "${base}0" "${ports[0]}" -d app -At -q -v VERBOSITY=verbose -c "SELECT ekm_cluster_sync()" 2>&1 | tr '\n' ' ')" \
+  "ERROR:  55000: this worker node has key key_[0-9_a-f]+ of its own, which the coordinator does not have and which may hold values.*HINT: "
+check "4: its own key and value are untouched" "$(keys_of 3):$(w 3 "SELECT ekm_decrypt(v) FROM local_secrets")" "$own:mine"
+check "4: and the other nodes' keys are as they were" "$(keys_of 1):$(keys_of 2)" "$(keys_of 0):$(keys_of 0)"
+c "SELECT citus_remove_node('127.0.0.1', ${ports[3]})" >/dev/null
+check "4: with that node removed, ekm_cluster_sync() succeeds again" "$(c "SELECT ekm_cluster_sync()")" 2
+
+# --- 5. the server logs ------------------------------------------------------------
+wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")
+leaks=0
+for n in 0 1 2 3; do
+  for h in $wrapped; do grep -q -- "${h:0:32}" "$base$n/server.log" && leaks=$((leaks + 1)); done
+  grep -q -- 'user4242@example.com' "$base$n/server.log" && leaks=$((leaks + 1))
+done
+check "5: no node's server log holds wrapped key material or a plaintext" "$leaks" 0
+for n in 0 1 2 3; do check_log_clean "$base$n/server.log"; done
+tap_done

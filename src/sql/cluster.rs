@@ -1,0 +1,91 @@
+//! ekm on a Citus cluster (docs/design.md, section 9; README "Scaling out
+//! with Citus"): the key tables' triggers that send every key change from
+//! the coordinator to the worker nodes and keep a worker node's keys the
+//! coordinator's, the function a worker node applies them with, each node's
+//! state for `ekm_health()`, `ekm_cluster_sync()`, and the refusals of what
+//! ekm does not do on a cluster yet. Thin: the work is in keys::cluster.
+
+use crate::keys::cluster;
+use crate::pg::citus::{self, Node};
+use crate::pg::error::{raise_with, OrRaise};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+/// Refuses `what` on the coordinator of a Citus cluster (ERRCODE 0A000),
+/// saying `why`.
+pub(crate) fn refuse_on_cluster(what: &str, why: &str) {
+    if citus::node().or_raise() == Node::Coordinator {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("cannot {what} on a Citus cluster yet: {why}"),
+            Some(
+                "README, \"Scaling out with Citus\": what ekm does and does not do on a cluster"
+                    .into(),
+            ),
+        );
+    }
+}
+
+/// Sends the coordinator's key catalog to every worker node now, in this
+/// transaction (after `citus_add_node`, or when `ekm_health()` says a node
+/// differs). How many worker nodes received it.
+#[pg_extern(volatile)]
+fn ekm_cluster_sync() -> i64 {
+    match citus::node().or_raise() {
+        Node::Coordinator => cluster::propagate(false).or_raise(),
+        Node::Worker => raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "this is a Citus worker node: ekm's keys come from the coordinator".into(),
+            Some("run SELECT ekm_cluster_sync() on the coordinator".into()),
+        ),
+        Node::Single => 0,
+    }
+}
+
+#[pg_schema]
+mod ekm {
+    use super::*;
+
+    /// On a worker node: makes its keys the coordinator's (sent by the
+    /// coordinator's key-table trigger or `ekm_cluster_sync()`, as a
+    /// superuser, in the coordinator's distributed transaction).
+    #[pg_extern(volatile)]
+    fn _ekm_cluster_apply(catalog: pgrx::JsonB) -> i64 {
+        cluster::apply(catalog).or_raise()
+    }
+
+    /// This node's key catalog digest and whether its master key unwraps
+    /// every key, as JSON (read by the coordinator's `ekm_health()`).
+    #[pg_extern(volatile)]
+    fn _ekm_cluster_state() -> String {
+        cluster::state().or_raise()
+    }
+
+    /// Deferred constraint trigger on `ekm.key` and `ekm.key_material`: at
+    /// commit, after every change of the transaction, the coordinator sends
+    /// its whole catalog to the worker nodes (once per transaction).
+    #[pg_trigger]
+    fn _ekm_key_cluster<'a>(
+        _trigger: &'a PgTrigger<'a>,
+    ) -> std::result::Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, PgTriggerError> {
+        cluster::propagate(true).or_raise();
+        Ok(None::<PgHeapTuple<'a, pgrx::AllocatedByRust>>)
+    }
+
+    /// BEFORE trigger on `ekm.key` (INSERT, DELETE, a change of state) and
+    /// `ekm.key_material`: on a worker node, only the coordinator's catalog
+    /// changes them.
+    #[pg_trigger]
+    fn _ekm_key_worker_guard<'a>(
+        trigger: &'a PgTrigger<'a>,
+    ) -> std::result::Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, PgTriggerError> {
+        if !cluster::applying() && citus::node().or_raise() == Node::Worker {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "this is a Citus worker node: ekm's keys are managed on the coordinator".into(),
+                Some("run the ekm key functions on the coordinator; it sends every key change to the worker nodes in the same transaction".into()),
+            );
+        }
+        Ok(trigger.new().or(trigger.old()))
+    }
+}
