@@ -193,6 +193,34 @@ q -c "SELECT ekm_unregister_column('t_lag', 'email'), ekm_unregister_column('t_l
 
 fi  # A-C
 echo
+# workers_run TABLE CONTEXT_PREFIX: the table (loaded, vacuumed) rotated by
+# the single-session floor, then by ekm with 1 and 2 workers; prints the
+# times and ratios
+workers_run() {
+  local t=$1 p=$2 floor w t0
+  local -A W
+  q -c CHECKPOINT >/dev/null  # no run pays for the last one's writes
+  t0=$(now)
+  batches "$t" "email = email, mobno = mobno" 0 "$PART_ROWS" | q >/dev/null
+  floor=$(python3 -c "print($(now) - $t0)")
+  q -c "VACUUM FULL $t" >/dev/null
+  q -c "SELECT ekm_register_column('$t', 'email', '${p}e'), ekm_register_column('$t', 'mobno', '${p}m')" >/dev/null
+  for w in 1 2; do
+    q -c "ALTER SYSTEM SET ekm.rotation_workers = $w" >/dev/null; reload
+    q -c CHECKPOINT >/dev/null
+    t0=$(now)
+    q -c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
+    [ "$(wait_job)" = done ] || echo "ekm job failed"
+    W[$w]=$(python3 -c "print($(now) - $t0)")
+  done
+  q -c "ALTER SYSTEM RESET ekm.rotation_workers" >/dev/null; reload
+  printf '%-44s %8.2f s\n' "floor, one session, no vacuum" "$floor"
+  printf '%-44s %8.2f s  %5.2fx the floor\n' "ekm_rotate, 1 worker" "${W[1]}" "$(python3 -c "print(${W[1]} / $floor)")"
+  printf '%-44s %8.2f s  %5.2fx the floor  %5.2fx faster than 1 worker\n' "ekm_rotate, 2 workers" "${W[2]}" \
+    "$(python3 -c "print(${W[2]} / $floor)")" "$(python3 -c "print(${W[1]} / ${W[2]})")"
+  echo "(this machine has $(nproc) cores)"
+}
+
 echo "== D. a partitioned table, $PART_ROWS rows x 2 columns in 4 partitions: 1 and 2 workers"
 q <<SQL
 CREATE TABLE parts (id int PRIMARY KEY, email text, mobno text) PARTITION BY HASH (id);
@@ -204,25 +232,7 @@ INSERT INTO parts SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@exa
 FROM generate_series(1, $PART_ROWS) g;
 VACUUM ANALYZE parts;
 SQL
-t0=$(now)
-batches parts "email = email, mobno = mobno" 0 "$PART_ROWS" | q >/dev/null
-floor=$(python3 -c "print($(now) - $t0)")
-q -c "VACUUM FULL parts" >/dev/null
-q -c "SELECT ekm_register_column('parts', 'email', 'pe'), ekm_register_column('parts', 'mobno', 'pm')" >/dev/null
-declare -A W
-for w in 1 2; do
-  q -c "ALTER SYSTEM SET ekm.rotation_workers = $w" >/dev/null; reload
-  t0=$(now)
-  q -c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
-  [ "$(wait_job)" = done ] || echo "ekm job failed"
-  W[$w]=$(python3 -c "print($(now) - $t0)")
-done
-q -c "ALTER SYSTEM RESET ekm.rotation_workers" >/dev/null; reload
-printf '%-44s %8.2f s\n' "floor, one session, no vacuum" "$floor"
-printf '%-44s %8.2f s  %5.2fx the floor\n' "ekm_rotate, 1 worker" "${W[1]}" "$(python3 -c "print(${W[1]} / $floor)")"
-printf '%-44s %8.2f s  %5.2fx the floor  %5.2fx faster than 1 worker\n' "ekm_rotate, 2 workers" "${W[2]}" \
-  "$(python3 -c "print(${W[2]} / $floor)")" "$(python3 -c "print(${W[1]} / ${W[2]})")"
-echo "(this machine has $(nproc) cores)"
+workers_run parts p
 
 echo
 echo "== E. one table, $PART_ROWS rows x 2 columns: 1 and 2 workers (block ranges of the one table)"
@@ -232,22 +242,4 @@ INSERT INTO one SELECT g, ekm_encrypt('cust' || lpad(g::text, 9, '0') || '@examp
 FROM generate_series(1, $PART_ROWS) g;
 VACUUM ANALYZE one;
 SQL
-t0=$(now)
-batches one "email = email, mobno = mobno" 0 "$PART_ROWS" | q >/dev/null
-floor1=$(python3 -c "print($(now) - $t0)")
-q -c "VACUUM FULL one" >/dev/null
-q -c "SELECT ekm_register_column('one', 'email', 'oe'), ekm_register_column('one', 'mobno', 'om')" >/dev/null
-declare -A O
-for w in 1 2; do
-  q -c "ALTER SYSTEM SET ekm.rotation_workers = $w" >/dev/null; reload
-  t0=$(now)
-  q -c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
-  [ "$(wait_job)" = done ] || echo "ekm job failed"
-  O[$w]=$(python3 -c "print($(now) - $t0)")
-done
-q -c "ALTER SYSTEM RESET ekm.rotation_workers" >/dev/null; reload
-printf '%-44s %8.2f s\n' "floor, one session, no vacuum" "$floor1"
-printf '%-44s %8.2f s  %5.2fx the floor\n' "ekm_rotate, 1 worker" "${O[1]}" "$(python3 -c "print(${O[1]} / $floor1)")"
-printf '%-44s %8.2f s  %5.2fx the floor  %5.2fx faster than 1 worker\n' "ekm_rotate, 2 workers" "${O[2]}" \
-  "$(python3 -c "print(${O[2]} / $floor1)")" "$(python3 -c "print(${O[1]} / ${O[2]})")"
-echo "(this machine has $(nproc) cores)"
+workers_run one o

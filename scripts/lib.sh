@@ -58,6 +58,21 @@ cluster_stop() {
   as_pg "$PGBIN/pg_ctl" -D "$1/data" -w -t 60 -m "${2:-fast}" stop >/dev/null
 }
 
+# crash_restarts DIR: how many crash restarts (a backend killed, every
+# other ended, the server reinitialized) DIR's server log shows.
+crash_restarts() { grep -c 'all server processes terminated; reinitializing' "$1/server.log" 2>/dev/null; }
+
+# wait_crash_restart DIR PORT N: after a process was killed, waits until the
+# log shows more than N crash restarts (before that the server may still
+# answer: the postmaster has not yet noticed the death), then until the
+# server accepts connections again (a minute at most each).
+wait_crash_restart() {
+  local i
+  for i in $(seq 1 600); do [ "$(crash_restarts "$1")" -gt "$3" ] && break; sleep 0.1; done
+  for i in $(seq 1 600); do cpsql "$1" "$2" -d postgres -At -q -c "SELECT 1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  return 1
+}
+
 # psql against a cluster: cpsql DIR PORT [psql args...]
 cpsql() {
   local dir=$1 port=$2; shift 2

@@ -15,12 +15,16 @@
 #   3. key changes reach every node in the coordinator's distributed
 #      transaction: a new active key is the active key on every node, values
 #      written after it are on it and decrypt everywhere; with a worker node
-#      down the key change fails and no node has the new key; a worker node
+#      down the key change fails and no node has the new key; a rotation
+#      whose retire cannot reach a worker node waits (not failed, nothing
+#      retired anywhere) and finishes once the node is back; a worker node
 #      with a different master key is named by ekm_health();
 #   4. refusals (up front, with a SQLSTATE and a hint): registering a
 #      distributed or reference table for rotation, destroying keys,
 #      rotating the master key, key changes on a worker node; a node that
 #      had ekm of its own with a used key refuses the coordinator's catalog;
+#      a scan of the database records Citus tables as not scanned; a node
+#      that cannot be reached is named by ekm_health();
 #   5. no wrapped key material and no plaintext in any node's server log.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -55,7 +59,7 @@ rm -rf "$base.key"; mkdir -p "$base.key"
 python3 -c "import os, sys; sys.stdout.write(os.urandom(32).hex())" >"$base.key/master.key"
 chmod 600 "$base.key/master.key"
 [ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$base.key"
-for n in 0 1 2; do start_node "$n" >/dev/null || { not_ok "node $n starts"; tap_done; exit 1; }; done
+for n in 0 1 2; do start_node "$n" "ekm.debug_pause_points = on" "ekm.rotation_retry_pause = 100" >/dev/null || { not_ok "node $n starts"; tap_done; exit 1; }; done
 c "SELECT citus_set_coordinator_host('127.0.0.1', ${ports[0]})" >/dev/null
 c "SELECT citus_add_node('127.0.0.1', ${ports[1]})" >/dev/null
 
@@ -138,6 +142,36 @@ check "3: and changed nothing on the coordinator or the node that is up" "$(keys
 check "3: the coordinator still has two keys" "$(c "SELECT count(*) FROM ekm.keys")" 2
 cluster_restart_only "${base}2" >/dev/null
 check "3: the node is back with the same keys" "$(keys_of 2)" "$(keys_of 0)"
+# a rotation on the coordinator (its own table) whose retire cannot reach a
+# worker node: the job waits, nothing is retired anywhere, and it finishes
+# once the node is back
+c "CREATE TABLE loc (id int PRIMARY KEY, secret text, plain text)" >/dev/null
+c "INSERT INTO loc SELECT g, ekm_encrypt('s' || g, 'loc'), 's' || g FROM generate_series(1, 2000) g" >/dev/null
+c "SELECT ekm_register_column('loc', 'secret', 'loc')" >/dev/null
+dir=${base}0; port=${ports[0]}
+source "$here/pause.sh"
+pause_hold app retire
+job=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)")
+check "3: a rotation on the coordinator reaches its retire" "$(paused_at app retire)" yes
+rotating=$(c "SELECT from_key FROM ekm.rotation_job WHERE job_id = $job")
+cluster_stop "${base}2" >/dev/null
+pause_release
+waiting=""
+for _ in $(seq 1 600); do
+  waiting=$(c "SELECT state || ': ' || coalesce(waiting_for, '') FROM ekm.rotation_job WHERE job_id = $job")
+  case $waiting in "running: a server that cannot be reached"*) break ;; esac; sleep 0.05
+done
+check_match "3: with a worker node down the job waits (not failed), saying which node" "$waiting" \
+  "^running: a server that cannot be reached: .*127.0.0.1:${ports[2]}"
+check "3: and its old key is retired nowhere" "$(c "SELECT rotation_status FROM ekm.keys WHERE key_id = '$rotating'"):$(w 1 "SELECT rotation_status FROM ekm.keys WHERE key_id = '$rotating'")" rotating:rotating
+cluster_restart_only "${base}2" >/dev/null
+check "3: once the node is back the job ends done" "$(c "SELECT state FROM ekm_rotation_wait($job, 120)" | tail -n 1)" done
+for n in 0 1 2; do
+  check "3: node $n has the old key retired" "$(w "$n" "SELECT rotation_status FROM ekm.keys WHERE key_id = '$rotating'")" retired
+done
+check "3: the coordinator's table is on the new key and decrypts" \
+  "$(c "SELECT count(*) FROM loc WHERE ekm_decrypt(secret, 'loc') = plain AND ekm_key_id(secret) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job)")" 2000
+c "SELECT ekm_unregister_column('loc', 'secret')" >/dev/null
 # a worker node configured with another master key
 python3 -c "import os, sys; sys.stdout.write(os.urandom(32).hex())" >"$base.key/other.key"; chmod 600 "$base.key/other.key"
 [ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$base.key"
@@ -183,6 +217,18 @@ check "4: its own key and value are untouched" "$(keys_of 3):$(w 3 "SELECT ekm_d
 check "4: and the other nodes' keys are as they were" "$(keys_of 1):$(keys_of 2)" "$(keys_of 0):$(keys_of 0)"
 c "SELECT citus_remove_node('127.0.0.1', ${ports[3]})" >/dev/null
 check "4: with that node removed, ekm_cluster_sync() succeeds again" "$(c "SELECT ekm_cluster_sync()")" 2
+
+# a scan of the database on the coordinator cannot read shards: it says so
+scan=$(c "SELECT job_id FROM ekm_scan_database()")
+check "4: a scan of the database on the coordinator ends" "$(c "SELECT state FROM ekm_rotation_wait($scan, 120)" | tail -n 1)" done
+check "4: it records the Citus tables as not scanned (like foreign tables), not as holding nothing" \
+  "$(c "SELECT string_agg(DISTINCT table_name::text, ',' ORDER BY table_name::text) FROM ekm.ciphertext_locations WHERE key_id LIKE 'not scanned: Citus table%'")" \
+  "branches,contacts,people"
+# a worker node that cannot be reached
+cluster_stop "${base}2" >/dev/null
+check_match "4: ekm_health() names a worker node it cannot reach" \
+  "$(c "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" "^failed: node 127.0.0.1:${ports[2]} cannot be checked"
+cluster_restart_only "${base}2" >/dev/null
 
 # --- 5. the server logs ------------------------------------------------------------
 wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")

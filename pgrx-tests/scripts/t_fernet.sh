@@ -129,8 +129,9 @@ job=$(q app "SELECT job_id FROM ekm_encrypt_column('people', 'mobno', 500, false
 check "the mobno migration waits at its first batch" "$(paused_at app batch)" yes
 wpid=$(q app "SELECT pid FROM pg_stat_activity WHERE backend_type = 'ekm rotation' AND wait_event_type = 'Lock'")
 check "its job is running" "$(q app "SELECT state FROM ekm.rotation_job WHERE job_id = $job")" running
+r0=$(crash_restarts "$dir")
 kill -KILL "$wpid"; check "the worker was sent SIGKILL" "$?" 0
-for _ in $(seq 1 100); do q app "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2; done
+wait_crash_restart "$dir" "$port" "$r0"
 pause_release # (its session ended with the crash)
 check "the server log shows the worker killed" "$(grep -c "(PID $wpid) was terminated by signal 9" "$dir/server.log")" 1
 check "the mobno migration resumes by itself and finishes" "$(wait_job app "$job" 600)" done

@@ -232,8 +232,9 @@ after_interruption() { # what
 # 4. SIGKILL: the postmaster ends every backend and reinitializes; the
 #    launcher resumes the job by itself.
 hold_mid_job
+r0=$(crash_restarts "$dir")
 kill -KILL "$wpid"; check "the worker was sent SIGKILL" "$?" 0
-wait_up
+wait_crash_restart "$dir" "$port" "$r0"
 check "the killed worker is gone" "$(q app "SELECT count(*) FROM pg_stat_activity WHERE pid = $wpid")" 0
 check "the server log shows the worker killed and the crash restart" \
   "$(grep -c "(PID $wpid) was terminated by signal 9" "$dir/server.log"):$(grep -c 'all server processes terminated; reinitializing' "$dir/server.log")" "1:1"
@@ -283,8 +284,9 @@ check "it holds mid for its UPDATE while it waits" \
   "$(q app "SELECT count(*) FROM pg_locks WHERE pid = ${wpid:-0} AND relation = 'mid'::regclass AND mode = 'RowExclusiveLock' AND granted")" 1
 check "half a batch done and not committed: no row of mid on the new key, no audit row seen" \
   "$(q app "SELECT count(*) FROM mid WHERE ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job)"):$(q app "SELECT count(*) FROM mid_audit")" "0:0"
+r0=$(crash_restarts "$dir")
 kill -KILL "$wpid"; check "the worker was sent SIGKILL inside the batch" "$?" 0
-wait_up
+wait_crash_restart "$dir" "$port" "$r0"
 session_end 13 midlock # (its session ended with the crash)
 # (the launcher resumes the job at once: whether mid is redone yet is not
 # asked here; that it was redone exactly once is, below)

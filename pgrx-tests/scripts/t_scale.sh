@@ -255,9 +255,10 @@ check "5: orders_2 is still in its first pass, claimed by the held worker" \
   "$(q "SELECT c.state || ':' || (SELECT count(*) FROM pg_locks l WHERE l.locktype = 'userlock' AND l.objid = 'orders_2'::regclass::oid AND l.objsubid = 4 AND l.pid = $held AND l.granted) FROM ekm.rotation_cursor c WHERE c.job_id = $job AND c.tbl = 'orders_2'::regclass")" "scanning:1"
 check "5: two rotation workers ran the job (its own and a helper)" \
   "$(grep -cE "rotation job $job: (worker started|helper started)" "$dir/server.log")" 2
+r0=$(crash_restarts "$dir")
 kill -KILL "$held"; check "5: the held worker was sent SIGKILL inside its batch" "$?" 0
 exec 8>&-; wait "$lock_pid" 2>/dev/null
-for _ in $(seq 1 300); do as_pg "$PGBIN/pg_isready" -q -h "$dir" -p "$port" && [ "$(q "SELECT 1")" = 1 ] && break; sleep 0.1; done
+wait_crash_restart "$dir" "$port" "$r0"
 wait 2>/dev/null
 # writers again, while the resumed job runs
 for w in 1 2; do cpsql "$dir" "$port" -d app -q -c "CALL writer(1000)" >"$dir/writer$w.out" 2>&1 & done
@@ -332,9 +333,10 @@ check "6: the progress view shows the ranges and where the pass stands" \
   "$(q "SELECT block_ranges || ' ' || column_state || ' ' || (percent BETWEEN 60 AND 95) FROM ekm.rotation_progress WHERE job_id = $job AND table_name = 'items'::regclass")" '2 scanning true'
 helper=$(q "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.backend_type = 'ekm rotation helper' AND l.locktype = 'advisory' AND l.classid = 4242 AND l.objid = 6 AND NOT l.granted")
 check_match "6: one of them is the helper" "$helper" '^[0-9]+$'
+r0=$(crash_restarts "$dir")
 kill -KILL "$helper"; check "6: the helper was sent SIGKILL inside its batch" "$?" 0
 exec 8>&-; wait "$lock_pid" 2>/dev/null
-for _ in $(seq 1 300); do as_pg "$PGBIN/pg_isready" -q -h "$dir" -p "$port" && [ "$(q "SELECT 1")" = 1 ] && break; sleep 0.1; done
+wait_crash_restart "$dir" "$port" "$r0"
 wait 2>/dev/null
 for w in 1 2; do cpsql "$dir" "$port" -d app -q -c "CALL item_writer(1000)" >"$dir/writer$w.out" 2>&1 & done
 check "6: the job resumes after the restart and ends done" "$(wait_job "$job")" done

@@ -132,6 +132,20 @@ pub(crate) fn retry_after(job_id: i64, code: &str, msg: &str) -> Option<Duration
         // skipping locked rows (a later pass takes them)
         SKIP_LOCKED_NEXT.with(|s| s.set(true));
         Some(Duration::ZERO)
+    } else if code.contains("CONNECTION") || code.contains("SQLCLIENT_UNABLE") {
+        // another server cannot be reached (a Citus worker node the key
+        // change must reach, say): the job waits for it, it does not fail;
+        // nothing of the step committed anywhere
+        let what = format!("a server that cannot be reached: {msg}");
+        let _ = transaction(|| {
+            Spi::run_with_args(
+                "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND state = 'running' AND waiting_for IS DISTINCT FROM $2",
+                &[job_id.into(), what.clone().into()],
+            )
+            .map_err(spi_err)
+        });
+        pgrx::log!("ekm: rotation job {job_id}: waiting: {what}");
+        Some(crate::pg::gucs::rotation_retry_pause().max(Duration::from_secs(1)))
     } else if code.contains("DEADLOCK") || code.contains("SERIALIZATION") {
         pgrx::log!("ekm: rotation job {job_id}: batch skipped ({msg}); retrying");
         SKIP_LOCKED_NEXT.with(|s| s.set(true));

@@ -801,15 +801,7 @@ fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result
                 g.next_block.into(),
                 total.into(),
             ],
-            |t| -> pgrx::spi::SpiResult<(usize, i64)> {
-                let (n, mut end) = (t.len(), g.end);
-                for r in t {
-                    if let Some(p) = r.get::<i64>(1)? {
-                        end = end.min(p);
-                    }
-                }
-                Ok((n, end))
-            },
+            |t| rows_and_end(t, g.end),
         )?,
         // a block range: its own position, the cursors' counts
         Some(seq) => kept(
@@ -833,15 +825,7 @@ fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result
                 total.into(),
                 (seq as i16).into(),
             ],
-            |t| -> pgrx::spi::SpiResult<(usize, i64)> {
-                let (n, mut end) = (t.len(), g.end);
-                for r in t {
-                    if let Some(p) = r.get::<i64>(1)? {
-                        end = end.min(p);
-                    }
-                }
-                Ok((n, end))
-            },
+            |t| rows_and_end(t, g.end),
         )?,
     };
     if moved != g.names.len() {
@@ -858,6 +842,19 @@ fn advance(job_id: i64, kind: String, g: Group, hi: i64, ns: Vec<i64>) -> Result
         GROUP.with(|c| *c.borrow_mut() = Some((kind, next)));
     }
     Ok(Step::Again)
+}
+
+/// A bookkeeping statement's answer: how many cursor rows it moved, and
+/// where the batch's part of the pass ends now (`end`, or less if another
+/// worker split a range off it: the smallest end the rows returned).
+fn rows_and_end(t: pgrx::spi::SpiTupleTable<'_>, end: i64) -> pgrx::spi::SpiResult<(usize, i64)> {
+    let (n, mut end) = (t.len(), end);
+    for r in t {
+        if let Some(p) = r.get::<i64>(1)? {
+            end = end.min(p);
+        }
+    }
+    Ok((n, end))
 }
 
 /// Step: one batch of a scan of the database (`ekm_scan_database`): the

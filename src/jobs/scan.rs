@@ -28,6 +28,12 @@ pub const NOT_SCANNED_FOREIGN: &str = "not scanned: foreign table";
 /// reads every table as its owner).
 pub const NOT_SCANNED_UNREADABLE: &str = "not scanned: its owner may not read it";
 
+/// The same for a column of a Citus distributed or reference table on the
+/// coordinator: its rows are in shards on the worker nodes, which the scan
+/// does not reach (README, "Scaling out with Citus").
+pub const NOT_SCANNED_CITUS: &str =
+    "not scanned: Citus table (its rows are in shards on the worker nodes)";
+
 /// The class of a stored value: null, plaintext, foreign (another scheme's
 /// ciphertext), malformed, unknown (a key this database does not have), or
 /// the state of the key it names.

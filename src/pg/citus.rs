@@ -114,3 +114,15 @@ pub fn is_citus_table(tbl: pg_sys::Oid) -> Result<bool> {
     )?
     .unwrap_or(false))
 }
+
+/// The Citus tables of this database (none without Citus).
+pub fn citus_tables() -> Result<Vec<pg_sys::Oid>> {
+    if !has_citus()? {
+        return Ok(Vec::new());
+    }
+    Ok(crate::pg::spi::one::<Vec<pg_sys::Oid>>(
+        "SELECT coalesce(array_agg(logicalrelid::pg_catalog.oid), '{}') FROM pg_catalog.pg_dist_partition",
+        vec![],
+    )?
+    .unwrap_or_default())
+}

@@ -320,6 +320,15 @@ fn scan_verdict(key_id: &str) -> EkmResult<Option<String>> {
             crate::jobs::scan::NOT_SCANNED_UNREADABLE.into(),
         ],
     )?;
+    let citus = spi::one::<String>(
+        "SELECT string_agg(DISTINCT s.tbl::text, ', ') FROM ekm.ciphertext_scan s WHERE s.job_id = $1 AND s.key_id = $2",
+        vec![scan.into(), crate::jobs::scan::NOT_SCANNED_CITUS.into()],
+    )?;
+    if let Some(f) = citus {
+        why.push(format!(
+            "the scan of the database finished {at} did not read the Citus tables {f} (their rows are in shards on the worker nodes), which may hold values on it"
+        ));
+    }
     if let Some(f) = foreign {
         why.push(format!(
             "the scan of the database finished {at} could not read the foreign tables {f} (their rows are stored on another server), which may hold values on it: \
@@ -403,6 +412,9 @@ fn ekm_scan_database(
             vec![],
         )?
         .ok_or(EkmError::NoActiveKey)?;
+        // Citus tables on the coordinator: their rows are in shards on the
+        // worker nodes, recorded as not scanned like foreign tables
+        let citus_tables = crate::pg::citus::citus_tables()?;
         let job = spi::one_mut::<i64>(
             "INSERT INTO ekm.rotation_job (kind, to_key, batch_size, requested_by) VALUES ('scan', $1, $2, $3) RETURNING job_id",
             vec![active.into(), batch_size.into(), owner::acting_role_name().into()],
@@ -424,15 +436,18 @@ fn ekm_scan_database(
                     WHERE c.relkind IN ('r', 'm') AND c.relpersistence <> 't' AND (c.relkind <> 'm' OR c.relispopulated) \
                       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'ekm') AND n.nspname NOT LIKE 'pg\\_toast%' \
                       AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT oid FROM types)), \
+                  citus AS (INSERT INTO ekm.ciphertext_scan (job_id, tbl, col, key_id, values) \
+                    SELECT $1, c.oid::regclass, c.attname, $5, 0 FROM cols c WHERE c.oid = ANY ($6::pg_catalog.oid[]) \
+                    RETURNING tbl), \
                   ins AS (INSERT INTO ekm.rotation_cursor (job_id, tbl, col, context, blocks_total, blocks_per_batch, rows_total) \
                     SELECT $1, c.oid::regclass, c.attname, '', pg_relation_size(c.oid) / current_setting('block_size')::bigint, \
                            CASE WHEN c.reltuples <= 0 THEN 1 \
                                 ELSE greatest(1, ($2::float8 / greatest(1.0, c.reltuples / greatest(c.relpages, 1)))::int) END, \
                            greatest(c.reltuples, 0)::bigint \
-                    FROM cols c WHERE c.owner_reads \
+                    FROM cols c WHERE c.owner_reads AND c.oid <> ALL ($6::pg_catalog.oid[]) \
                     RETURNING tbl), \
                   unreadable AS (INSERT INTO ekm.ciphertext_scan (job_id, tbl, col, key_id, values) \
-                    SELECT $1, c.oid::regclass, c.attname, $4, 0 FROM cols c WHERE NOT c.owner_reads \
+                    SELECT $1, c.oid::regclass, c.attname, $4, 0 FROM cols c WHERE NOT c.owner_reads AND c.oid <> ALL ($6::pg_catalog.oid[]) \
                     RETURNING tbl), \
                   fdw AS (INSERT INTO ekm.ciphertext_scan (job_id, tbl, col, key_id, values) \
                     SELECT $1, c.oid::regclass, a.attname, $3, 0 \
@@ -442,12 +457,14 @@ fn ekm_scan_database(
                       AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid IN (SELECT oid FROM types) \
                     RETURNING tbl) \
              SELECT count(DISTINCT tbl), count(*), (SELECT count(DISTINCT tbl) FROM fdw) \
-                    + (SELECT count(DISTINCT tbl) FROM unreadable) FROM ins",
+                    + (SELECT count(DISTINCT tbl) FROM unreadable) + (SELECT count(DISTINCT tbl) FROM citus) FROM ins",
             vec![
                 job.into(),
                 batch_size.into(),
                 crate::jobs::scan::NOT_SCANNED_FOREIGN.into(),
                 crate::jobs::scan::NOT_SCANNED_UNREADABLE.into(),
+                crate::jobs::scan::NOT_SCANNED_CITUS.into(),
+                citus_tables.into(),
             ],
         )?;
         crate::jobs::start::size_batches(job, batch_size)?;
@@ -469,7 +486,7 @@ fn ekm_scan_database(
     let mut note = format!("scanning in the background: SELECT * FROM ekm_rotation_wait({job}), then SELECT * FROM ekm.ciphertext_locations");
     if foreign > 0 {
         note.push_str(&format!(
-            "; {foreign} table(s) not scanned (foreign tables, whose rows are stored on another server, or tables whose owner may not read them: SELECT * FROM ekm.ciphertext_locations WHERE key_id LIKE 'not scanned%'): cleanup keeps retired keys until you have checked them"
+            "; {foreign} table(s) not scanned (foreign tables, whose rows are stored on another server, Citus tables, whose rows are in shards on the worker nodes, or tables whose owner may not read them: SELECT * FROM ekm.ciphertext_locations WHERE key_id LIKE 'not scanned%'): cleanup keeps retired keys until you have checked them"
         ));
     }
     TableIterator::once((job, tables, columns, note))
