@@ -16,8 +16,14 @@ const NAMES: [&[u8]; 4] = [
 
 /// The master key settings' names (`ekm.master_key_command`,
 /// `ekm.previous_master_key_file`, ...): a statement naming one may carry
-/// its value (a command with a token).
-const SETTINGS: [&[u8]; 2] = [b"master_key_command", b"master_key_file"];
+/// its value (a command with a token). And the function a Citus
+/// coordinator sends its key catalog with (`ekm._ekm_cluster_apply`): its
+/// statement carries wrapped keys.
+const SETTINGS: [&[u8]; 3] = [
+    b"master_key_command",
+    b"master_key_file",
+    b"_ekm_cluster_apply",
+];
 
 /// Whether `hay` contains `needle` (ASCII, any case), without allocating:
 /// it runs on every log line, over statements of any size.
@@ -33,9 +39,17 @@ pub fn mentions_plaintext_functions(query: &[u8]) -> bool {
     NAMES.iter().any(|n| contains_ignore_case(query, n))
 }
 
-/// Whether a statement's text names a master key setting (any case).
+/// Whether a statement's text names a master key setting or carries wrapped
+/// keys between Citus nodes (any case): never logged.
 pub fn mentions_master_key_settings(query: &[u8]) -> bool {
     SETTINGS.iter().any(|n| contains_ignore_case(query, n))
+}
+
+/// Whether a message quotes the statement a Citus coordinator sends its
+/// key catalog with (`citus.log_remote_commands` logs "issuing ..." with
+/// it): wrapped keys, never logged.
+pub fn quotes_key_catalog(message: &[u8]) -> bool {
+    contains_ignore_case(message, b"_ekm_cluster_apply(")
 }
 
 /// A log DETAIL that quotes other sessions' statements (a deadlock report:
@@ -104,7 +118,20 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_key_catalog_in_messages() {
+        assert!(quotes_key_catalog(
+            b"issuing SELECT ekm._ekm_cluster_apply('[...]'::jsonb)"
+        ));
+        assert!(!quotes_key_catalog(
+            b"Set ekm.master_key_command or ekm.master_key_file"
+        ));
+    }
+
+    #[test]
     fn finds_the_master_key_settings_in_any_case() {
+        assert!(mentions_master_key_settings(
+            b"SELECT ekm._ekm_cluster_apply('[{\"wrapped\": \"c71e\"}]'::jsonb)"
+        ));
         assert!(mentions_master_key_settings(
             b"ALTER SYSTEM SET ekm.master_key_command = 'vault read token=s3cr3t'"
         ));

@@ -25,7 +25,9 @@
 #      had ekm of its own with a used key refuses the coordinator's catalog;
 #      a scan of the database records Citus tables as not scanned; a node
 #      that cannot be reached is named by ekm_health();
-#   5. no wrapped key material and no plaintext in any node's server log.
+#   5. no wrapped key material and no plaintext in any node's server log
+#      (with citus.log_remote_commands = on, which logs every command the
+#      coordinator sends, and after a worker node's apply was cancelled).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
@@ -46,7 +48,8 @@ werr() { cpsql "$base$1" "${ports[$1]}" -d app -At -q -v VERBOSITY=verbose -c "$
 start_node() { # n [extra conf lines...]
   local n=$1; shift
   cluster_start "$base$n" "${ports[$n]}" "shared_preload_libraries = 'citus,ekm'" "max_prepared_transactions = 20" \
-    "wal_level = logical" "citus.node_conninfo = 'sslmode=disable'" "ekm.master_key_file = '$base.key/master.key'" "$@" \
+    "wal_level = logical" "citus.node_conninfo = 'sslmode=disable'" "ekm.master_key_file = '$base.key/master.key'" \
+    "citus.log_remote_commands = on" "log_min_messages = notice" "client_min_messages = warning" "$@" \
     && cpsql "$base$n" "${ports[$n]}" -d postgres -q -c "CREATE DATABASE app" \
     && cpsql "$base$n" "${ports[$n]}" -d app -q -c "CREATE EXTENSION citus"
 }

@@ -23,7 +23,7 @@ use pgrx::pg_sys;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use ekm_core::redact::{
-    mentions_master_key_settings, mentions_plaintext_functions, redact_quoted,
+    mentions_master_key_settings, mentions_plaintext_functions, quotes_key_catalog, redact_quoted,
     redact_quoted_statements, MARKER,
 };
 
@@ -70,6 +70,21 @@ fn statement_names_master_key_setting() -> bool {
     }
 }
 
+/// A message quoting the command a Citus coordinator sends its key catalog
+/// with (Citus logs "issuing ..." under `citus.log_remote_commands`): the
+/// command goes, whatever `ekm.log_redaction` says.
+unsafe fn redact_key_catalog(e: &mut pg_sys::ErrorData) {
+    if e.message.is_null() {
+        return;
+    }
+    let m = unsafe { std::ffi::CStr::from_ptr(e.message) };
+    if quotes_key_catalog(m.to_bytes()) {
+        let head = m.to_string_lossy();
+        let head = head.split("SELECT").next().unwrap_or("").trim_end();
+        e.message = pstrdup(&format!("{head} SELECT ekm._ekm_cluster_apply({MARKER})"));
+    }
+}
+
 /// Redacts, in the server log, the lines of a DETAIL that quote another
 /// session's statement naming ekm's plaintext functions or a master key
 /// setting (a deadlock report), whatever the reporting statement was. The
@@ -97,6 +112,7 @@ unsafe fn redact_other_sessions(e: &mut pg_sys::ErrorData) {
 /// # Safety
 /// `edata` is the ErrorData the hook was given.
 pub unsafe fn redact(edata: *mut pg_sys::ErrorData) {
+    unsafe { redact_key_catalog(&mut *edata) };
     let secret_setting = statement_names_master_key_setting();
     if !secret_setting && !crate::pg::gucs::log_redaction() {
         return;
