@@ -504,23 +504,26 @@ fn range_group(job_id: i64, tbl: pg_sys::Oid, seq: u16) -> Result<Option<Group>,
     )
 }
 
-/// A block range of the job that no worker has (its worker exited, or
-/// split it off and stopped), claimed: the largest first.
-fn free_range(job_id: i64) -> Result<Option<Group>, String> {
-    let ranges = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i16)>> {
+/// The block ranges of a job, those with the most blocks left first.
+fn ranges_of(job_id: i64) -> Result<Vec<(pg_sys::Oid, u16)>, String> {
+    Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, u16)>> {
         let mut v = Vec::new();
         for r in c.select(
             "SELECT tbl::oid, seq FROM ekm.rotation_range WHERE job_id = $1 ORDER BY hi - next_block DESC, tbl, seq",
             None,
             &[job_id.into()],
         )? {
-            v.push((r.get::<pg_sys::Oid>(1)?.unwrap_or_default(), r.get::<i16>(2)?.unwrap_or(0)));
+            v.push((r.get::<pg_sys::Oid>(1)?.unwrap_or_default(), r.get::<i16>(2)?.unwrap_or(0) as u16));
         }
         Ok(v)
     })
-    .map_err(spi_err)?;
-    for (tbl, seq) in ranges {
-        let seq = seq as u16;
+    .map_err(spi_err)
+}
+
+/// A block range of the job that no worker has (its worker exited, or
+/// split it off and stopped), claimed: the largest first.
+fn free_range(job_id: i64) -> Result<Option<Group>, String> {
+    for (tbl, seq) in ranges_of(job_id)? {
         if !claim(EkmLock::Range(tbl, seq)) {
             continue;
         }
@@ -539,87 +542,37 @@ fn free_range(job_id: i64) -> Result<Option<Group>, String> {
 /// in flight ends below the split point, and its next bookkeeping learns
 /// the new end of its part (advance).
 fn split(job_id: i64, tables: &[i64]) -> Result<bool, String> {
-    // (table, range or None, next, end, blocks per batch, columns)
-    let mut parts: Vec<(
-        pg_sys::Oid,
-        Option<u16>,
-        i64,
-        i64,
-        i64,
-        Vec<String>,
-        Option<i64>,
-    )> = Vec::new();
+    let mut parts: Vec<Group> = Vec::new();
     for t in tables {
-        let tbl = pg_sys::Oid::from(*t as u32);
-        if let Some((_, Some(g))) = group_of(job_id, tbl)? {
+        if let Some((_, Some(g))) = group_of(job_id, pg_sys::Oid::from(*t as u32))? {
             if g.state == "scanning" {
-                parts.push((
-                    tbl,
-                    None,
-                    g.next_block,
-                    g.end,
-                    g.blocks_per_batch as i64,
-                    g.names,
-                    g.pass_end,
-                ));
+                parts.push(g);
             }
         }
     }
-    let ranges = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<(pg_sys::Oid, i16)>> {
-        let mut v = Vec::new();
-        for r in c.select(
-            "SELECT tbl::oid, seq FROM ekm.rotation_range WHERE job_id = $1",
-            None,
-            &[job_id.into()],
-        )? {
-            v.push((
-                r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
-                r.get::<i16>(2)?.unwrap_or(0),
-            ));
-        }
-        Ok(v)
-    })
-    .map_err(spi_err)?;
-    for (tbl, seq) in ranges {
-        if let Some(g) = range_group(job_id, tbl, seq as u16)? {
-            parts.push((
-                tbl,
-                Some(seq as u16),
-                g.next_block,
-                g.end,
-                g.blocks_per_batch as i64,
-                g.names,
-                Some(g.end),
-            ));
-        }
+    for (tbl, seq) in ranges_of(job_id)? {
+        parts.extend(range_group(job_id, tbl, seq)?);
     }
     // the part with the most left that can be split
-    let Some((tbl, range, next, end, bpb, names, old_end, at)) = parts
+    let Some((g, at)) = parts
         .into_iter()
-        .filter_map(|(tbl, range, next, end, bpb, names, old_end)| {
-            ekm_core::pace::split_point(next, end, bpb)
-                .map(|at| (tbl, range, next, end, bpb, names, old_end, at))
+        .filter_map(|g| {
+            ekm_core::pace::split_point(g.next_block, g.end, g.blocks_per_batch as i64)
+                .map(|at| (g, at))
         })
-        .max_by_key(|p| p.3 - p.2)
+        .max_by_key(|(g, _)| g.end - g.next_block)
     else {
         return Ok(false);
     };
-    let _ = next;
+    let (tbl, bpb) = (g.tbl, g.blocks_per_batch as i64);
     // a free range number whose claim this worker gets
-    let taken = Spi::connect(|c| -> pgrx::spi::SpiResult<Vec<i16>> {
-        let mut v = Vec::new();
-        for r in c.select(
-            "SELECT seq FROM ekm.rotation_range WHERE job_id = $1 AND tbl = $2::pg_catalog.oid",
-            None,
-            &[job_id.into(), tbl.into()],
-        )? {
-            v.push(r.get::<i16>(1)?.unwrap_or(0));
-        }
-        Ok(v)
-    })
-    .map_err(spi_err)?;
+    let taken: Vec<u16> = ranges_of(job_id)?
+        .into_iter()
+        .filter(|(t, _)| *t == tbl)
+        .map(|(_, s)| s)
+        .collect();
     let Some(seq) = (0..crate::keys::locks::MAX_RANGES)
-        .filter(|s| !taken.contains(&(*s as i16)))
+        .filter(|s| !taken.contains(s))
         .take(16)
         .find(|s| claim(EkmLock::Range(tbl, *s)))
     else {
@@ -629,26 +582,31 @@ fn split(job_id: i64, tables: &[i64]) -> Result<bool, String> {
     // at least two batches short of it and nobody split it meanwhile (the
     // row versions this reads are the newest: READ COMMITTED re-checks a
     // row another transaction updated).
-    let cut = match range {
-        None => kept(
-            "UPDATE ekm.rotation_cursor SET pass_end = $4 \
-             WHERE job_id = $1 AND tbl = $2::pg_catalog.oid AND col = ANY ($3::name[]) AND state = 'scanning' \
-               AND next_block + 2 * $5 <= $4 AND pass_end IS NOT DISTINCT FROM $6",
-            &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, INT8, INT8],
-            true,
-            &[job_id.into(), tbl.into(), names.clone().into(), at.into(), bpb.into(), old_end.into()],
-            |t| Ok(t.len()),
-        )?,
-        Some(r) => kept(
-            "UPDATE ekm.rotation_range SET hi = $4 \
-             WHERE job_id = $1 AND tbl = $2::pg_catalog.oid AND seq = $3 AND next_block + 2 * $5 <= $4 AND hi = $6",
-            &[INT8, pg_sys::OIDOID, pg_sys::INT2OID, INT8, INT8, INT8],
-            true,
-            &[job_id.into(), tbl.into(), (r as i16).into(), at.into(), bpb.into(), end.into()],
-            |t| Ok(t.len()),
-        )?,
+    let (cut, expected) = match g.range {
+        None => (
+            kept(
+                "UPDATE ekm.rotation_cursor SET pass_end = $4 \
+                 WHERE job_id = $1 AND tbl = $2::pg_catalog.oid AND col = ANY ($3::name[]) AND state = 'scanning' \
+                   AND next_block + 2 * $5 <= $4 AND pass_end IS NOT DISTINCT FROM $6",
+                &[INT8, pg_sys::OIDOID, pg_sys::TEXTARRAYOID, INT8, INT8, INT8],
+                true,
+                &[job_id.into(), tbl.into(), g.names.clone().into(), at.into(), bpb.into(), g.pass_end.into()],
+                |t| Ok(t.len()),
+            )?,
+            g.names.len(),
+        ),
+        Some(r) => (
+            kept(
+                "UPDATE ekm.rotation_range SET hi = $4 \
+                 WHERE job_id = $1 AND tbl = $2::pg_catalog.oid AND seq = $3 AND next_block + 2 * $5 <= $4 AND hi = $6",
+                &[INT8, pg_sys::OIDOID, pg_sys::INT2OID, INT8, INT8, INT8],
+                true,
+                &[job_id.into(), tbl.into(), (r as i16).into(), at.into(), bpb.into(), g.end.into()],
+                |t| Ok(t.len()),
+            )?,
+            1,
+        ),
     };
-    let expected = if range.is_none() { names.len() } else { 1 };
     if cut != expected {
         // it moved on or was split meanwhile: this step is rolled back
         release_claim();
@@ -656,7 +614,7 @@ fn split(job_id: i64, tables: &[i64]) -> Result<bool, String> {
     }
     spi::exec(
         "INSERT INTO ekm.rotation_range (job_id, tbl, seq, cols, next_block, hi) VALUES ($1, $2::pg_catalog.oid, $3, $4::name[], $5, $6)",
-        vec![job_id.into(), tbl.into(), (seq as i16).into(), names.into(), at.into(), end.into()],
+        vec![job_id.into(), tbl.into(), (seq as i16).into(), g.names.into(), at.into(), g.end.into()],
     )
     .map_err(e)?;
     Ok(true)
