@@ -19,12 +19,12 @@
 #
 #   E. one table of --part-rows rows x 2 columns rotated with 1 and 2
 #      workers (block ranges of the one table), against the same floor.
-#   --workers-only runs D and E alone.
+#   --workers-only runs D and E alone, --tps-only B alone.
 #
-#   bash bench/scale.sh [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps] [--workers-only]
+#   bash bench/scale.sh [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps] [--workers-only] [--tps-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROWS=200000; TPS_ROWS=2000000; PART_ROWS=1000000; BUILD=1; TPS=1; ONLY_WORKERS=0
+ROWS=200000; TPS_ROWS=2000000; PART_ROWS=1000000; BUILD=1; TPS=1; ONLY_WORKERS=0; ONLY_TPS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --rows) ROWS=$2; shift 2 ;;
@@ -33,7 +33,8 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --skip-tps) TPS=0; shift ;;
     --workers-only) ONLY_WORKERS=1; shift ;;
-    *) echo "usage: $0 [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps] [--workers-only]" >&2; exit 2 ;;
+    --tps-only) ONLY_TPS=1; shift ;;
+    *) echo "usage: $0 [--rows N] [--tps-rows N] [--part-rows N] [--no-build] [--skip-tps] [--workers-only] [--tps-only]" >&2; exit 2 ;;
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -67,6 +68,7 @@ batches() {  # table, SET clause, vacuum every (0: never)[, rows] -> a psql scri
 
 q -c "CREATE EXTENSION ekm" >/dev/null
 if [ $ONLY_WORKERS -eq 0 ]; then
+if [ $ONLY_TPS -eq 0 ]; then
 echo "== A. heap and TOAST growth, $ROWS rows x 2 columns, batches of 1,000 rows"
 q <<SQL
 CREATE EXTENSION pgcrypto;
@@ -123,6 +125,7 @@ for m in floor floor_vac cbc ekm ekm_novac; do
     "$(python3 -c "print(${T[$m]} / ${T[floor_vac]})")"
 done
 
+fi  # A
 if [ $TPS -eq 1 ]; then
   echo
   echo "== B. application TPS during a rotation, $TPS_ROWS rows x 2 columns, pgbench -c 4"
@@ -139,9 +142,16 @@ UPDATE people SET email = ekm_encrypt(ekm_decrypt(email, 'people.email'), 'peopl
 SQL
   [ "$(id -u)" -eq 0 ] && chown "$EKM_PG_USER" "$dir/app.sql"
   pgb() { as_pg "$PGBIN/pgbench" -h "$dir" -p "$port" -U postgres -n -c 4 -j 2 -f "$dir/app.sql" "$@" postgres; }
-  base=$(pgb -T 15 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
-  echo "without a rotation: $base TPS"
+  # the share is against the TPS measured right before each run, from the
+  # same state (the application's own updates, with autovacuum off, leave
+  # dead rows behind that slow it down from run to run)
+  baseline() {
+    q -c "VACUUM people" -c "CHECKPOINT" >/dev/null
+    base=$(pgb -T 15 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+    echo "without a rotation, right before: $base TPS"
+  }
   during() {  # label: TPS over the rotation's run, and its time
+    baseline
     pgb -T 3600 -P 1 >"$dir/pgb.out" 2>&1 &
     local pid=$! t0 t1 r0 r1
     sleep 5
@@ -161,6 +171,7 @@ SQL
   q -c "SELECT ekm_unregister_column('people', 'email'), ekm_unregister_column('people', 'ssn')" -c "DROP TABLE people" >/dev/null
 fi
 
+if [ $ONLY_TPS -eq 0 ]; then
 echo
 echo "== C. replica lag during a rotation of $ROWS rows x 2 columns (streaming standby)"
 rm -rf "$sdir"; mkdir -p "$sdir"; [ "$(id -u)" -eq 0 ] && chown "$EKM_PG_USER" "$sdir"
@@ -191,7 +202,9 @@ q -c "ALTER SYSTEM RESET ekm.rotation_max_replica_lag" >/dev/null; reload
 cluster_stop "$sdir" immediate >/dev/null 2>&1 || true
 q -c "SELECT ekm_unregister_column('t_lag', 'email'), ekm_unregister_column('t_lag', 'mobno')" >/dev/null
 
+fi  # C
 fi  # A-C
+[ $ONLY_TPS -eq 1 ] && exit 0
 echo
 # workers_run TABLE CONTEXT_PREFIX: the table (loaded, vacuumed) rotated by
 # the single-session floor, then by ekm with 1 and 2 workers; prints the
