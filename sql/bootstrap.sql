@@ -125,7 +125,12 @@ CREATE TABLE ekm.rotation_job (
     -- vacuums run behind its batches (ekm.rotation_vacuum_growth), and why
     -- the last one could not free what they left behind, if it could not
     vacuums      int NOT NULL DEFAULT 0,
-    vacuum_note  text
+    vacuum_note  text,
+    -- on a Citus worker node: the coordinator's job this node's job is part
+    -- of (it moves this node's shard placements; docs/design.md, section 9)
+    coordinator_job bigint,
+    -- such a job passed its check and fence: the coordinator may retire
+    verified_at  timestamptz
 );
 -- At most one unfinished job per database (scans of the database run beside them).
 CREATE UNIQUE INDEX rotation_job_one_unfinished ON ekm.rotation_job ((true))
@@ -170,6 +175,25 @@ CREATE TABLE ekm.rotation_range (
     PRIMARY KEY (job_id, tbl, seq)
 );
 
+-- On the coordinator of a Citus cluster: where each worker node's part of a
+-- job stands, as the coordinator last read it (docs/design.md, section 9).
+CREATE TABLE ekm.rotation_node (
+    job_id      bigint NOT NULL REFERENCES ekm.rotation_job ON DELETE CASCADE,
+    node        text NOT NULL,              -- host:port
+    -- the node's job: running, verified (passed its check and fence), done,
+    -- cancelled, needs_attention, failed; or unreachable, waiting
+    state       text NOT NULL,
+    tables      int NOT NULL DEFAULT 0,     -- shard placements and tables it rotates
+    rows_done   bigint NOT NULL DEFAULT 0,
+    rows_total  bigint NOT NULL DEFAULT 0,
+    percent     numeric NOT NULL DEFAULT 0,
+    blocks_total bigint NOT NULL DEFAULT 0,  -- of its tables (the weight of its percent)
+    waiting_for text,
+    error       text,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, node)
+);
+
 -- Values a job could not move (wrong context, altered, on a key that does
 -- not decrypt): the job ends needs_attention instead of failing, and says
 -- where they are. Read through the view ekm.rotation_problem (finalize.sql),
@@ -204,3 +228,4 @@ SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_job_job_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_cursor', '');
 SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_range', '');
+SELECT pg_catalog.pg_extension_config_dump('ekm.rotation_node', '');

@@ -19,12 +19,21 @@
 #      whose retire cannot reach a worker node waits (not failed, nothing
 #      retired anywhere) and finishes once the node is back; a worker node
 #      with a different master key is named by ekm_health();
-#   4. refusals (up front, with a SQLSTATE and a hint): registering a
-#      distributed or reference table for rotation, destroying keys,
+#   4. refusals (up front, with a SQLSTATE and a hint): destroying keys,
 #      rotating the master key, key changes on a worker node; a node that
 #      had ekm of its own with a used key refuses the coordinator's catalog;
 #      a scan of the database records Citus tables as not scanned; a node
 #      that cannot be reached is named by ekm_health();
+#   6. rotation of distributed and reference tables through the coordinator:
+#      registering registers every shard placement on the node that holds
+#      it; a rotation of a 100,000-row distributed table (two encrypted
+#      columns) and a reference table while clients write through the
+#      coordinator, with one worker node held inside a batch and restarted
+#      there: its job resumes, the old key retires on every node only after
+#      both nodes are verified, every value of every placement is on the new
+#      key and decrypts through the coordinator, no write is lost; progress
+#      per node on the coordinator; cancel and resume from the coordinator
+#      reach the nodes' jobs;
 #   5. no wrapped key material and no plaintext in any node's server log
 #      (with citus.log_remote_commands = on, which logs every command the
 #      coordinator sends, and after a worker node's apply was cancelled).
@@ -189,12 +198,6 @@ check_match "3: and is ok once it has the same master key" \
   "$(c "SELECT status FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" '^ok$'
 
 # --- 4. refusals ---------------------------------------------------------------
-check_match "4: registering a distributed table for rotation is refused up front" \
-  "$(cpsql "${base}0" "${ports[0]}" -d app -At -q -v VERBOSITY=verbose -c "SELECT ekm_register_column('people', 'email', 'public.people.email')" 2>&1 | tr '\n' ' ')" \
-  '^ERROR:  0A000: people is a Citus distributed or reference table: ekm cannot rotate its shards yet .*HINT: '
-check_match "4: so is a reference table" \
-  "$(c "SELECT ekm_register_column('branches', 'vault', 'branches')")" 'ERROR:  branches is a Citus distributed or reference table'
-check "4: nothing is registered" "$(c "SELECT count(*) FROM ekm.registered_column")" 0
 check_match "4: destroying keys is refused on the cluster (their values may be on any node)" \
   "$(cpsql "${base}0" "${ports[0]}" -d app -At -q -v VERBOSITY=verbose -c "SELECT * FROM ekm_cleanup_old_keys(0, force => true)" 2>&1 | tr '\n' ' ')" \
   '^ERROR:  0A000: cannot destroy keys on a Citus cluster yet'
@@ -233,12 +236,110 @@ check_match "4: ekm_health() names a worker node it cannot reach" \
   "$(c "SELECT status || ': ' || detail FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" "^failed: node 127.0.0.1:${ports[2]} cannot be checked"
 cluster_restart_only "${base}2" >/dev/null
 
+# --- 6. rotation of distributed and reference tables -------------------------
+c "CREATE TABLE accounts (id int PRIMARY KEY, email text, mobno text, email_plain text, mobno_plain text)" >/dev/null
+c "SELECT create_distributed_table('accounts', 'id')" >/dev/null
+c "INSERT INTO accounts SELECT g, ekm_encrypt('acct' || g || '@example.com', 'accounts.email'), ekm_encrypt('+44' || lpad(g::text, 10, '0'), 'accounts.mobno'),
+                               'acct' || g || '@example.com', '+44' || lpad(g::text, 10, '0') FROM generate_series(1, 100000) g" >/dev/null
+c "CREATE TABLE regions (code text PRIMARY KEY, vault text, plain text)" >/dev/null
+c "SELECT create_reference_table('regions')" >/dev/null
+c "INSERT INTO regions SELECT 'r' || g, ekm_encrypt('region-' || g, 'regions'), 'region-' || g FROM generate_series(1, 1000) g" >/dev/null
+check_match "6: a worker node refuses to register a Citus table itself (the coordinator does)" \
+  "$(werr 1 "SELECT ekm_register_column('accounts', 'email', 'accounts.email')")" \
+  "^ERROR:  55000: accounts is a Citus table and this is a worker node: its columns are registered on the coordinator HINT: "
+check "6: the coordinator registers a distributed table's two columns" \
+  "$(c "SELECT ekm_register_column('accounts', 'email', 'accounts.email'), ekm_register_column('accounts', 'mobno', 'accounts.mobno')")" \
+  "registered accounts.email|registered accounts.mobno"
+check "6: and a reference table's column" "$(c "SELECT ekm_register_column('regions', 'vault', 'regions')")" "registered regions.vault"
+shards=$(c "SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 'accounts'::regclass")
+on1=$(w 1 "SELECT count(*) FROM ekm.registered_column WHERE parent = 'accounts'::regclass AND col = 'email'")
+on2=$(w 2 "SELECT count(*) FROM ekm.registered_column WHERE parent = 'accounts'::regclass AND col = 'email'")
+check "6: every shard placement of the distributed table is registered on the node that holds it ($on1 + $on2)" "$((on1 + on2))/$((on1 > 0 && on2 > 0))" "$shards/1"
+check "6: the reference table's placement is registered on every node that holds one" \
+  "$(c "SELECT count(*) FROM ekm.registered_column WHERE parent = 'regions'::regclass")/$(w 1 "SELECT count(*) FROM ekm.registered_column WHERE parent = 'regions'::regclass")/$(w 2 "SELECT count(*) FROM ekm.registered_column WHERE parent = 'regions'::regclass")" \
+  "$(c "SELECT count(*) FILTER (WHERE n.groupid = 0) || '/' || count(*) FILTER (WHERE n.nodeport = ${ports[1]}) || '/' || count(*) FILTER (WHERE n.nodeport = ${ports[2]}) FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid) JOIN pg_dist_node n USING (groupid) WHERE s.logicalrelid = 'regions'::regclass")"
+from=$(c "SELECT key_id FROM ekm.keys WHERE is_active")
+# worker node 1's job is held inside its first batch
+dir=${base}1; port=${ports[1]}
+pause_hold app batch
+job=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
+to=$(c "SELECT to_key FROM ekm.rotation_job WHERE job_id = $job")
+check_match "6: ekm_rotate() on the coordinator starts a job" "$job:$to" '^[0-9]+:key_'
+check "6: worker node 1's part of it is held inside a batch" "$(paused_at app batch)" yes
+nodes=""
+for _ in $(seq 1 600); do
+  nodes=$(c "SELECT string_agg(node || '=' || column_state, ',' ORDER BY node) FROM ekm.rotation_progress WHERE job_id = $job AND node IS NOT NULL")
+  case $nodes in *"${ports[2]}=verified"*) break ;; esac; sleep 0.05
+done
+check "6: ekm.rotation_progress on the coordinator shows each node: node 2 verified, node 1 still running" \
+  "$nodes" "127.0.0.1:${ports[1]}=running,127.0.0.1:${ports[2]}=verified"
+check "6: the old key is rotating on every node meanwhile" \
+  "$(w 0 "SELECT rotation_status FROM ekm.keys WHERE key_id = '$from'"):$(w 1 "SELECT rotation_status FROM ekm.keys WHERE key_id = '$from'"):$(w 2 "SELECT rotation_status FROM ekm.keys WHERE key_id = '$from'")" \
+  rotating:rotating:rotating
+# clients write through the coordinator: each committed value is recorded
+rm -f "$base.writes"
+writes() { # from to
+  local i id
+  for i in $(seq "$1" "$2"); do
+    id=$(( (i * 37) % 500 + 1 ))
+    cpsql "${base}0" "${ports[0]}" -d app -At -q -v ON_ERROR_STOP=1 -c "INSERT INTO accounts (id, email, email_plain) VALUES ($id, ekm_encrypt('w$i-$id', 'accounts.email'), 'w$i-$id')
+        ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_plain = excluded.email_plain" >/dev/null 2>&1 \
+      && echo "$id w$i-$id" >>"$base.writes"
+  done
+}
+writes 1 150
+check "6: the writes through the coordinator commit while the rotation runs" "$(wc -l <"$base.writes")" 150
+# worker node 1 restarts in the middle of its batch
+cluster_stop "${base}1" immediate >/dev/null 2>&1
+pause_release 2>/dev/null
+cluster_restart_only "${base}1" >/dev/null
+writes 151 300
+check "6: and after worker node 1 restarted" "$(wc -l <"$base.writes")" 300
+check "6: the job ends done" "$(c "SELECT state FROM ekm_rotation_wait($job, 300)" | tail -n 1)" done
+for n in 0 1 2; do
+  check "6: node $n has the old key retired and the new one active" \
+    "$(w "$n" "SELECT string_agg(rotation_status, ',' ORDER BY key_id = '$to') FROM ekm.keys WHERE key_id IN ('$from', '$to')")" retired,active
+done
+for n in 1 2; do
+  check_match "6: node $n's part of the job is done (rows moved there)" \
+    "$(w "$n" "SELECT state || ':' || (rows_done > 0) FROM ekm.rotation_job WHERE coordinator_job = $job")" '^done:true$'
+done
+j1=$(w 1 "SELECT job_id FROM ekm.rotation_job WHERE coordinator_job = $job")
+check_match "6: node 1's part ($j1) resumed after its restart (its worker started again)" \
+  "$(grep -c "rotation job $j1: worker started" "${base}1/server.log")" '^([2-9]|[1-9][0-9]+)$'
+check "6: every shard placement holds only values on the new key (run on each placement)" \
+  "$(c "SELECT sum(result::bigint) FROM run_command_on_placements('accounts', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(email) IS DISTINCT FROM '$to' OR ekm_key_id(mobno) IS DISTINCT FROM '$to'\$\$)")" 0
+check "6: every value decrypts through the coordinator to its shadow, on the new key" \
+  "$(c "SELECT count(*) FROM accounts WHERE ekm_decrypt(email, 'accounts.email') = email_plain AND ekm_decrypt(mobno, 'accounts.mobno') = mobno_plain AND ekm_key_id(email) = '$to'")" 100000
+check "6: every reference table placement is on the new key" \
+  "$(c "SELECT sum(result::bigint) FROM run_command_on_placements('regions', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(vault) IS DISTINCT FROM '$to'\$\$)"):$(c "SELECT count(*) FROM regions WHERE ekm_decrypt(vault, 'regions') = plain")" 0:1000
+lost=$(sort -k1,1n -s "$base.writes" | awk '{last[$1] = $2} END {for (i in last) print i, last[i]}' | while read -r id v; do
+  [ "$(c "SELECT ekm_decrypt(email, 'accounts.email') = '$v' AND email_plain = '$v' FROM accounts WHERE id = $id")" = t ] || echo "$id"; done | wc -l)
+check "6: no write was lost: each row holds its last committed write" "$lost" 0
+check "6: the coordinator's progress shows both nodes done" \
+  "$(c "SELECT string_agg(column_state || ':' || percent, ',' ORDER BY node) FROM ekm.rotation_progress WHERE job_id = $job AND node IS NOT NULL")" "done:100.0,done:100.0"
+# cancel and resume from the coordinator reach the nodes' jobs
+dir=${base}2; port=${ports[2]}
+pause_hold app batch
+job2=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
+check "6: a second rotation: node 2's part held inside a batch" "$(paused_at app batch)" yes
+check "6: ekm_rotation_cancel() on the coordinator" "$(c "SELECT ekm_rotation_cancel($job2)")" "rotation job $job2: running -> cancelled"
+check "6: cancels node 2's part in the same transaction" "$(w 2 "SELECT state FROM ekm.rotation_job WHERE coordinator_job = $job2")" cancelled
+pause_release
+check "6: nothing retired anywhere" "$(w 2 "SELECT count(*) FROM ekm.keys WHERE rotation_status = 'rotating'"):$(c "SELECT count(*) FROM ekm.keys WHERE rotation_status = 'rotating'")" 1:1
+check "6: ekm_rotation_resume() on the coordinator" "$(c "SELECT ekm_rotation_resume($job2)")" "rotation job $job2: cancelled -> running"
+check "6: the resumed job ends done, node 2's part too" \
+  "$(c "SELECT state FROM ekm_rotation_wait($job2, 300)" | tail -n 1):$(w 2 "SELECT state FROM ekm.rotation_job WHERE coordinator_job = $job2")" done:done
+check "6: every value is on the second job's key" \
+  "$(c "SELECT count(*) FROM accounts WHERE ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job2) AND ekm_decrypt(email, 'accounts.email') = email_plain")" 100000
+
 # --- 5. the server logs ------------------------------------------------------------
 wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")
 leaks=0
 for n in 0 1 2 3; do
   for h in $wrapped; do grep -q -- "${h:0:32}" "$base$n/server.log" && leaks=$((leaks + 1)); done
   grep -q -- 'user4242@example.com' "$base$n/server.log" && leaks=$((leaks + 1))
+  grep -q -- 'acct4242@example.com' "$base$n/server.log" && leaks=$((leaks + 1))
 done
 check "5: no node's server log holds wrapped key material or a plaintext" "$leaks" 0
 for n in 0 1 2 3; do check_log_clean "$base$n/server.log"; done

@@ -53,6 +53,8 @@ tag=v$OLD
 [ "$OLD" = 0.3.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=f64ec1bceb7ff0e85a4c97ab64f0e37c5835ee40
 # 0.4.0: the last commit of 0.4.0
 [ "$OLD" = 0.4.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=007e3964c8e5d22e061da1eaa2e59638625786bf
+# 0.5.0: the last commit of 0.5.0
+[ "$OLD" = 0.5.0 ] && ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null && tag=061f056828add2e702691c5496967b2f08e86682
 if ! git -C "$repo" rev-parse --verify -q "$tag^{commit}" >/dev/null; then
   not_ok "ekm $OLD ($tag) is in this clone's history"; tap_done; exit 1
 fi

@@ -132,6 +132,20 @@ pub(crate) fn retry_after(job_id: i64, code: &str, msg: &str) -> Option<Duration
         // skipping locked rows (a later pass takes them)
         SKIP_LOCKED_NEXT.with(|s| s.set(true));
         Some(Duration::ZERO)
+    } else if msg.contains(crate::jobs::cluster::NOT_VERIFIED) {
+        // a Citus worker node refused the retire: its part is not verified
+        // (a shard moved there since its check, say); the job checks every
+        // node again and retires once they are (docs/design.md, section 9)
+        let what = format!("a worker node: {msg}");
+        let _ = transaction(|| {
+            Spi::run_with_args(
+                "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND state = 'running' AND waiting_for IS DISTINCT FROM $2",
+                &[job_id.into(), what.clone().into()],
+            )
+            .map_err(spi_err)
+        });
+        pgrx::log!("ekm: rotation job {job_id}: waiting: {what}");
+        Some(crate::pg::gucs::rotation_retry_pause().max(Duration::from_secs(1)))
     } else if code.contains("CONNECTION") || code.contains("SQLCLIENT_UNABLE") {
         // another server cannot be reached (a Citus worker node the key
         // change must reach, say): the job waits for it, it does not fail;
@@ -239,6 +253,7 @@ pub extern "C-unwind" fn ekm_rotation_helper_main(arg: pg_sys::Datum) {
 /// that runs during a batch cannot use them for anything but the batch's
 /// own columns. They disappear with the worker.
 pub(crate) fn create_batch_functions() -> Result<(), String> {
+    citus_session()?;
     Spi::run(
         "CREATE FUNCTION pg_temp._ekm_rotate_value(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.int8) RETURNS pg_catalog.text \
            AS '$libdir/ekm', 'ekm_rotate_value_v1' LANGUAGE c VOLATILE STRICT; \
@@ -259,5 +274,28 @@ pub(crate) fn create_batch_functions() -> Result<(), String> {
            pg_temp._ekm_left(pg_catalog.text, pg_catalog.text), \
            pg_temp._ekm_keys_in(pg_catalog.text) TO PUBLIC",
     )
-    .map_err(spi_err)
+    .map_err(spi_err)?;
+    Ok(())
+}
+
+/// On a Citus node, a job's tables include shard placements (section 9):
+/// Citus hides them from the catalog queries of a session like this one,
+/// refuses changes to them unless asked, and would send this session's
+/// temporary functions to other nodes (refused on a worker node). For this
+/// session only.
+fn citus_session() -> Result<(), String> {
+    let citus = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+    )
+    .map_err(spi_err)?
+    .unwrap_or(false);
+    if citus {
+        Spi::run(
+            "SELECT pg_catalog.set_config('citus.show_shards_for_app_name_prefixes', '*', false), \
+                    pg_catalog.set_config('citus.enable_manual_changes_to_shards', 'on', false), \
+                    pg_catalog.set_config('citus.enable_ddl_propagation', 'off', false)",
+        )
+        .map_err(spi_err)?;
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! Uses `keys` and `pg`; never `sql`.
 
 pub mod batchfn;
+pub mod cluster;
 pub mod helpers;
 pub mod notify;
 pub mod pace;

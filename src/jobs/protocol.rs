@@ -191,6 +191,10 @@ pub(crate) fn step(job_id: i64, helper: bool) -> Result<Step, String> {
     if helper && group.is_none() {
         return Ok(Step::Stop);
     }
+    if !helper {
+        // on a Citus coordinator: the worker nodes' parts start now
+        crate::jobs::cluster::start_nodes_once(job_id, &kind)?;
+    }
     match group {
         Some(mut g) => {
             set_fence(None);
@@ -947,6 +951,13 @@ fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
     }
     let fence = FENCE.with(|f| f.borrow_mut().take());
     let Some(mut fence) = fence else {
+        // On a Citus coordinator: every worker node's part is verified
+        // first (section 9).
+        if crate::jobs::cluster::coordinates(kind)?
+            && !crate::jobs::cluster::nodes_ready(job_id, false)?
+        {
+            return Ok(Step::Later);
+        }
         // Check #1: the fence is taken only once the registered columns
         // hold no movable value on a rotating key.
         pause_point("check")?;
@@ -965,14 +976,44 @@ fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
         set_fence(Some(fence));
         return Ok(Step::Later);
     }
+    // a worker node's part of a coordinator's job: the coordinator checks
+    // again and retires (section 9)
+    if crate::jobs::cluster::is_node_job(job_id)? {
+        return crate::jobs::cluster::verified(job_id);
+    }
     final_step(job_id, kind, fence)
+}
+
+/// On a worker node, for the coordinator's final step: check #2 of this
+/// node's verified job `job_id` (covering placements that arrived since).
+/// Whether it is clean; if not, its columns went back for another pass, or
+/// the job needs attention.
+pub(crate) fn node_final_check(job_id: i64, kind: &str) -> Result<bool, String> {
+    if cover_new_registrations(job_id)? > 0 {
+        return Ok(false);
+    }
+    // the batch functions the check uses, once per session
+    let have = spi::one::<bool>(
+        "SELECT pg_catalog.to_regprocedure('pg_temp._ekm_left(pg_catalog.text, pg_catalog.text)') IS NOT NULL",
+        vec![],
+    )
+    .map_err(e)?
+    .unwrap_or(false);
+    if !have {
+        crate::jobs::helpers::create_batch_functions()?;
+    }
+    match check(job_id)? {
+        Checked::Clean => Ok(true),
+        Checked::Left => Ok(false),
+        Checked::Stuck(n) => needs_attention(job_id, kind, n).map(|_| false),
+    }
 }
 
 /// Registers the partitions and inheritance children of registered tables
 /// (attached or created since), forgets those that were dropped, and gives
 /// every registered column of an ordinary table that has no cursor in this
 /// job one. How many cursors it added.
-fn cover_new_registrations(job_id: i64) -> Result<i64, String> {
+pub(crate) fn cover_new_registrations(job_id: i64) -> Result<i64, String> {
     crate::jobs::start::sync_partitions().map_err(e)?;
     let batch_size = one_i64(
         "SELECT batch_size FROM ekm.rotation_job WHERE job_id = $1",
@@ -1027,6 +1068,10 @@ fn check(job_id: i64) -> Result<Checked, String> {
         },
     )
     .map_err(spi_err)?;
+    // a Citus table's rows are in its shard placements, registered and
+    // checked on the nodes that hold them (section 9)
+    let citus = crate::pg::citus::citus_tables().map_err(e)?;
+    let tables: Vec<_> = tables.into_iter().filter(|t| !citus.contains(&t.0)).collect();
     // what the problem list says is what this check finds
     spi::exec(
         "DELETE FROM ekm.rotation_problem_row WHERE job_id = $1",
@@ -1323,6 +1368,12 @@ fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
         Checked::Left => Ok(Step::Later),
         Checked::Stuck(n) => needs_attention(job_id, kind, n),
         Checked::Clean => {
+            // on a Citus coordinator: check #2 on every worker node too
+            if crate::jobs::cluster::coordinates(kind)?
+                && !crate::jobs::cluster::nodes_ready(job_id, true)?
+            {
+                return Ok(Step::Later);
+            }
             pause_point("retire")?;
             retire(job_id, kind, &fence.keys)
         }
@@ -1363,6 +1414,11 @@ fn retire(job_id: i64, kind: &str, keys: &[String]) -> Result<Step, String> {
     )?;
     if running == 0 {
         return Ok(Step::Stop);
+    }
+    // on a Citus coordinator: every node's part ends with it (each node
+    // marks its own done as it applies the retire, in this transaction)
+    if crate::jobs::cluster::coordinates(kind)? {
+        crate::jobs::cluster::nodes_done(job_id)?;
     }
     let retired = Spi::connect_mut(|c| -> pgrx::spi::SpiResult<Vec<String>> {
         let mut v = Vec::new();

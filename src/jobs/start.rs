@@ -163,7 +163,8 @@ pub fn sync_partitions() -> EkmResult<i64> {
     )?;
     refuse_rows_stored_elsewhere()?;
     refuse_owner_without_privileges()?;
-    Ok(spi::one_mut::<i64>(
+    let shards = sync_shard_placements()?;
+    Ok(shards + spi::one_mut::<i64>(
         "WITH RECURSIVE tree AS ( \
            SELECT r.tbl::oid AS root, r.col, r.context, r.registered_by, i.inhrelid AS rel \
            FROM ekm.registered_column r JOIN pg_catalog.pg_inherits i ON i.inhparent = r.tbl \
@@ -175,6 +176,43 @@ pub fn sync_partitions() -> EkmResult<i64> {
            WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.rel AND a.attname = t.col AND NOT a.attisdropped) \
            ON CONFLICT (tbl, col) DO NOTHING RETURNING 1) \
          SELECT count(*) FROM ins",
+        vec![],
+    )?
+    .unwrap_or(0))
+}
+
+/// On a node of a Citus cluster: registers the shard placements this node
+/// holds of every registered Citus table (distributed or reference), with
+/// the table's column and context (`parent` names the Citus table), and
+/// forgets registrations of placements no longer here (moved away, or the
+/// table undistributed): the node's jobs rotate and check exactly the
+/// placements it holds (docs/design.md, section 9). How many it registered.
+fn sync_shard_placements() -> EkmResult<i64> {
+    if crate::pg::citus::citus_tables()?.is_empty() {
+        return Ok(0);
+    }
+    const HERE: &str = "WITH here AS ( \
+           SELECT s.logicalrelid::oid AS root, \
+                  pg_catalog.to_regclass(pg_catalog.shard_name(s.logicalrelid, s.shardid, false))::oid AS rel \
+           FROM pg_catalog.pg_dist_shard s JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid \
+           WHERE p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group))";
+    spi::exec(
+        &format!(
+            "{HERE} DELETE FROM ekm.registered_column r \
+             WHERE r.parent::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) \
+               AND NOT EXISTS (SELECT 1 FROM here h WHERE h.rel = r.tbl::oid AND h.root = r.parent::oid)"
+        ),
+        vec![],
+    )?;
+    Ok(spi::one_mut::<i64>(
+        &format!(
+            "{HERE}, ins AS (INSERT INTO ekm.registered_column (tbl, col, context, registered_by, parent) \
+               SELECT h.rel::regclass, r.col, r.context, r.registered_by, r.tbl FROM here h \
+               JOIN ekm.registered_column r ON r.tbl::oid = h.root AND r.parent IS NULL \
+               WHERE h.rel IS NOT NULL \
+               ON CONFLICT (tbl, col) DO NOTHING RETURNING 1) \
+             SELECT count(*) FROM ins"
+        ),
         vec![],
     )?
     .unwrap_or(0))
@@ -276,12 +314,14 @@ pub fn add_cursors(job: i64, batch_size: i32, only: Option<(pg_sys::Oid, &str)>)
                   greatest(c.reltuples, 0)::bigint, \
                   pg_relation_size(r.tbl), coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0) \
            FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
-           WHERE c.relkind = 'r' \
+           WHERE c.relkind = 'r' AND NOT (r.tbl::oid = ANY ($5::oid[])) \
              AND ($3::oid IS NULL OR ((r.tbl = $3::oid OR r.parent = $3::oid) AND r.col = $4)) \
              AND NOT EXISTS (SELECT 1 FROM ekm.rotation_cursor x WHERE x.job_id = $1 AND x.tbl = r.tbl AND x.col = r.col) \
            RETURNING tbl) \
          SELECT count(*) FROM a",
-        vec![job.into(), batch_size.into(), tbl.into(), col.into()],
+        // (a Citus table's rows are in its shard placements: those have
+        // cursors, on the nodes that hold them)
+        vec![job.into(), batch_size.into(), tbl.into(), col.into(), crate::pg::citus::citus_tables()?.into()],
     )?
     .unwrap_or(0);
     size_batches(job, batch_size)?;

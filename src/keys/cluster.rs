@@ -74,6 +74,108 @@ pub fn propagate(once: bool) -> Result<i64> {
     .unwrap_or(0))
 }
 
+/// Registering (or unregistering) a column of Citus table `name` on this
+/// node: refused on a worker node (the coordinator registers Citus tables
+/// and sends the registration to every node); and a partitioned Citus
+/// table is refused (its partitions' shards are not rotated yet).
+pub fn refuse_citus_registration_here(name: &str) -> Result<()> {
+    if applying() {
+        return Ok(());
+    }
+    if citus::node()? == Node::Worker {
+        crate::pg::error::raise_with(
+            pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("{name} is a Citus table and this is a worker node: its columns are registered on the coordinator"),
+            Some("run ekm_register_column (or ekm_unregister_column) on the coordinator; it registers the shard placements on every node".into()),
+        );
+    }
+    let partitioned = spi::one::<bool>(
+        "SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass($1)",
+        vec![name.into()],
+    )?
+    .unwrap_or(false);
+    if partitioned {
+        crate::pg::error::raise_with(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("{name} is a partitioned Citus table: ekm does not rotate the shards of its partitions yet"),
+            Some("README, \"Scaling out with Citus\", says what ekm does on a cluster".into()),
+        );
+    }
+    Ok(())
+}
+
+/// On the coordinator: sends the registrations of Citus tables (table,
+/// column, context) to every worker node, in this transaction (two-phase
+/// commit with it); each node registers the shard placements it holds.
+pub fn propagate_registrations() -> Result<()> {
+    if citus::node()? != Node::Coordinator {
+        return Ok(());
+    }
+    let command = spi::one::<String>(
+        "SELECT pg_catalog.format('SELECT ekm._ekm_cluster_register(%L::jsonb)', coalesce(jsonb_agg(jsonb_build_object( \
+                 'table', pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname), \
+                 'col', r.col, 'context', r.context, 'registered_by', r.registered_by) ORDER BY n.nspname, c.relname, r.col), '[]')::text) \
+         FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE r.parent IS NULL AND r.tbl::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition)",
+        vec![],
+    )?
+    .unwrap_or_default();
+    citus::run_on_workers(&command)
+}
+
+/// On a worker node: makes its registrations of Citus tables the
+/// coordinator's `registrations` (sent by [`propagate_registrations`]), then
+/// registers the shard placements it holds. How many it has.
+pub fn apply_registrations(registrations: &serde_json::Value) -> Result<i64> {
+    if citus::node()? != Node::Worker {
+        crate::pg::error::raise_with(
+            pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "ekm._ekm_cluster_register runs only on a Citus worker node".into(),
+            Some("register Citus tables on the coordinator".into()),
+        );
+    }
+    let (_, owner) = catalog::ekm_tables()?;
+    APPLYING.with(|a| a.set(true));
+    let r = as_owner(owner, || {
+        crate::keys::locks::lock_xact(
+            crate::keys::locks::EkmLock::KeyChange,
+            "apply the coordinator's registrations",
+        );
+        if let Some(missing) = spi::one::<String>(
+            "SELECT r.\"table\" FROM jsonb_to_recordset($1) AS r(\"table\" text) WHERE pg_catalog.to_regclass(r.\"table\") IS NULL LIMIT 1",
+            vec![pgrx::JsonB(registrations.clone()).into()],
+        )? {
+            crate::pg::error::raise_with(
+                pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("the coordinator registered {missing}, which this worker node does not have"),
+                Some("Citus syncs its tables' metadata to every node (citus_add_node, start_metadata_sync_to_node); then SELECT ekm_cluster_sync() on the coordinator".into()),
+            );
+        }
+        // the coordinator's registrations of Citus tables, and no others
+        spi::exec(
+            "DELETE FROM ekm.registered_column r \
+             WHERE (r.tbl::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) AND r.parent IS NULL \
+                    AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text) \
+                                    WHERE pg_catalog.to_regclass(x.\"table\") = r.tbl AND x.col = r.col AND x.context = r.context)) \
+                OR (r.parent::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) \
+                    AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text) \
+                                    WHERE pg_catalog.to_regclass(x.\"table\") = r.parent AND x.col = r.col AND x.context = r.context))",
+            vec![pgrx::JsonB(registrations.clone()).into()],
+        )?;
+        spi::exec(
+            "INSERT INTO ekm.registered_column (tbl, col, context, registered_by) \
+             SELECT pg_catalog.to_regclass(x.\"table\"), x.col, x.context, x.registered_by \
+             FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text, registered_by name) \
+             ON CONFLICT (tbl, col) DO NOTHING",
+            vec![pgrx::JsonB(registrations.clone()).into()],
+        )?;
+        crate::jobs::start::sync_partitions()?;
+        Ok(spi::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0))
+    });
+    APPLYING.with(|a| a.set(false));
+    r
+}
+
 struct Incoming {
     id: String,
     kind: String,
@@ -179,6 +281,17 @@ fn apply_rows(incoming: &[Incoming]) -> Result<i64> {
             vec![id.clone().into()],
         )?;
     }
+    // keys that retire now: only if this node verified its part of the
+    // rotation (docs/design.md, section 9)
+    let retiring: Vec<String> = incoming
+        .iter()
+        .filter(|k| {
+            k.state == KeyState::Retired
+                && local.iter().any(|l| l.0 == k.id && l.1 == KeyState::Rotating.as_str())
+        })
+        .map(|k| k.id.clone())
+        .collect();
+    crate::jobs::cluster::retire_here(&retiring)?;
     // the coordinator's keys: every one that is not to be active first (the
     // node's active key may be one that is rotating now), then the active one
     let mut order: Vec<&Incoming> = incoming.iter().collect();

@@ -32,7 +32,11 @@ pub(crate) fn refuse_on_cluster(what: &str, why: &str) {
 #[pg_extern(volatile)]
 fn ekm_cluster_sync() -> i64 {
     match citus::node().or_raise() {
-        Node::Coordinator => cluster::propagate(false).or_raise(),
+        Node::Coordinator => {
+            let n = cluster::propagate(false).or_raise();
+            cluster::propagate_registrations().or_raise();
+            n
+        }
         Node::Worker => raise_with(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "this is a Citus worker node: ekm's keys come from the coordinator".into(),
@@ -52,6 +56,23 @@ mod ekm {
     #[pg_extern(volatile)]
     fn _ekm_cluster_apply(catalog: pgrx::JsonB) -> i64 {
         cluster::apply(catalog).or_raise()
+    }
+
+    /// On a worker node: makes its registrations of Citus tables the
+    /// coordinator's (sent with every registration change on the
+    /// coordinator, and by `ekm_cluster_sync()`), and registers the shard
+    /// placements it holds.
+    #[pg_extern(volatile)]
+    fn _ekm_cluster_register(registrations: pgrx::JsonB) -> i64 {
+        cluster::apply_registrations(&registrations.0).or_raise()
+    }
+
+    /// On a worker node: starts, resumes, cancels or checks this node's
+    /// part of the coordinator's rotation job (called by the coordinator's
+    /// job, as a superuser); where it stands, as JSON.
+    #[pg_extern(volatile)]
+    fn _ekm_node_job(request: pgrx::JsonB) -> String {
+        crate::jobs::cluster::node_job(&request.0).or_raise()
     }
 
     /// This node's key catalog digest and whether its master key unwraps

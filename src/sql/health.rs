@@ -297,9 +297,11 @@ fn check_encryptions() -> EkmResult<HealthRow> {
 
 fn check_jobs() -> EkmResult<HealthRow> {
     // A worker holds its job's lock (src/locks.rs).
+    // (a Citus worker node's verified part of the coordinator's job needs
+    // no worker: it waits for the coordinator's retire)
     let r = spi::three::<i64, String, bool>(
         &format!(
-            "SELECT j.job_id, j.state, EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
+            "SELECT j.job_id, j.state, j.verified_at IS NOT NULL OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
                      WHERE {} AND l.granted AND l.objid = (j.job_id % 4294967296)::oid) \
              FROM ekm.rotation_job j WHERE j.state IN ('running', 'cancelled', 'needs_attention') AND j.kind <> 'scan'",
             crate::keys::locks::job_locks_filter()

@@ -111,15 +111,12 @@ pub(crate) fn register_as_caller(
 ) -> EkmResult<String> {
     // Only ordinary and partitioned tables (42809 for a view, ...).
     owner::Table::require(tbl)?;
-    // Citus tables: their rows are in shards on the worker nodes, which
-    // ekm's rotation does not reach yet (it would retire keys their values
-    // are on): refused up front.
-    if crate::pg::citus::is_citus_table(tbl)? {
-        raise_with(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("{name} is a Citus distributed or reference table: ekm cannot rotate its shards yet"),
-            Some("ekm_encrypt and ekm_decrypt work on it on every node; README, \"Scaling out with Citus\", says what ekm does on a cluster".into()),
-        );
+    // Citus tables: registered on the coordinator, which sends the
+    // registration to every worker node; each node registers the shard
+    // placements it holds (docs/design.md, section 9).
+    let citus_table = crate::pg::citus::is_citus_table(tbl)?;
+    if citus_table {
+        crate::keys::cluster::refuse_citus_registration_here(name)?;
     }
     // As the caller: the column must exist, hold text, and be theirs to update.
     match crate::jobs::scan::column_type(tbl, col)? {
@@ -194,6 +191,9 @@ pub(crate) fn register_as_caller(
             vec![tbl.into(), col.into(), context.into(), owner::acting_role_name().into()],
         )?;
         sync_partitions()?;
+        if citus_table {
+            crate::keys::cluster::propagate_registrations()?;
+        }
         catalog::audit(
             "column_registered",
             None,
@@ -244,6 +244,10 @@ fn unregister(tbl: pg_sys::Oid, col: &str) -> EkmResult<String> {
                 format!("column \"{col}\" of {name} is not registered"),
                 Some("SELECT * FROM ekm.registered_column lists the registered columns".into()),
             );
+        }
+        if crate::pg::citus::is_citus_table(tbl)? {
+            crate::keys::cluster::refuse_citus_registration_here(&name)?;
+            crate::keys::cluster::propagate_registrations()?;
         }
         catalog::audit(
             "column_unregistered",
@@ -513,11 +517,16 @@ fn rotation_wait(job: i64, timeout_seconds: Option<f64>) -> (i64, String, i64, O
         // for transactions with an xid before it retires the old key.
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
         let r = Spi::connect(|c| -> pgrx::spi::SpiResult<Option<(String, i64, Option<String>, String, i64)>> {
+            // (on a Citus coordinator: and each worker node's part, by its blocks)
             let t = c.select(
-                "SELECT j.state, j.rows_done, j.error, j.kind, coalesce((SELECT floor(sum(s.w * s.p) / greatest(sum(s.w), 1)) FROM \
+                "SELECT j.state, j.rows_done + coalesce((SELECT sum(n.rows_done) FROM ekm.rotation_node n WHERE n.job_id = j.job_id), 0)::bigint, \
+                        j.error, j.kind, coalesce((SELECT floor(sum(s.w * s.p) / greatest(sum(s.w), 1)) FROM \
                    (SELECT greatest(c.blocks_total, 1) AS w, CASE WHEN c.state = 'done' THEN 100 WHEN c.passes > 1 THEN 99.9 \
                            ELSE least(99.9, 100.0 * c.next_block / greatest(c.blocks_total, 1)) END AS p \
-                    FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id) s), 0)::bigint \
+                    FROM ekm.rotation_cursor c WHERE c.job_id = j.job_id \
+                    UNION ALL \
+                    SELECT greatest(n.blocks_total, 1), CASE WHEN n.state IN ('verified', 'done') THEN 100 ELSE least(99.9, n.percent) END \
+                    FROM ekm.rotation_node n WHERE n.job_id = j.job_id) s), 0)::bigint \
                  FROM ekm.rotation_job j WHERE j.job_id = $1",
                 None,
                 &[job.into()],
@@ -682,6 +691,12 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
             None,
             &catalog::json_object(&[("job_id", &job.to_string()), ("from", &cur)]),
         )?;
+        if to == "cancelled" {
+            // on a Citus coordinator: the worker nodes' parts stop with it,
+            // in the same distributed transaction (a resume starts them
+            // again from the job's worker)
+            crate::jobs::cluster::cancel_nodes(job)?;
+        }
         Ok(format!("rotation job {job}: {cur} -> {to}"))
     })
 }
