@@ -34,6 +34,11 @@
 #      key and decrypts through the coordinator, no write is lost; progress
 #      per node on the coordinator; cancel and resume from the coordinator
 #      reach the nodes' jobs;
+#   7. cluster operations during a rotation: a shard that a held node has
+#      not rotated yet moves to a node that was already verified, and a node
+#      added during the rotation (it gets the catalog from the job) receives
+#      another one; the job follows both shards and ends with every
+#      placement on the new key;
 #   5. no wrapped key material and no plaintext in any node's server log
 #      (with citus.log_remote_commands = on, which logs every command the
 #      coordinator sends, and after a worker node's apply was cancelled).
@@ -332,6 +337,46 @@ check "6: the resumed job ends done, node 2's part too" \
   "$(c "SELECT state FROM ekm_rotation_wait($job2, 300)" | tail -n 1):$(w 2 "SELECT state FROM ekm.rotation_job WHERE coordinator_job = $job2")" done:done
 check "6: every value is on the second job's key" \
   "$(c "SELECT count(*) FROM accounts WHERE ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job2) AND ekm_decrypt(email, 'accounts.email') = email_plain")" 100000
+
+# --- 7. cluster operations during a rotation -----------------------------------
+# a fresh node 3 (the earlier one had keys of its own)
+cluster_stop "${base}3" immediate >/dev/null 2>&1; rm -rf "${base}3"
+start_node 3 "ekm.debug_pause_points = on" "ekm.rotation_retry_pause = 100" >/dev/null || not_ok "7: a fresh node 3 starts"
+dir=${base}1; port=${ports[1]}
+pause_hold app batch
+from3=$(c "SELECT key_id FROM ekm.keys WHERE is_active")
+job3=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
+to3=$(c "SELECT to_key FROM ekm.rotation_job WHERE job_id = $job3")
+check "7: a third rotation: node 1's part held inside a batch" "$(paused_at app batch)" yes
+for _ in $(seq 1 600); do
+  [ "$(c "SELECT column_state FROM ekm.rotation_progress WHERE job_id = $job3 AND node = '127.0.0.1:${ports[2]}'")" = verified ] && break; sleep 0.05
+done
+check "7: node 2's part is verified" "$(c "SELECT column_state FROM ekm.rotation_progress WHERE job_id = $job3 AND node = '127.0.0.1:${ports[2]}'")" verified
+on_node1() { c "SELECT s.shardid FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid) JOIN pg_dist_node n USING (groupid)
+                WHERE s.logicalrelid = 'accounts'::regclass AND n.nodeport = ${ports[1]} ORDER BY 1 LIMIT 1"; }
+on_old() { c "SELECT count(*) FROM accounts WHERE get_shard_id_for_distribution_column('accounts', id) = $1 AND ekm_key_id(email) = '$from3'"; }
+s1=$(on_node1)
+check_match "7: a shard of node 1 still holds values on the old key" "$(on_old "$s1")" '^[1-9][0-9]*$'
+c "SELECT citus_move_shard_placement($s1, '127.0.0.1', ${ports[1]}, '127.0.0.1', ${ports[2]}, shard_transfer_mode => 'block_writes')" >/dev/null
+check "7: it moves to node 2 (verified already) during the rotation" \
+  "$(c "SELECT n.nodeport FROM pg_dist_placement p JOIN pg_dist_node n USING (groupid) WHERE p.shardid = $s1")" "${ports[2]}"
+c "SELECT citus_add_node('127.0.0.1', ${ports[3]})" >/dev/null
+# (Citus copies the reference tables to a new node first: their placements
+# there arrive during the rotation too)
+check "7: the reference tables are copied to the added node" "$(c "SELECT replicate_reference_tables('block_writes')")" ""
+s2=$(on_node1)
+moved=$(c "SELECT citus_move_shard_placement($s2, '127.0.0.1', ${ports[1]}, '127.0.0.1', ${ports[3]}, shard_transfer_mode => 'block_writes')")
+check "7: a node added during the rotation receives another one" \
+  "$moved$(c "SELECT n.nodeport FROM pg_dist_placement p JOIN pg_dist_node n USING (groupid) WHERE p.shardid = $s2"):$(on_old "$s2" | grep -c '^[1-9]')" "${ports[3]}:1"
+pause_release
+check "7: the job ends done" "$(c "SELECT state FROM ekm_rotation_wait($job3, 300)" | tail -n 1)" done
+check "7: the added node got the coordinator's keys from the job (old retired, new active)" "$(keys_of 3)" "$(keys_of 0)"
+check "7: and its part of the job is done" "$(w 3 "SELECT state FROM ekm.rotation_job WHERE coordinator_job = $job3")" done
+check "7: both moved shards are on the new key" "$(on_old "$s1"):$(on_old "$s2")" 0:0
+check "7: every placement of both tables, on every node, is on the new key" \
+  "$(c "SELECT sum(result::bigint) FROM run_command_on_placements('accounts', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(email) IS DISTINCT FROM '$to3' OR ekm_key_id(mobno) IS DISTINCT FROM '$to3'\$\$)"):$(c "SELECT sum(result::bigint) FROM run_command_on_placements('regions', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(vault) IS DISTINCT FROM '$to3'\$\$)")" 0:0
+check "7: and every value decrypts through the coordinator to its shadow" \
+  "$(c "SELECT count(*) FROM accounts WHERE ekm_decrypt(email, 'accounts.email') = email_plain AND ekm_decrypt(mobno, 'accounts.mobno') = mobno_plain")" 100000
 
 # --- 5. the server logs ------------------------------------------------------------
 wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")

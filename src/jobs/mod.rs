@@ -5,6 +5,7 @@
 pub mod batchfn;
 pub mod cluster;
 pub mod helpers;
+pub mod node;
 pub mod notify;
 pub mod pace;
 pub mod protocol;

@@ -979,7 +979,8 @@ fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
     // a worker node's part of a coordinator's job: the coordinator checks
     // again and retires (section 9)
     if crate::jobs::cluster::is_node_job(job_id)? {
-        return crate::jobs::cluster::verified(job_id);
+        crate::jobs::cluster::verified(job_id)?;
+        return Ok(Step::Stop);
     }
     final_step(job_id, kind, fence)
 }
@@ -987,20 +988,10 @@ fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
 /// On a worker node, for the coordinator's final step: check #2 of this
 /// node's verified job `job_id` (covering placements that arrived since).
 /// Whether it is clean; if not, its columns went back for another pass, or
-/// the job needs attention.
+/// the job needs attention. (The session has the batch functions.)
 pub(crate) fn node_final_check(job_id: i64, kind: &str) -> Result<bool, String> {
     if cover_new_registrations(job_id)? > 0 {
         return Ok(false);
-    }
-    // the batch functions the check uses, once per session
-    let have = spi::one::<bool>(
-        "SELECT pg_catalog.to_regprocedure('pg_temp._ekm_left(pg_catalog.text, pg_catalog.text)') IS NOT NULL",
-        vec![],
-    )
-    .map_err(e)?
-    .unwrap_or(false);
-    if !have {
-        crate::jobs::helpers::create_batch_functions()?;
     }
     match check(job_id)? {
         Checked::Clean => Ok(true),

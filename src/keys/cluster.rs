@@ -29,6 +29,16 @@ pub fn applying() -> bool {
     APPLYING.with(|a| a.get())
 }
 
+/// Runs `f` as an application of the coordinator's catalog (or
+/// registrations): the refusals of local changes on a worker node do not
+/// apply to it.
+pub fn while_applying<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    APPLYING.with(|a| a.set(true));
+    let r = f();
+    APPLYING.with(|a| a.set(false));
+    r
+}
+
 /// Every key row, material included, as one JSON array (as ekm's owner).
 fn snapshot(owner: pg_sys::Oid) -> Result<String> {
     as_owner(owner, || {
@@ -123,59 +133,6 @@ pub fn propagate_registrations() -> Result<()> {
     citus::run_on_workers(&command)
 }
 
-/// On a worker node: makes its registrations of Citus tables the
-/// coordinator's `registrations` (sent by [`propagate_registrations`]), then
-/// registers the shard placements it holds. How many it has.
-pub fn apply_registrations(registrations: &serde_json::Value) -> Result<i64> {
-    if citus::node()? != Node::Worker {
-        crate::pg::error::raise_with(
-            pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "ekm._ekm_cluster_register runs only on a Citus worker node".into(),
-            Some("register Citus tables on the coordinator".into()),
-        );
-    }
-    let (_, owner) = catalog::ekm_tables()?;
-    APPLYING.with(|a| a.set(true));
-    let r = as_owner(owner, || {
-        crate::keys::locks::lock_xact(
-            crate::keys::locks::EkmLock::KeyChange,
-            "apply the coordinator's registrations",
-        );
-        if let Some(missing) = spi::one::<String>(
-            "SELECT r.\"table\" FROM jsonb_to_recordset($1) AS r(\"table\" text) WHERE pg_catalog.to_regclass(r.\"table\") IS NULL LIMIT 1",
-            vec![pgrx::JsonB(registrations.clone()).into()],
-        )? {
-            crate::pg::error::raise_with(
-                pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                format!("the coordinator registered {missing}, which this worker node does not have"),
-                Some("Citus syncs its tables' metadata to every node (citus_add_node, start_metadata_sync_to_node); then SELECT ekm_cluster_sync() on the coordinator".into()),
-            );
-        }
-        // the coordinator's registrations of Citus tables, and no others
-        spi::exec(
-            "DELETE FROM ekm.registered_column r \
-             WHERE (r.tbl::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) AND r.parent IS NULL \
-                    AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text) \
-                                    WHERE pg_catalog.to_regclass(x.\"table\") = r.tbl AND x.col = r.col AND x.context = r.context)) \
-                OR (r.parent::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) \
-                    AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text) \
-                                    WHERE pg_catalog.to_regclass(x.\"table\") = r.parent AND x.col = r.col AND x.context = r.context))",
-            vec![pgrx::JsonB(registrations.clone()).into()],
-        )?;
-        spi::exec(
-            "INSERT INTO ekm.registered_column (tbl, col, context, registered_by) \
-             SELECT pg_catalog.to_regclass(x.\"table\"), x.col, x.context, x.registered_by \
-             FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text, registered_by name) \
-             ON CONFLICT (tbl, col) DO NOTHING",
-            vec![pgrx::JsonB(registrations.clone()).into()],
-        )?;
-        crate::jobs::start::sync_partitions()?;
-        Ok(spi::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0))
-    });
-    APPLYING.with(|a| a.set(false));
-    r
-}
-
 struct Incoming {
     id: String,
     kind: String,
@@ -190,7 +147,11 @@ struct Incoming {
 /// is removed if it never encrypted anything (the unused first key of a
 /// node that had ekm before it joined), else the whole transaction is
 /// refused: this node holds values the cluster's keys cannot decrypt.
-pub fn apply(catalog_json: pgrx::JsonB) -> Result<i64> {
+///
+/// `on_retire` is called with the keys that go from rotating to retired
+/// (before they do): it refuses (an ERROR) while this node has not verified
+/// its part of the rotation (jobs::node::retire_here).
+pub fn apply(catalog_json: pgrx::JsonB, on_retire: &dyn Fn(&[String]) -> Result<()>) -> Result<i64> {
     if citus::node()? != Node::Worker {
         crate::pg::error::raise_with(
             pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -223,13 +184,13 @@ pub fn apply(catalog_json: pgrx::JsonB) -> Result<i64> {
     }
     let (_, owner) = catalog::key_table()?;
     APPLYING.with(|a| a.set(true));
-    let r = as_owner(owner, || apply_rows(&incoming));
+    let r = as_owner(owner, || apply_rows(&incoming, on_retire));
     APPLYING.with(|a| a.set(false));
     keycache::invalidate_all();
     r
 }
 
-fn apply_rows(incoming: &[Incoming]) -> Result<i64> {
+fn apply_rows(incoming: &[Incoming], on_retire: &dyn Fn(&[String]) -> Result<()>) -> Result<i64> {
     // serialized with this node's other key changes (its own rotation's
     // final step, say)
     crate::keys::locks::lock_xact(
@@ -291,7 +252,7 @@ fn apply_rows(incoming: &[Incoming]) -> Result<i64> {
         })
         .map(|k| k.id.clone())
         .collect();
-    crate::jobs::cluster::retire_here(&retiring)?;
+    on_retire(&retiring)?;
     // the coordinator's keys: every one that is not to be active first (the
     // node's active key may be one that is rotating now), then the active one
     let mut order: Vec<&Incoming> = incoming.iter().collect();

@@ -55,7 +55,7 @@ mod ekm {
     /// superuser, in the coordinator's distributed transaction).
     #[pg_extern(volatile)]
     fn _ekm_cluster_apply(catalog: pgrx::JsonB) -> i64 {
-        cluster::apply(catalog).or_raise()
+        cluster::apply(catalog, &crate::jobs::node::retire_here).or_raise()
     }
 
     /// On a worker node: makes its registrations of Citus tables the
@@ -64,7 +64,7 @@ mod ekm {
     /// placements it holds.
     #[pg_extern(volatile)]
     fn _ekm_cluster_register(registrations: pgrx::JsonB) -> i64 {
-        cluster::apply_registrations(&registrations.0).or_raise()
+        crate::jobs::node::apply_registrations(&registrations.0).or_raise()
     }
 
     /// On a worker node: starts, resumes, cancels or checks this node's
@@ -72,7 +72,7 @@ mod ekm {
     /// job, as a superuser); where it stands, as JSON.
     #[pg_extern(volatile)]
     fn _ekm_node_job(request: pgrx::JsonB) -> String {
-        crate::jobs::cluster::node_job(&request.0).or_raise()
+        crate::jobs::node::node_job(&request.0).or_raise()
     }
 
     /// This node's key catalog digest and whether its master key unwraps

@@ -111,9 +111,8 @@ pub(crate) fn register_as_caller(
 ) -> EkmResult<String> {
     // Only ordinary and partitioned tables (42809 for a view, ...).
     owner::Table::require(tbl)?;
-    // Citus tables: registered on the coordinator, which sends the
-    // registration to every worker node; each node registers the shard
-    // placements it holds (docs/design.md, section 9).
+    // Citus tables: registered on the coordinator, which sends the registration
+    // to every node; each registers the placements it holds (design.md, 9).
     let citus_table = crate::pg::citus::is_citus_table(tbl)?;
     if citus_table {
         crate::keys::cluster::refuse_citus_registration_here(name)?;
@@ -692,9 +691,7 @@ fn set_job_state(job: i64, from: &str, to: &str, event: &str) -> EkmResult<Strin
             &catalog::json_object(&[("job_id", &job.to_string()), ("from", &cur)]),
         )?;
         if to == "cancelled" {
-            // on a Citus coordinator: the worker nodes' parts stop with it,
-            // in the same distributed transaction (a resume starts them
-            // again from the job's worker)
+            // on a Citus coordinator: the worker nodes' parts too, in this transaction
             crate::jobs::cluster::cancel_nodes(job)?;
         }
         Ok(format!("rotation job {job}: {cur} -> {to}"))
