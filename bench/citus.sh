@@ -78,6 +78,9 @@ t1=$(now)
 cluster=$(python3 -c "print($t1 - $t0)")
 [ "$state" = done ] || echo "the cluster's job ended $state"
 moved=$(c "SELECT rows_done FROM ekm_rotation_wait($job, 1)" 2>/dev/null | tail -n 1)
+nodes=$(c "SELECT string_agg('  worker node ' || nodeport || ': ' || result, E'\n' ORDER BY nodeport) FROM run_command_on_workers(
+  \$\$SELECT 'its part verified ' || round(extract(epoch FROM verified_at - switched_at)::numeric, 2) || ' s after it started, ' || rows_done || ' values'
+     FROM ekm.rotation_job WHERE coordinator_job = $job\$\$)")
 one "SELECT ekm_register_column('t', 'email', 't.email'), ekm_register_column('t', 'mobno', 't.mobno')" >/dev/null
 t0=$(now)
 job1=$(one "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
@@ -85,11 +88,28 @@ state1=$(one "SELECT state FROM ekm_rotation_wait($job1, 3600)" 2>/dev/null | ta
 t1=$(now)
 single=$(python3 -c "print($t1 - $t0)")
 [ "$state1" = done ] || echo "the single server's job ended $state1"
+# the same two rotations without the vacuum behind the batches (a shard is
+# a small table: its batches shrink to ekm.rotation_vacuum_growth of it and
+# it is vacuumed about 1 / growth times, like any table)
+for n in 0 1 2 3; do
+  cpsql "$base$n" "${ports[$n]}" -d app -q -c "ALTER SYSTEM SET ekm.rotation_vacuum_growth = 0" -c "SELECT pg_reload_conf()" >/dev/null
+done
+sleep 0.5
+t0=$(now); j=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL"); c "SELECT state FROM ekm_rotation_wait($j, 3600)" >/dev/null 2>&1; t1=$(now)
+cluster0=$(python3 -c "print($t1 - $t0)")
+t0=$(now); j=$(one "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL"); one "SELECT state FROM ekm_rotation_wait($j, 3600)" >/dev/null 2>&1; t1=$(now)
+single0=$(python3 -c "print($t1 - $t0)")
+vac=$(c "SELECT string_agg(result, ' + ' ORDER BY nodeport) FROM run_command_on_workers(\$\$SELECT vacuums FROM ekm.rotation_job WHERE coordinator_job = $job\$\$)")
 printf '%-64s %8.2f s\n' "floor: UPDATE t SET c = c through the coordinator" "$floor"
 printf '%-64s %8.2f s  (%s values)\n' "ekm_rotate on the cluster (2 worker nodes)" "$cluster" "$moved"
+echo "$nodes"
 printf '%-64s %8.2f s\n' "ekm_rotate on one node (the same rows)" "$single"
-python3 - "$floor" "$cluster" "$single" <<'PY'
+echo "  (vacuums behind the batches on the worker nodes: $vac, for $(c "SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 't'::regclass") shards)"
+printf '%-64s %8.2f s\n' "ekm_rotate on the cluster, rotation_vacuum_growth = 0" "$cluster0"
+printf '%-64s %8.2f s\n' "ekm_rotate on one node, rotation_vacuum_growth = 0" "$single0"
+python3 - "$floor" "$cluster" "$single" "$cluster0" "$single0" <<'PY'
 import sys
-floor, cluster, single = map(float, sys.argv[1:])
-print(f"cluster vs one node: {single / cluster:.2f}x faster; cluster vs the floor: {cluster / floor:.2f}x its time")
+floor, cluster, single, cluster0, single0 = map(float, sys.argv[1:])
+print(f"default settings: cluster vs one node {single / cluster:.2f}x faster; cluster vs the floor {cluster / floor:.2f}x its time")
+print(f"rotation_vacuum_growth = 0: cluster vs one node {single0 / cluster0:.2f}x faster; cluster vs the floor {cluster0 / floor:.2f}x its time")
 PY

@@ -23,6 +23,11 @@ use std::time::Duration;
 /// How long a worker waits when every table left is another worker's.
 pub(crate) const SOON: Duration = Duration::from_millis(50);
 
+/// How long a Citus coordinator's job waits before it asks the worker nodes
+/// again (at most ekm.rotation_retry_pause): each call is a transaction on
+/// every node.
+pub(crate) const NODES: Duration = Duration::from_millis(200);
+
 thread_local! {
     /// The helpers this job's worker started.
     static HELPERS: std::cell::RefCell<Vec<DynamicBackgroundWorker>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -225,7 +230,7 @@ pub extern "C-unwind" fn ekm_rotation_helper_main(arg: pg_sys::Datum) {
         let pause = match r {
             Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause() + extra,
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),
-            Ok(Step::Soon) | Ok(Step::Stop) => break,
+            Ok(Step::Soon) | Ok(Step::Nodes) | Ok(Step::Stop) => break,
             Err((code, msg)) => match retry_after(job_id, &code, &msg) {
                 Some(p) => p,
                 None => {

@@ -41,6 +41,9 @@ pub(crate) enum Step {
     /// Every table left is another worker's (ekm.rotation_workers): look
     /// again shortly.
     Soon,
+    /// On a Citus coordinator: worker nodes are not verified yet; ask them
+    /// again after a short pause (helpers::NODES).
+    Nodes,
     /// Job finished, cancelled, failed, needs attention, or gone.
     Stop,
 }
@@ -956,7 +959,7 @@ fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
         if crate::jobs::cluster::coordinates(kind)?
             && !crate::jobs::cluster::nodes_ready(job_id, false)?
         {
-            return Ok(Step::Later);
+            return Ok(Step::Nodes);
         }
         // Check #1: the fence is taken only once the registered columns
         // hold no movable value on a rotating key.

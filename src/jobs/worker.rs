@@ -344,6 +344,7 @@ pub extern "C-unwind" fn ekm_rotation_worker_main(arg: pg_sys::Datum) {
             Ok(Step::Again) => crate::pg::gucs::rotation_batch_pause() + extra,
             Ok(Step::Later) => crate::pg::gucs::rotation_retry_pause(),
             Ok(Step::Soon) => helpers::SOON,
+            Ok(Step::Nodes) => helpers::NODES.min(crate::pg::gucs::rotation_retry_pause()),
             Ok(Step::Stop) => break,
             Err((code, msg)) => match helpers::retry_after(job_id, &code, &msg) {
                 Some(p) => p,
