@@ -39,6 +39,12 @@
 #      added during the rotation (it gets the catalog from the job) receives
 #      another one; the job follows both shards and ends with every
 #      placement on the new key;
+#   8. a value on a worker node that cannot be moved (bound to another
+#      context): the coordinator's job fails naming the node, nothing is
+#      retired anywhere; fixed, ekm_rotation_resume on the coordinator
+#      resumes the node's part and the job ends done; a shard that moves
+#      after the nodes' final check, before the retire: its new node refuses
+#      the retire, the job waits, checks again and ends done;
 #   5. no wrapped key material and no plaintext in any node's server log
 #      (with citus.log_remote_commands = on, which logs every command the
 #      coordinator sends, and after a worker node's apply was cancelled).
@@ -377,6 +383,40 @@ check "7: every placement of both tables, on every node, is on the new key" \
   "$(c "SELECT sum(result::bigint) FROM run_command_on_placements('accounts', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(email) IS DISTINCT FROM '$to3' OR ekm_key_id(mobno) IS DISTINCT FROM '$to3'\$\$)"):$(c "SELECT sum(result::bigint) FROM run_command_on_placements('regions', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(vault) IS DISTINCT FROM '$to3'\$\$)")" 0:0
 check "7: and every value decrypts through the coordinator to its shadow" \
   "$(c "SELECT count(*) FROM accounts WHERE ekm_decrypt(email, 'accounts.email') = email_plain AND ekm_decrypt(mobno, 'accounts.mobno') = mobno_plain")" 100000
+
+# --- 8. a value a worker node cannot move -------------------------------------
+c "INSERT INTO accounts (id, email, email_plain) VALUES (77, ekm_encrypt('bad77', 'another.context'), 'bad77')
+   ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_plain = excluded.email_plain" >/dev/null
+from4=$(c "SELECT key_id FROM ekm.keys WHERE is_active")
+job4=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
+check "8: a rotation with a value no context of its column opens ends failed" "$(c "SELECT state FROM ekm_rotation_wait($job4, 300)" | tail -n 1)" failed
+check_match "8: its error names the worker node, what is wrong there and what to do" \
+  "$(c "SELECT error FROM ekm.rotation_job WHERE job_id = $job4")" \
+  "^worker node 127\.0\.0\.1:[0-9]+: its part of the job needs attention: 1 values could not be moved .*ekm_rotation_resume\($job4\) on the coordinator$"
+check "8: nothing is retired on any node" \
+  "$(for n in 0 1 2 3; do w "$n" "SELECT rotation_status FROM ekm.keys WHERE key_id = '$from4'"; done | sort -u)" rotating
+c "INSERT INTO accounts (id, email, email_plain) VALUES (77, ekm_encrypt('fixed77', 'accounts.email'), 'fixed77')
+   ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_plain = excluded.email_plain" >/dev/null
+check "8: once fixed, ekm_rotation_resume on the coordinator" "$(c "SELECT ekm_rotation_resume($job4)")" "rotation job $job4: failed -> running"
+check "8: resumes the node's part and the job ends done" "$(c "SELECT state FROM ekm_rotation_wait($job4, 300)" | tail -n 1)" done
+check "8: every value is on the new key, the fixed one too" \
+  "$(c "SELECT count(*) FROM accounts WHERE ekm_key_id(email) = (SELECT to_key FROM ekm.rotation_job WHERE job_id = $job4) AND ekm_decrypt(email, 'accounts.email') = email_plain")" 100000
+
+# a shard moves after every node's final check, before the retire
+dir=${base}0; port=${ports[0]}
+pause_hold app retire
+job5=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
+to5=$(c "SELECT to_key FROM ekm.rotation_job WHERE job_id = $job5")
+check "8: a rotation held at its retire (every node checked)" "$(paused_at app retire)" yes
+s3=$(on_node1)
+check "8: a shard moves from node 1 to node 2 meanwhile" \
+  "$(c "SELECT citus_move_shard_placement($s3, '127.0.0.1', ${ports[1]}, '127.0.0.1', ${ports[2]}, shard_transfer_mode => 'block_writes')")" ""
+pause_release
+check "8: the job ends done" "$(c "SELECT state FROM ekm_rotation_wait($job5, 300)" | tail -n 1)" done
+check_match "8: node 2 refused the first retire (a placement arrived since its check) and the job waited" \
+  "$(grep -c "rotation job $job5: waiting: a worker node: .*has not verified its part of the rotation: .*a shard placement arrived on this node since its check" "${base}0/server.log")" '^[1-9]'
+check "8: every placement is on the new key" \
+  "$(c "SELECT sum(result::bigint) FROM run_command_on_placements('accounts', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(email) IS DISTINCT FROM '$to5' OR ekm_key_id(mobno) IS DISTINCT FROM '$to5'\$\$)")" 0
 
 # --- 5. the server logs ------------------------------------------------------------
 wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")

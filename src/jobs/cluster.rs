@@ -42,7 +42,9 @@ pub(crate) fn start_nodes_once(job_id: i64, kind: &str) -> std::result::Result<(
         return Ok(());
     }
     if coordinates(kind)? {
-        nodes_ready(job_id, false)?;
+        // (a worker's first call: a node whose part failed or needs
+        // attention tries again, the coordinator's job having been resumed)
+        nodes_ready(job_id, false, true)?;
     }
     STARTED.with(|s| s.set(job_id));
     Ok(())
@@ -53,24 +55,33 @@ pub(crate) fn start_nodes_once(job_id: i64, kind: &str) -> std::result::Result<(
 /// its placements), records where each stands in ekm.rotation_node, and
 /// says whether every node is verified. A node that cannot be reached, or
 /// that is not verified yet, is named in the job's waiting_for.
-pub(crate) fn nodes_ready(job_id: i64, final_check: bool) -> std::result::Result<bool, String> {
+///
+/// A node whose part failed or needs attention fails the coordinator's job
+/// (an Err naming it): fixed there, `ekm_rotation_resume` on the
+/// coordinator resumes both (`resume`: this call resumes the nodes' parts).
+pub(crate) fn nodes_ready(
+    job_id: i64,
+    final_check: bool,
+    resume: bool,
+) -> std::result::Result<bool, String> {
     let e = |x: EkmError| x.to_string();
     let order = spi::one::<String>(
         "SELECT pg_catalog.format('SELECT ekm._ekm_node_job(%L::jsonb)', \
                 jsonb_build_object('job_id', job_id, 'kind', kind, 'from_key', from_key, 'to_key', to_key, \
-                                   'batch_size', batch_size, 'state', state, 'final', $2)::text) \
+                                   'batch_size', batch_size, 'state', state, 'final', $2, 'resume', $3)::text) \
          FROM ekm.rotation_job WHERE job_id = $1",
-        vec![job_id.into(), final_check.into()],
+        vec![job_id.into(), final_check.into(), resume.into()],
     )
     .map_err(e)?
     .ok_or_else(|| format!("rotation job {job_id} does not exist"))?;
     let mut waiting = Vec::new();
+    let mut stopped = Vec::new();
     let mut send_catalog = false;
     for (node, ok, result) in citus::read_on_workers(&order).map_err(e)? {
         let v: serde_json::Value = if ok {
-            serde_json::from_str(&result).unwrap_or_else(|_| {
-                serde_json::json!({"state": "error", "error": "the node's answer is not JSON"})
-            })
+            serde_json::from_str(&result).unwrap_or_else(
+                |_| serde_json::json!({"state": "error", "error": "the node's answer is not JSON"}),
+            )
         } else if result.contains("connect") || result.contains("connection") {
             serde_json::json!({"state": "unreachable", "error": result})
         } else {
@@ -92,7 +103,17 @@ pub(crate) fn nodes_ready(job_id: i64, final_check: bool) -> std::result::Result
             vec![job_id.into(), node.clone().into(), pgrx::JsonB(v.clone()).into()],
         )
         .map_err(e)?;
-        if state != "verified" && state != "done" {
+        if state == "failed" || state == "needs_attention" {
+            stopped.push(format!(
+                "worker node {node}: its part of the job {}: {}",
+                if state == "failed" {
+                    "failed"
+                } else {
+                    "needs attention"
+                },
+                v["error"].as_str().unwrap_or("see ekm.rotation_job there")
+            ));
+        } else if state != "verified" && state != "done" {
             let why = v["waiting_for"]
                 .as_str()
                 .or(v["error"].as_str())
@@ -104,6 +125,12 @@ pub(crate) fn nodes_ready(job_id: i64, final_check: bool) -> std::result::Result
                 .unwrap_or_default();
             waiting.push(format!("worker node {node} {state}{pct}{why}"));
         }
+    }
+    if !stopped.is_empty() {
+        return Err(format!(
+            "{}; fix it on that node, then SELECT ekm_rotation_resume({job_id}) on the coordinator",
+            stopped.join("; ")
+        ));
     }
     if send_catalog {
         // a node without the coordinator's keys (added since the key
@@ -170,4 +197,3 @@ pub(crate) fn verified(job_id: i64) -> std::result::Result<(), String> {
     pgrx::log!("ekm: rotation job {job_id}: this node's part is verified; the coordinator retires the old keys");
     Ok(())
 }
-

@@ -127,6 +127,35 @@ pub(crate) fn start(
         .map_err(|e| format!("{e:?}"))
 }
 
+/// Whether a table job `job_id` has cursors on no longer exists.
+fn table_dropped(job_id: i64) -> bool {
+    transaction(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM ekm.rotation_cursor c WHERE c.job_id = $1 \
+                              AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class r WHERE r.oid = c.tbl::oid))",
+            &[job_id.into()],
+        )
+        .map_err(spi_err)
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// A step failed because of another server: the job says what it waits for
+/// (`waiting_for`) and waits at least a second before the next step.
+fn wait_for(job_id: i64, what: String) -> Duration {
+    let _ = transaction(|| {
+        Spi::run_with_args(
+            "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND state = 'running' AND waiting_for IS DISTINCT FROM $2",
+            &[job_id.into(), what.clone().into()],
+        )
+        .map_err(spi_err)
+    });
+    pgrx::log!("ekm: rotation job {job_id}: waiting: {what}");
+    crate::pg::gucs::rotation_retry_pause().max(Duration::from_secs(1))
+}
+
 /// After a step failed with `code`/`msg`: how long to wait before the next
 /// one, if the failure is one a batch retries (None: the job fails).
 pub(crate) fn retry_after(job_id: i64, code: &str, msg: &str) -> Option<Duration> {
@@ -137,34 +166,24 @@ pub(crate) fn retry_after(job_id: i64, code: &str, msg: &str) -> Option<Duration
         // skipping locked rows (a later pass takes them)
         SKIP_LOCKED_NEXT.with(|s| s.set(true));
         Some(Duration::ZERO)
+    } else if code.contains("UNDEFINED_TABLE") && table_dropped(job_id) {
+        // a table of the job was dropped under a batch (a Citus placement
+        // moved away and dropped): the next step finds it gone and removes
+        // its cursors (protocol::dropped_table)
+        Some(Duration::ZERO)
     } else if msg.contains(crate::jobs::cluster::NOT_VERIFIED) {
         // a Citus worker node refused the retire: its part is not verified
         // (a shard moved there since its check, say); the job checks every
         // node again and retires once they are (docs/design.md, section 9)
-        let what = format!("a worker node: {msg}");
-        let _ = transaction(|| {
-            Spi::run_with_args(
-                "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND state = 'running' AND waiting_for IS DISTINCT FROM $2",
-                &[job_id.into(), what.clone().into()],
-            )
-            .map_err(spi_err)
-        });
-        pgrx::log!("ekm: rotation job {job_id}: waiting: {what}");
-        Some(crate::pg::gucs::rotation_retry_pause().max(Duration::from_secs(1)))
+        Some(wait_for(job_id, format!("a worker node: {msg}")))
     } else if code.contains("CONNECTION") || code.contains("SQLCLIENT_UNABLE") {
         // another server cannot be reached (a Citus worker node the key
         // change must reach, say): the job waits for it, it does not fail;
         // nothing of the step committed anywhere
-        let what = format!("a server that cannot be reached: {msg}");
-        let _ = transaction(|| {
-            Spi::run_with_args(
-                "UPDATE ekm.rotation_job SET waiting_for = $2 WHERE job_id = $1 AND state = 'running' AND waiting_for IS DISTINCT FROM $2",
-                &[job_id.into(), what.clone().into()],
-            )
-            .map_err(spi_err)
-        });
-        pgrx::log!("ekm: rotation job {job_id}: waiting: {what}");
-        Some(crate::pg::gucs::rotation_retry_pause().max(Duration::from_secs(1)))
+        Some(wait_for(
+            job_id,
+            format!("a server that cannot be reached: {msg}"),
+        ))
     } else if code.contains("DEADLOCK") || code.contains("SERIALIZATION") {
         pgrx::log!("ekm: rotation job {job_id}: batch skipped ({msg}); retrying");
         SKIP_LOCKED_NEXT.with(|s| s.set(true));

@@ -17,8 +17,9 @@ use pgrx::PgSqlErrorCode;
 /// `ekm._ekm_node_job`: on a worker node, does what the coordinator's job
 /// `order` asks of this node's part and says where it stands, as JSON.
 /// `order`: `job_id` (the coordinator's), `kind`, `from_key`, `to_key`,
-/// `batch_size`, `state` (`running`: start it or resume it; `cancelled`:
-/// cancel it), `final` (check #2 now).
+/// `batch_size`, `state` (`running`: start it, or resume it if it was
+/// cancelled; `cancelled`: cancel it), `resume` (resume it whatever stopped
+/// it), `final` (check #2 now).
 pub fn node_job(order: &serde_json::Value) -> Result<String> {
     if citus::node()? != Node::Worker {
         raise_with(
@@ -49,12 +50,14 @@ pub fn node_job(order: &serde_json::Value) -> Result<String> {
             vec![cjob.into()],
         )?;
         let launch = match local {
-            (Some(j), Some(state)) if state == "done" => {
-                let _ = j;
-                false
-            }
-            (Some(j), Some(state)) if state != "running" => {
-                // resumed on the coordinator (or failed here): on again
+            (Some(_), Some(state)) if state == "done" => false,
+            // cancelled with the coordinator's job (which runs again), or,
+            // failed or needing attention here, resumed on the coordinator
+            // (a worker's first call): on again
+            (Some(j), Some(state))
+                if state == "cancelled"
+                    || (state != "running" && order["resume"].as_bool() == Some(true)) =>
+            {
                 spi::exec(
                     "UPDATE ekm.rotation_job SET state = 'running', error = NULL, finished_at = NULL, verified_at = NULL, waiting_for = NULL \
                      WHERE job_id = $1",
@@ -63,11 +66,21 @@ pub fn node_job(order: &serde_json::Value) -> Result<String> {
                 catalog::audit(
                     "rotation_resumed",
                     None,
-                    &catalog::json_object(&[("job_id", &j.to_string()), ("coordinator_job", &cjob.to_string())]),
+                    &catalog::json_object(&[
+                        ("job_id", &j.to_string()),
+                        ("coordinator_job", &cjob.to_string()),
+                    ]),
                 )?;
                 true
             }
-            (Some(j), _) => running(j, order["kind"].as_str().unwrap_or("rotate"), order["final"].as_bool() == Some(true))?,
+            (Some(j), Some(state)) if state == "running" => running(
+                j,
+                order["kind"].as_str().unwrap_or("rotate"),
+                order["final"].as_bool() == Some(true),
+            )?,
+            // failed or needing attention: the coordinator's job says so and
+            // stops until it is resumed
+            (Some(_), _) => false,
             _ => {
                 if !start(cjob, order)? {
                     return Ok(serde_json::json!({
@@ -213,7 +226,8 @@ pub fn retire_here(keys: &[String]) -> Result<()> {
          WHERE coordinator_job IS NOT NULL AND state = 'running' ORDER BY job_id DESC LIMIT 1",
         vec![],
     )?;
-    let registered = spi::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0);
+    let registered =
+        spi::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0);
     let list = keys.join(", ");
     let refuse = |why: &str| -> Result<()> {
         raise_with(
@@ -235,7 +249,11 @@ pub fn retire_here(keys: &[String]) -> Result<()> {
             .unwrap_or(0);
             let kind = kind.unwrap_or_default();
             catalog::audit(
-                if kind == "rollback" { "rollback_done" } else { "rotation_done" },
+                if kind == "rollback" {
+                    "rollback_done"
+                } else {
+                    "rotation_done"
+                },
                 None,
                 &catalog::json_object(&[
                     ("job_id", &j.to_string()),
@@ -265,12 +283,13 @@ pub fn apply_registrations(registrations: &serde_json::Value) -> Result<i64> {
         );
     }
     let (_, owner) = catalog::ekm_tables()?;
-    crate::keys::cluster::while_applying(|| as_owner(owner, || {
-        crate::keys::locks::lock_xact(
-            crate::keys::locks::EkmLock::KeyChange,
-            "apply the coordinator's registrations",
-        );
-        if let Some(missing) = spi::one::<String>(
+    crate::keys::cluster::while_applying(|| {
+        as_owner(owner, || {
+            crate::keys::locks::lock_xact(
+                crate::keys::locks::EkmLock::KeyChange,
+                "apply the coordinator's registrations",
+            );
+            if let Some(missing) = spi::one::<String>(
             "SELECT r.\"table\" FROM jsonb_to_recordset($1) AS r(\"table\" text) WHERE pg_catalog.to_regclass(r.\"table\") IS NULL LIMIT 1",
             vec![pgrx::JsonB(registrations.clone()).into()],
         )? {
@@ -280,8 +299,8 @@ pub fn apply_registrations(registrations: &serde_json::Value) -> Result<i64> {
                 Some("Citus syncs its tables' metadata to every node (citus_add_node, start_metadata_sync_to_node); then SELECT ekm_cluster_sync() on the coordinator".into()),
             );
         }
-        // the coordinator's registrations of Citus tables, and no others
-        spi::exec(
+            // the coordinator's registrations of Citus tables, and no others
+            spi::exec(
             "DELETE FROM ekm.registered_column r \
              WHERE (r.tbl::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) AND r.parent IS NULL \
                     AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text) \
@@ -291,14 +310,15 @@ pub fn apply_registrations(registrations: &serde_json::Value) -> Result<i64> {
                                     WHERE pg_catalog.to_regclass(x.\"table\") = r.parent AND x.col = r.col AND x.context = r.context))",
             vec![pgrx::JsonB(registrations.clone()).into()],
         )?;
-        spi::exec(
+            spi::exec(
             "INSERT INTO ekm.registered_column (tbl, col, context, registered_by) \
              SELECT pg_catalog.to_regclass(x.\"table\"), x.col, x.context, x.registered_by \
              FROM jsonb_to_recordset($1) AS x(\"table\" text, col name, context text, registered_by name) \
              ON CONFLICT (tbl, col) DO NOTHING",
             vec![pgrx::JsonB(registrations.clone()).into()],
         )?;
-        crate::jobs::start::sync_partitions()?;
-        Ok(spi::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0))
-    }))
+            crate::jobs::start::sync_partitions()?;
+            Ok(spi::one::<i64>("SELECT count(*) FROM ekm.registered_column", vec![])?.unwrap_or(0))
+        })
+    })
 }

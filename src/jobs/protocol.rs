@@ -957,7 +957,7 @@ fn settle(job_id: i64, kind: &str) -> Result<Step, String> {
         // On a Citus coordinator: every worker node's part is verified
         // first (section 9).
         if crate::jobs::cluster::coordinates(kind)?
-            && !crate::jobs::cluster::nodes_ready(job_id, false)?
+            && !crate::jobs::cluster::nodes_ready(job_id, false, false)?
         {
             return Ok(Step::Nodes);
         }
@@ -1065,7 +1065,10 @@ fn check(job_id: i64) -> Result<Checked, String> {
     // a Citus table's rows are in its shard placements, registered and
     // checked on the nodes that hold them (section 9)
     let citus = crate::pg::citus::citus_tables().map_err(e)?;
-    let tables: Vec<_> = tables.into_iter().filter(|t| !citus.contains(&t.0)).collect();
+    let tables: Vec<_> = tables
+        .into_iter()
+        .filter(|t| !citus.contains(&t.0))
+        .collect();
     // what the problem list says is what this check finds
     spi::exec(
         "DELETE FROM ekm.rotation_problem_row WHERE job_id = $1",
@@ -1364,7 +1367,7 @@ fn final_step(job_id: i64, kind: &str, fence: Fence) -> Result<Step, String> {
         Checked::Clean => {
             // on a Citus coordinator: check #2 on every worker node too
             if crate::jobs::cluster::coordinates(kind)?
-                && !crate::jobs::cluster::nodes_ready(job_id, true)?
+                && !crate::jobs::cluster::nodes_ready(job_id, true, false)?
             {
                 return Ok(Step::Later);
             }

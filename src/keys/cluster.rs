@@ -151,7 +151,10 @@ struct Incoming {
 /// `on_retire` is called with the keys that go from rotating to retired
 /// (before they do): it refuses (an ERROR) while this node has not verified
 /// its part of the rotation (jobs::node::retire_here).
-pub fn apply(catalog_json: pgrx::JsonB, on_retire: &dyn Fn(&[String]) -> Result<()>) -> Result<i64> {
+pub fn apply(
+    catalog_json: pgrx::JsonB,
+    on_retire: &dyn Fn(&[String]) -> Result<()>,
+) -> Result<i64> {
     if citus::node()? != Node::Worker {
         crate::pg::error::raise_with(
             pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -248,7 +251,9 @@ fn apply_rows(incoming: &[Incoming], on_retire: &dyn Fn(&[String]) -> Result<()>
         .iter()
         .filter(|k| {
             k.state == KeyState::Retired
-                && local.iter().any(|l| l.0 == k.id && l.1 == KeyState::Rotating.as_str())
+                && local
+                    .iter()
+                    .any(|l| l.0 == k.id && l.1 == KeyState::Rotating.as_str())
         })
         .map(|k| k.id.clone())
         .collect();
