@@ -91,3 +91,15 @@ AS 'MODULE_PATHNAME', '_ekm_node_job_wrapper';
 
 -- superuser only, like ekm._ekm_cluster_apply: the coordinator calls them
 REVOKE ALL ON FUNCTION ekm._ekm_cluster_register(jsonb), ekm._ekm_node_job(jsonb) FROM PUBLIC;
+
+-- a worker node's answer to the coordinator's ekm_cleanup_old_keys (counts
+-- of values per key, never the values): the coordinator calls it as the
+-- caller of ekm_cleanup_old_keys, an ekm_admin
+CREATE FUNCTION ekm."_ekm_node_cleanup_check"(
+	"keys" TEXT[] /* alloc::vec::Vec<alloc::string::String> */
+) RETURNS TEXT /* alloc::string::String */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ekm_node_cleanup_check_wrapper';
+REVOKE ALL ON FUNCTION ekm._ekm_node_cleanup_check(text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ekm._ekm_node_cleanup_check(text[]) TO ekm_admin;

@@ -214,7 +214,7 @@ GRANT EXECUTE ON FUNCTION
     ekm._ekm_encrypt_column(oid, text, integer, boolean, text),
     @extschema@.ekm_import_fernet_key(text, text, timestamptz, text),
     @extschema@.ekm_import_fernet_keys(jsonb),
-    @extschema@.ekm_cluster_sync(), ekm._ekm_cluster_state()
+    @extschema@.ekm_cluster_sync(), ekm._ekm_cluster_state(), ekm._ekm_node_cleanup_check(text[])
     TO ekm_admin;
 GRANT USAGE ON SCHEMA ekm TO ekm_admin;
 GRANT SELECT ON ekm.keys, ekm.audit_log, ekm.registered_column, ekm.registered_columns,

@@ -19,8 +19,7 @@
 #      whose retire cannot reach a worker node waits (not failed, nothing
 #      retired anywhere) and finishes once the node is back; a worker node
 #      with a different master key is named by ekm_health();
-#   4. refusals (up front, with a SQLSTATE and a hint): destroying keys,
-#      rotating the master key, key changes on a worker node; a node that
+#   4. refusals (up front, with a SQLSTATE and a hint): rotating the master key, key changes on a worker node; a node that
 #      had ekm of its own with a used key refuses the coordinator's catalog;
 #      a scan of the database records Citus tables as not scanned; a node
 #      that cannot be reached is named by ekm_health();
@@ -45,6 +44,11 @@
 #      resumes the node's part and the job ends done; a shard that moves
 #      after the nodes' final check, before the retire: its new node refuses
 #      the retire, the job waits, checks again and ends done;
+#   9. destroying keys across the nodes: ekm_scan_database() on the
+#      coordinator starts a scan on every worker node; ekm_cleanup_old_keys
+#      keeps a key while any node's registered columns or own scan hold
+#      values on it, or a node has not scanned since it retired, or cannot be
+#      reached, and destroys the others on every node at once;
 #   5. no wrapped key material and no plaintext in any node's server log
 #      (with citus.log_remote_commands = on, which logs every command the
 #      coordinator sends, and after a worker node's apply was cancelled).
@@ -209,10 +213,6 @@ check_match "3: and is ok once it has the same master key" \
   "$(c "SELECT status FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" '^ok$'
 
 # --- 4. refusals ---------------------------------------------------------------
-check_match "4: destroying keys is refused on the cluster (their values may be on any node)" \
-  "$(cpsql "${base}0" "${ports[0]}" -d app -At -q -v VERBOSITY=verbose -c "SELECT * FROM ekm_cleanup_old_keys(0, force => true)" 2>&1 | tr '\n' ' ')" \
-  '^ERROR:  0A000: cannot destroy keys on a Citus cluster yet'
-check_match "4: a dry run still lists what would go" "$(c "SELECT count(*) FROM ekm_cleanup_old_keys(0, dry_run => true)")" '^[0-9]+$'
 check_match "4: rotating the master key is refused on the cluster" \
   "$(c "SELECT * FROM ekm_rotate_master_key()")" "^ERROR:  cannot rotate the master key on a Citus cluster yet"
 check_match "4: a key change on a worker node is refused with a hint" \
@@ -417,6 +417,44 @@ check_match "8: node 2 refused the first retire (a placement arrived since its c
   "$(grep -c "rotation job $job5: waiting: a worker node: .*has not verified its part of the rotation: .*a shard placement arrived on this node since its check" "${base}0/server.log")" '^[1-9]'
 check "8: every placement is on the new key" \
   "$(c "SELECT sum(result::bigint) FROM run_command_on_placements('accounts', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(email) IS DISTINCT FROM '$to5' OR ekm_key_id(mobno) IS DISTINCT FROM '$to5'\$\$)")" 0
+
+# --- 9. destroying keys across the nodes ----------------------------------------
+retired=$(c "SELECT count(*) FROM ekm.keys WHERE rotation_status = 'retired'")
+check_match "9: before the worker nodes scanned, cleanup keeps every retired key, naming a node that has not" \
+  "$(c "SELECT count(*) FILTER (WHERE action LIKE 'kept:%on worker node 127.0.0.1:%no scan of the database has run since it was retired%') || '/' || count(*) FROM ekm_cleanup_old_keys(0)")" \
+  "^$retired/$retired\$"
+note=$(c "SELECT note FROM ekm_scan_database()")
+check_match "9: ekm_scan_database() on the coordinator starts a scan on every worker node" "$note" \
+  "each worker node scans its own database .*: 127.0.0.1:${ports[1]} job [0-9]+, 127.0.0.1:${ports[2]} job [0-9]+, 127.0.0.1:${ports[3]} job [0-9]+$"
+c "SELECT state FROM ekm_rotation_wait((SELECT max(job_id) FROM ekm.rotation_job WHERE kind = 'scan'), 120)" >/dev/null
+for n in 1 2 3; do
+  for _ in $(seq 1 1200); do
+    [ "$(w "$n" "SELECT state FROM ekm.rotation_job WHERE kind = 'scan' ORDER BY job_id DESC LIMIT 1")" = done ] && break; sleep 0.05
+  done
+done
+check "9: and each ends done" "$(for n in 1 2 3; do w "$n" "SELECT state FROM ekm.rotation_job WHERE kind = 'scan' ORDER BY job_id DESC LIMIT 1"; done | sort -u)" done
+cluster_stop "${base}3" >/dev/null
+check_match "9: with a worker node down, cleanup keeps every key (the node may hold values)" \
+  "$(c "SELECT count(*) FILTER (WHERE action LIKE 'kept:%worker node 127.0.0.1:${ports[3]} could not be checked%') FROM ekm_cleanup_old_keys(0)")" "^$retired\$"
+check_match "9: even with force => true (a node that was not asked may hold values)" \
+  "$(c "SELECT count(*) FILTER (WHERE action LIKE 'kept:%worker node 127.0.0.1:${ports[3]} could not be checked%') FROM ekm_cleanup_old_keys(0, dry_run => true, force => true)")" "^$retired\$"
+cluster_restart_only "${base}3" >/dev/null
+k0=${k0%%:*}
+res=$(c "SELECT string_agg(key_id || '=' || split_part(action, ':', 1), ',' ORDER BY key_id) FROM ekm_cleanup_old_keys(0)")
+check_match "9: the first key, whose values are in unregistered columns of the shards, is kept" "$res" "(^|,)$k0=kept(,|$)"
+check_match "9: naming the worker node and the shard where its scan found them" \
+  "$(c "SELECT action FROM ekm_cleanup_old_keys(0, dry_run => true) WHERE key_id = '$k0'")" \
+  "^kept: .*on worker node 127\.0\.0\.1:[0-9]+, the scan of the database finished .* found values on it in [a-z_.]*(people|contacts|branches)_[0-9]+"
+check "9: keys no node has values on are destroyed (4 here)" "$(echo "$res" | tr ',' '\n' | grep -c '=destroyed$')" 4
+for n in 1 2 3; do
+  check "9: node $n has the same keys in the same states (destroyed ones too)" "$(keys_of "$n"):$(digest_of "$n")" "$(keys_of 0):$(digest_of 0)"
+done
+check "9: the destroyed keys' material is erased on every node" \
+  "$(for n in 0 1 2 3; do w "$n" "SELECT count(*) FROM ekm.key_material m JOIN ekm.key k USING (key_id) WHERE k.rotation_status = 'destroyed' AND m.wrapped IS NOT NULL"; done | sort -u)" 0
+check "9: every registered value still decrypts through the coordinator" \
+  "$(c "SELECT count(*) FROM accounts WHERE ekm_decrypt(email, 'accounts.email') = email_plain")" 100000
+check "9: and no value anywhere is on a destroyed key (the unregistered ones are on kept keys)" \
+  "$(c "SELECT count(*) FROM people WHERE ekm_key_id(email) IN (SELECT key_id FROM ekm.keys WHERE rotation_status = 'destroyed')")/$(c "SELECT count(*) FROM people WHERE ekm_key_id(email) IN (SELECT key_id FROM ekm.keys WHERE rotation_status = 'retired')")" 0/100000
 
 # --- 5. the server logs ------------------------------------------------------------
 wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")

@@ -75,6 +75,14 @@ mod ekm {
         crate::jobs::node::node_job(&request.0).or_raise()
     }
 
+    /// On a worker node, for the coordinator's `ekm_cleanup_old_keys`: per
+    /// key, the values on it in this node's registered columns (its shard
+    /// placements) and why this node's latest scan does not clear it.
+    #[pg_extern(volatile)]
+    fn _ekm_node_cleanup_check(keys: Vec<String>) -> String {
+        crate::sql::cleanup::node_check(keys).or_raise()
+    }
+
     /// This node's key catalog digest and whether its master key unwraps
     /// every key, as JSON (read by the coordinator's `ekm_health()`).
     #[pg_extern(volatile)]

@@ -2,6 +2,7 @@
 //! functions. Thin: argument checks, refusals with their SQLSTATE and hint,
 //! and result rows; the work is in `jobs`, `keys` and `pg`.
 
+pub mod cleanup;
 pub mod cluster;
 pub mod fastpath;
 pub mod fernet;
