@@ -128,8 +128,7 @@ fn cleanup(days: i32, dry_run: bool, force: bool) -> EkmResult<Vec<CleanupRow>> 
                 );
             }
             format!("kept: {n} values in registered columns still use it")
-        } else if unscanned.is_some() && !force {
-            let why = unscanned.expect("some");
+        } else if let Some(why) = unscanned.as_ref().filter(|_| !force) {
             if !dry_run {
                 pgrx::warning!("ekm: key {id} is kept: {why}");
             }
