@@ -49,6 +49,16 @@ cluster_start "$base"3 "${ports[3]}" "${common[@]}" && cpsql "$base"3 "${ports[3
 c() { cpsql "${base}0" "${ports[0]}" -d app -At -q -c "$1"; }
 one() { cpsql "${base}3" "${ports[3]}" -d app -At -q -c "$1"; }
 now() { date +%s.%N; }
+# rotate_timed c|one: ekm_rotate() to done on the coordinator (c) or the
+# single server (one); sets JOB and SECS
+rotate_timed() {
+  local t0 state
+  t0=$(now)
+  JOB=$("$1" "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
+  state=$("$1" "SELECT state FROM ekm_rotation_wait($JOB, 3600)" 2>/dev/null | tail -n 1)
+  SECS=$(python3 -c "print($(now) - $t0)")
+  [ "$state" = done ] || echo "job $JOB ($1) ended $state"
+}
 c "SELECT citus_set_coordinator_host('127.0.0.1', ${ports[0]})" >/dev/null
 c "SELECT citus_add_node('127.0.0.1', ${ports[1]})" >/dev/null
 c "SELECT citus_add_node('127.0.0.1', ${ports[2]})" >/dev/null
@@ -71,23 +81,13 @@ t0=$(now); c "UPDATE t SET email = email, mobno = mobno" >/dev/null; t1=$(now)
 floor=$(python3 -c "print($t1 - $t0)")
 c "VACUUM t" >/dev/null
 c "SELECT ekm_register_column('t', 'email', 't.email'), ekm_register_column('t', 'mobno', 't.mobno')" >/dev/null
-t0=$(now)
-job=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
-state=$(c "SELECT state FROM ekm_rotation_wait($job, 3600)" 2>/dev/null | tail -n 1)
-t1=$(now)
-cluster=$(python3 -c "print($t1 - $t0)")
-[ "$state" = done ] || echo "the cluster's job ended $state"
+rotate_timed c; job=$JOB; cluster=$SECS
 moved=$(c "SELECT rows_done FROM ekm_rotation_wait($job, 1)" 2>/dev/null | tail -n 1)
 nodes=$(c "SELECT string_agg('  worker node ' || nodeport || ': ' || result, E'\n' ORDER BY nodeport) FROM run_command_on_workers(
   \$\$SELECT 'its part verified ' || round(extract(epoch FROM verified_at - switched_at)::numeric, 2) || ' s after it started, ' || rows_done || ' values'
      FROM ekm.rotation_job WHERE coordinator_job = $job\$\$)")
 one "SELECT ekm_register_column('t', 'email', 't.email'), ekm_register_column('t', 'mobno', 't.mobno')" >/dev/null
-t0=$(now)
-job1=$(one "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL")
-state1=$(one "SELECT state FROM ekm_rotation_wait($job1, 3600)" 2>/dev/null | tail -n 1)
-t1=$(now)
-single=$(python3 -c "print($t1 - $t0)")
-[ "$state1" = done ] || echo "the single server's job ended $state1"
+rotate_timed one; single=$SECS
 # the same two rotations without the vacuum behind the batches (a shard is
 # a small table: its batches shrink to ekm.rotation_vacuum_growth of it and
 # it is vacuumed about 1 / growth times, like any table)
@@ -95,10 +95,8 @@ for n in 0 1 2 3; do
   cpsql "$base$n" "${ports[$n]}" -d app -q -c "ALTER SYSTEM SET ekm.rotation_vacuum_growth = 0" -c "SELECT pg_reload_conf()" >/dev/null
 done
 sleep 0.5
-t0=$(now); j=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL"); c "SELECT state FROM ekm_rotation_wait($j, 3600)" >/dev/null 2>&1; t1=$(now)
-cluster0=$(python3 -c "print($t1 - $t0)")
-t0=$(now); j=$(one "SELECT DISTINCT job_id FROM ekm_rotate(force => true) WHERE job_id IS NOT NULL"); one "SELECT state FROM ekm_rotation_wait($j, 3600)" >/dev/null 2>&1; t1=$(now)
-single0=$(python3 -c "print($t1 - $t0)")
+rotate_timed c; cluster0=$SECS
+rotate_timed one; single0=$SECS
 vac=$(c "SELECT string_agg(result, ' + ' ORDER BY nodeport) FROM run_command_on_workers(\$\$SELECT vacuums FROM ekm.rotation_job WHERE coordinator_job = $job\$\$)")
 printf '%-64s %8.2f s\n' "floor: UPDATE t SET c = c through the coordinator" "$floor"
 printf '%-64s %8.2f s  (%s values)\n' "ekm_rotate on the cluster (2 worker nodes)" "$cluster" "$moved"
