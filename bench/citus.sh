@@ -32,7 +32,7 @@ fi
 source scripts/lib.sh
 [ $BUILD -eq 1 ] && ekm_install --release >/dev/null
 base=/tmp/ekm-cbench
-ports=(55481 55482 55483 55484)   # coordinator, worker 1, worker 2, the single server
+ports=(61481 61482 61483 61484)   # coordinator, worker 1, worker 2, the single server
 trap 'for n in 0 1 2 3; do cluster_stop "$base$n" immediate >/dev/null 2>&1 || true; done' EXIT
 rm -rf "$base.key"; mkdir -p "$base.key"
 python3 -c "import os, sys; sys.stdout.write(os.urandom(32).hex())" >"$base.key/master.key"

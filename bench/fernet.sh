@@ -28,7 +28,7 @@ if [ $BUILD -eq 1 ]; then
   cargo pgrx install --release --pg-config /usr/bin/pg_config
 fi
 source scripts/lib.sh
-dir=/tmp/ekm-bench-fernet; port=55452
+dir=/tmp/ekm-bench-fernet; port=61452
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 cluster_start "$dir" "$port" "max_parallel_workers_per_gather = 0" "shared_buffers = '512MB'" "jit = off" "fsync = on"
 # each job in a database of its own (its own keys: a rotation in one does not

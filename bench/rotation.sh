@@ -33,7 +33,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 [ $BUILD -eq 1 ] && bash scripts/setup.sh
 source scripts/lib.sh
 [ $BUILD -eq 1 ] && ekm_install --release
-dir=/tmp/ekm-rbench; port=55451
+dir=/tmp/ekm-rbench; port=61451
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 # autovacuum off: the dead rows each run leaves would otherwise start a vacuum
 # during the next measured run, of the other method. fsync on (PostgreSQL's

@@ -27,7 +27,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 [ $BUILD -eq 1 ] && bash scripts/setup.sh
 source scripts/lib.sh
 [ $BUILD -eq 1 ] && ekm_install --release
-dir=/tmp/ekm-bench; port=55450
+dir=/tmp/ekm-bench; port=61450
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 cluster_start "$dir" "$port" "max_parallel_workers_per_gather = 0" "shared_buffers = '512MB'" "jit = off"
 q() { cpsql "$dir" "$port" -d postgres "$@"; }

@@ -41,8 +41,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 [ $BUILD -eq 1 ] && bash scripts/setup.sh
 source scripts/lib.sh
 [ $BUILD -eq 1 ] && ekm_install --release
-dir=/tmp/ekm-sbench; port=55456
-sdir=/tmp/ekm-sbench-standby; sport=55457
+dir=/tmp/ekm-sbench; port=61456
+sdir=/tmp/ekm-sbench-standby; sport=61457
 trap 'cluster_stop "$sdir" immediate >/dev/null 2>&1 || true; cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 # autovacuum off: only the vacuums a method runs itself count
 cluster_start "$dir" "$port" "shared_buffers = '2GB'" "max_wal_size = '4GB'" "jit = off" "autovacuum = off" "fsync = on" \

@@ -31,7 +31,7 @@ for v in 15 18; do
   if [ $BUILD -eq 1 ]; then
     ekm_install --release >/dev/null
   fi
-  dir=/tmp/ekm-vbench-$v; port=$((55460 + v))
+  dir=/tmp/ekm-vbench-$v; port=$((61460 + v))
   cluster_start "$dir" "$port" "max_parallel_workers_per_gather = 0" "shared_buffers = '512MB'" "jit = off" \
     "autovacuum = off" "fsync = on" || exit 1
   q() { cpsql "$dir" "$port" -d postgres -At -q "$@"; }

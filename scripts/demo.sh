@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up and shows ekm working: installs what is missing, builds
 # and installs ekm (release) into the system PostgreSQL 15 (or 18), starts a
-# throwaway cluster (port 55440, data under /tmp/ekm-demo, run by an
+# throwaway cluster (port 61440, data under /tmp/ekm-demo, run by an
 # unprivileged user), encrypts a sample `people` table, shows key status,
 # decrypts, activates a new key, rotates under a writing application, rolls
 # back, adopts the runbook's Fernet data, scans and cleans up old keys, moves
@@ -24,7 +24,7 @@ bash scripts/setup.sh
 source scripts/lib.sh
 echo "== building and installing ekm (release) for PostgreSQL $EKM_PG"
 ekm_install --release
-dir=/tmp/ekm-demo; port=55440
+dir=/tmp/ekm-demo; port=61440
 trap 'cluster_stop "$dir" >/dev/null 2>&1 || true' EXIT
 echo "== starting a throwaway cluster in $dir (port $port, shared_preload_libraries = 'ekm')"
 cluster_start "$dir" "$port"

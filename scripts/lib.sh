@@ -48,9 +48,22 @@ cluster_start() {
   cluster_restart_only "$dir"
 }
 
+# The test and bench ports (614xx) lie above Linux's default ephemeral range
+# (32768-60999), so no client connection's source port can hold one; a port
+# inside the range failed a CI run (the previous script's connections, in
+# TIME_WAIT, held it). A start refused with "Address already in use" is
+# still tried again for up to a minute (a TIME_WAIT lasts 60 s).
 cluster_restart_only() {
-  as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$PGBIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w -t 60 start >/dev/null \
-    || { tail -n 30 "$1/server.log" >&2; return 1; }
+  local n=0 before
+  while :; do
+    before=$(grep -c 'Address already in use' "$1/server.log" 2>/dev/null)
+    as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$PGBIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w -t 60 start >/dev/null \
+      && return 0
+    if [ "$(grep -c 'Address already in use' "$1/server.log" 2>/dev/null)" -gt "${before:-0}" ] && [ $n -lt 12 ]; then
+      n=$((n + 1)); echo "# port in use, start tried again in 5 s ($n/12)" >&2; sleep 5; continue
+    fi
+    tail -n 30 "$1/server.log" >&2; return 1
+  done
 }
 
 cluster_stop() {

@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/../scripts/lib.sh"
 dir=${EKM_REGRESS_DIR:-/tmp/ekm-regress}
-port=${EKM_REGRESS_PORT:-55433}
+port=${EKM_REGRESS_PORT:-61433}
 PGXS=$("$EKM_PG_CONFIG" --pkglibdir)/pgxs/src/test
 trap 'cluster_stop "$dir" immediate || true' EXIT
 # pause points for the race specs; prepared transactions for the fence's

@@ -58,7 +58,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
 base=/tmp/ekm-citus
-ports=(55461 55462 55463 55464)
+ports=(61461 61462 61463 61464)
 cleanup() {
   for n in 0 1 2 3; do cluster_stop "$base$n" immediate >/dev/null 2>&1; done
 }

@@ -8,7 +8,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-dump; port=55437
+dir=/tmp/ekm-dump; port=61437
 trap 'cluster_stop "$dir" immediate >/dev/null 2>&1 || true' EXIT
 cluster_start "$dir" "$port" || exit 1
 q() { local db=$1; shift; cpsql "$dir" "$port" -d "$db" -At -q -c "$1" 2>&1; }

@@ -14,7 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
 source "$here/pause.sh"
-dir=/tmp/ekm-fernet; port=55448
+dir=/tmp/ekm-fernet; port=61448
 ROWS=${ROWS:-20000}
 writer_pids=()
 cleanup() {

@@ -14,7 +14,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-locks; port=55454
+dir=/tmp/ekm-locks; port=61454
 source "$here/pause.sh"
 trap 'cluster_stop "$dir" immediate >/dev/null 2>&1 || true' EXIT
 cluster_start "$dir" "$port" "ekm.auto_rotate_naptime = 1" "ekm.rotation_retry_pause = 100" "ekm.debug_pause_points = on" || exit 1

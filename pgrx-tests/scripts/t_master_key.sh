@@ -6,7 +6,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-mk; port=55434
+dir=/tmp/ekm-mk; port=61434
 trap 'cluster_stop "$dir" immediate >/dev/null 2>&1 || true' EXIT
 cluster_start "$dir" "$port" "ekm.debug_pause_points = on" || exit 1
 source "$here/pause.sh"

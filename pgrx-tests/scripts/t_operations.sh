@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
 source "$here/pause.sh"
-dir=/tmp/ekm-operations; port=55441
+dir=/tmp/ekm-operations; port=61441
 ROWS=${ROWS:-100000}
 CTX=public.people.email
 writer_pids=()

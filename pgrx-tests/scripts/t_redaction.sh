@@ -10,7 +10,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-redaction; port=55447
+dir=/tmp/ekm-redaction; port=61447
 trap 'cluster_stop "$dir" immediate >/dev/null 2>&1 || true' EXIT
 cluster_start "$dir" "$port" "shared_preload_libraries = 'ekm,auto_explain'" \
   "auto_explain.log_min_duration = 0" "auto_explain.log_verbose = on" "log_min_duration_statement = 0" || exit 1

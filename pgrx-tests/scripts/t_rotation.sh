@@ -8,7 +8,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
 source "$here/pause.sh"
-dir=/tmp/ekm-rotation; port=55438
+dir=/tmp/ekm-rotation; port=61438
 ROWS=${ROWS:-100000}
 writer_pids=()
 cleanup() {

@@ -25,7 +25,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-scale; port=55455
+dir=/tmp/ekm-scale; port=61455
 cleanup() {
   [ -n "${held_pid:-}" ] && kill "$held_pid" 2>/dev/null
   for p in ${blocked_pids:-}; do kill "$p" 2>/dev/null; done

@@ -28,7 +28,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-shapes; port=55453
+dir=/tmp/ekm-shapes; port=61453
 cleanup() { [ -n "${KEEP:-}" ] || cluster_stop "$dir" immediate >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 cluster_start "$dir" "$port" "ekm.rotation_retry_pause = 100" "ekm.debug_pause_points = on" || exit 1

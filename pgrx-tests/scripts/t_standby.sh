@@ -7,8 +7,8 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-p=/tmp/ekm-primary; pport=55435
-s=/tmp/ekm-standby; sport=55436
+p=/tmp/ekm-primary; pport=61435
+s=/tmp/ekm-standby; sport=61436
 cleanup() {
   [ -n "${COPROC_PID:-}" ] && kill "$COPROC_PID" 2>/dev/null
   cluster_stop "$s" immediate >/dev/null 2>&1; cluster_stop "$p" immediate >/dev/null 2>&1

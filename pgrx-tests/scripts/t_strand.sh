@@ -11,7 +11,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-strand; port=55442
+dir=/tmp/ekm-strand; port=61442
 source "$here/pause.sh"
 ROWS=${ROWS:-100000}
 writer_pids=()

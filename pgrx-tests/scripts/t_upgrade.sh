@@ -13,8 +13,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 source "$repo/scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-upgrade; port=55445
-dir2=/tmp/ekm-upgrade-restore; port2=55446
+dir=/tmp/ekm-upgrade; port=61445
+dir2=/tmp/ekm-upgrade-restore; port2=61446
 OLD=${EKM_OLD_VERSION:-0.1.0}
 NEW=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
 old_src=$(mktemp -d /tmp/ekm-old-src.XXXXXX)

@@ -11,7 +11,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../scripts/lib.sh"
 source "$here/tap.sh"
-dir=/tmp/ekm-versions; port=55458
+dir=/tmp/ekm-versions; port=61458
 trap 'cluster_stop "$dir" immediate >/dev/null 2>&1' EXIT
 cluster_start "$dir" "$port" || exit 1
 q() { cpsql "$dir" "$port" -d postgres -At -q -c "$1" 2>&1; }
