@@ -56,10 +56,10 @@ cluster_start() {
 cluster_restart_only() {
   local n=0 before
   while :; do
-    before=$(grep -c 'Address already in use' "$1/server.log" 2>/dev/null)
+    before=$(grep -c 'Address already in use' "$1/server.log" 2>/dev/null || true)
     as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$PGBIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w -t 60 start >/dev/null \
       && return 0
-    if [ "$(grep -c 'Address already in use' "$1/server.log" 2>/dev/null)" -gt "${before:-0}" ] && [ $n -lt 12 ]; then
+    if [ "$(grep -c 'Address already in use' "$1/server.log" 2>/dev/null || true)" -gt "${before:-0}" ] && [ $n -lt 12 ]; then
       n=$((n + 1)); echo "# port in use, start tried again in 5 s ($n/12)" >&2; sleep 5; continue
     fi
     tail -n 30 "$1/server.log" >&2; return 1
