@@ -304,6 +304,16 @@ check "6: the writes through the coordinator commit while the rotation runs" "$(
 # worker node 1 restarts in the middle of its batch
 cluster_stop "${base}1" immediate >/dev/null 2>&1
 pause_release 2>/dev/null
+# while it is down the coordinator's job waits and names it (Citus's own
+# connectivity check tells a node it cannot reach from one whose call failed)
+for _ in $(seq 1 600); do
+  down=$(c "SELECT state FROM ekm.rotation_node WHERE job_id = $job AND node = '127.0.0.1:${ports[1]}'")
+  [ "$down" = unreachable ] && break; sleep 0.05
+done
+check "6: while worker node 1 is down, its progress row says unreachable" "$down" unreachable
+check_match "6: and the job, still running, waits for it by name" \
+  "$(c "SELECT state || ': ' || coalesce(waiting_for, '') FROM ekm.rotation_job WHERE job_id = $job")" \
+  "^running: .*worker node 127.0.0.1:${ports[1]} unreachable"
 cluster_restart_only "${base}1" >/dev/null
 writes 151 300
 check "6: and after worker node 1 restarted" "$(wc -l <"$base.writes")" 300

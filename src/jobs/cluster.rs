@@ -82,7 +82,7 @@ pub(crate) fn nodes_ready(
             serde_json::from_str(&result).unwrap_or_else(
                 |_| serde_json::json!({"state": "error", "error": "the node's answer is not JSON"}),
             )
-        } else if result.contains("connect") || result.contains("connection") {
+        } else if !citus::reachable(&node).map_err(e)? {
             serde_json::json!({"state": "unreachable", "error": result})
         } else {
             serde_json::json!({"state": "error", "error": result})

@@ -50,7 +50,7 @@ pub fn node_job(order: &serde_json::Value) -> Result<String> {
             vec![cjob.into()],
         )?;
         let launch = match local {
-            (Some(_), Some(state)) if state == "done" => false,
+            (Some(_), Some(state)) if state == "done" => None,
             // cancelled with the coordinator's job (which runs again), or,
             // failed or needing attention here, resumed on the coordinator
             // (a worker's first call): on again
@@ -71,34 +71,30 @@ pub fn node_job(order: &serde_json::Value) -> Result<String> {
                         ("coordinator_job", &cjob.to_string()),
                     ]),
                 )?;
-                true
+                Some(j)
             }
             (Some(j), Some(state)) if state == "running" => running(
                 j,
                 order["kind"].as_str().unwrap_or("rotate"),
                 order["final"].as_bool() == Some(true),
-            )?,
+            )?
+            .then_some(j),
             // failed or needing attention: the coordinator's job says so and
             // stops until it is resumed
-            (Some(_), _) => false,
+            (Some(_), _) => None,
             _ => {
-                if !start(cjob, order)? {
+                let Some(j) = start(cjob, order)? else {
                     return Ok(serde_json::json!({
                         "state": "waiting",
                         "catalog": false,
                         "waiting_for": "the coordinator's key catalog (a node added since the key switch: the coordinator's job sends it)",
                     })
                     .to_string());
-                }
-                true
+                };
+                Some(j)
             }
         };
-        if launch {
-            let j = spi::one::<i64>(
-                "SELECT job_id FROM ekm.rotation_job WHERE coordinator_job = $1 ORDER BY job_id DESC LIMIT 1",
-                vec![cjob.into()],
-            )?
-            .unwrap_or_default();
+        if let Some(j) = launch {
             if let Err(why) = crate::jobs::worker::launch(j) {
                 pgrx::warning!("ekm: rotation job {j}: could not start its worker now ({why}); the coordinator asks again");
             }
@@ -109,8 +105,8 @@ pub fn node_job(order: &serde_json::Value) -> Result<String> {
 
 /// Starts this node's part of the coordinator's job `cjob`, once the
 /// coordinator's key switch has reached this node (its key to move to is
-/// active here); whether it did.
-fn start(cjob: i64, order: &serde_json::Value) -> Result<bool> {
+/// active here); its job, if it did.
+fn start(cjob: i64, order: &serde_json::Value) -> Result<Option<i64>> {
     let to_key = order["to_key"].as_str().unwrap_or_default();
     let active = spi::one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM ekm.key WHERE key_id = $1 AND rotation_status = 'active')",
@@ -118,7 +114,7 @@ fn start(cjob: i64, order: &serde_json::Value) -> Result<bool> {
     )?
     .unwrap_or(false);
     if !active {
-        return Ok(false);
+        return Ok(None);
     }
     // an unfinished job of this node (an earlier coordinator job's part,
     // superseded there) gives way
@@ -142,7 +138,7 @@ fn start(cjob: i64, order: &serde_json::Value) -> Result<bool> {
         "UPDATE ekm.rotation_job SET coordinator_job = $2 WHERE job_id = $1",
         vec![j.into(), cjob.into()],
     )?;
-    Ok(true)
+    Ok(Some(j))
 }
 
 /// This node's job `j` runs: with `final_call`, check #2 of a verified job

@@ -102,6 +102,22 @@ pub fn read_on_workers(query: &str) -> Result<Vec<(String, bool, String)>> {
     .map_err(crate::pg::spi::err)
 }
 
+/// Whether worker node `node` ("host:port", as `read_on_workers` names it)
+/// answers a connection from here (Citus's own connectivity check).
+pub fn reachable(node: &str) -> Result<bool> {
+    let Some((host, port)) = node.rsplit_once(':') else {
+        return Ok(false);
+    };
+    let Ok(port) = port.parse::<i32>() else {
+        return Ok(false);
+    };
+    Ok(crate::pg::spi::one::<bool>(
+        "SELECT pg_catalog.citus_check_connection_to_node($1, $2)",
+        vec![host.into(), port.into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// Whether table `tbl` is a Citus table (distributed, reference, or a local
 /// table added to Citus's metadata): its rows are in shards.
 pub fn is_citus_table(tbl: pg_sys::Oid) -> Result<bool> {

@@ -238,19 +238,27 @@ fn ekm_scan_database(
     // on a Citus coordinator: every worker node scans its own database (its
     // shard placements), for cleanup (sql::cleanup)
     if crate::pg::citus::node().or_raise() == crate::pg::citus::Node::Coordinator {
-        let nodes = crate::pg::citus::read_on_workers(&format!(
-            "SELECT job_id FROM ekm_scan_database({batch_size})"
-        ))
+        // qualified with ekm's schema (Citus created the extension there on
+        // every node), whatever the workers' search_path
+        let order = crate::pg::spi::one::<String>(
+            "SELECT pg_catalog.format('SELECT job_id FROM %I.ekm_scan_database(%s)', n.nspname, $1) \
+             FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
+             WHERE e.extname OPERATOR(pg_catalog.=) 'ekm'",
+            vec![batch_size.into()],
+        )
         .or_raise()
-        .into_iter()
-        .map(|(node, ok, r)| {
-            if ok {
-                format!("{node} job {r}")
-            } else {
-                format!("{node} not started: {r}")
-            }
-        })
-        .collect::<Vec<_>>();
+        .unwrap_or_default();
+        let nodes = crate::pg::citus::read_on_workers(&order)
+            .or_raise()
+            .into_iter()
+            .map(|(node, ok, r)| {
+                if ok {
+                    format!("{node} job {r}")
+                } else {
+                    format!("{node} not started: {r}")
+                }
+            })
+            .collect::<Vec<_>>();
         note.push_str(&format!(
             "; each worker node scans its own database (ekm.rotation_job there): {}",
             nodes.join(", ")
