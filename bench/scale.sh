@@ -152,14 +152,18 @@ SQL
   }
   during() {  # label: TPS over the rotation's run, and its time
     baseline
-    pgb -T 3600 -P 1 >"$dir/pgb.out" 2>&1 &
+    # pgbench itself writes its pid: $! would be the subshell that runs it
+    # (through runuser as root), and killing that left pgbench running, its
+    # load in every later measurement
+    as_pg sh -c 'echo $$ >"$0"; exec "$@"' "$dir/pgb.pid" "$PGBIN/pgbench" -h "$dir" -p "$port" -U postgres -n -c 4 -j 2 \
+      -f "$dir/app.sql" -T 3600 -P 1 postgres >"$dir/pgb.out" 2>&1 &
     local pid=$! t0 t1 r0 r1
     sleep 5
     t0=$(now); r0=$(grep -c '^progress' "$dir/pgb.out" || true)
     q -c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)" >/dev/null
     [ "$(wait_job)" = done ] || echo "ekm job failed"
     t1=$(now); r1=$(grep -c '^progress' "$dir/pgb.out" || true)
-    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+    kill "$(cat "$dir/pgb.pid")" 2>/dev/null; wait "$pid" 2>/dev/null || true
     local tps
     tps=$(grep '^progress' "$dir/pgb.out" | sed -n "$((r0 + 1)),${r1}p" | sed 's/.* \([0-9.]*\) tps.*/\1/' | python3 -c "import sys; v=[float(x) for x in sys.stdin if x.strip()]; print(f'{sum(v)/len(v):.0f}' if v else 'n/a')")
     printf '%-52s %7s TPS  share %5s  rotation %6.1f s\n' "$1" "$tps" "$(python3 -c "print(f'{$tps / $base:.0%}')" 2>/dev/null || echo n/a)" "$(python3 -c "print($t1 - $t0)")"
