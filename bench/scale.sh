@@ -124,6 +124,11 @@ for m in floor floor_vac cbc ekm ekm_novac; do
   printf '%-44s %9.2f %12s %12s %9s %9.2f\n' "$label" "${T[$m]}" "${B[$m]}" "${A[$m]}" "$(pct "${B[$m]}" "${A[$m]}")" \
     "$(python3 -c "print(${T[$m]} / ${T[floor_vac]})")"
 done
+# what bounding the growth costs: ekm with its cadence against ekm without,
+# beside the paired floor against the floor (the cryptography's own cost,
+# the same in both ekm runs, is left out of this ratio)
+printf 'the vacuum cadence costs ekm %.2fx its time without it; vacuums cost the floor %.2fx\n' \
+  "$(python3 -c "print(${T[ekm]} / ${T[ekm_novac]})")" "$(python3 -c "print(${T[floor_vac]} / ${T[floor]})")"
 
 fi  # A
 if [ $TPS -eq 1 ]; then
