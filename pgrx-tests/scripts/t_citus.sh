@@ -135,6 +135,16 @@ c "SELECT create_distributed_table('contacts', 'id', colocate_with => 'people')"
 c "INSERT INTO contacts SELECT id, ekm_encrypt(ekm_decrypt(email, 'public.people.email'), 'contacts') FROM people WHERE id <= 20000" >/dev/null
 check "2: INSERT ... SELECT between colocated tables re-encrypts with another context" \
   "$(c "SELECT count(*) FROM contacts c JOIN people p USING (id) WHERE ekm_decrypt(c.email, 'contacts') = p.email_plain")" 20000
+# the 2^32 random-nonce bound is the key's, across the nodes: each worker
+# node encrypts 500 values in a session of its own, and the coordinator's
+# health and policy count them with its own
+c "SELECT run_command_on_workers(\$\$SELECT count(ekm_encrypt('n' || g)) FROM generate_series(1, 500) g\$\$)" >/dev/null
+act=$(c "SELECT key_id FROM ekm.keys WHERE rotation_status = 'active'")
+enc() { w "$1" "SELECT encryptions FROM ekm.keys WHERE key_id = '$act'"; }
+e0=$(enc 0); e1=$(enc 1); e2=$(enc 2)
+check_match "2: each worker node counts its own encryptions with the active key" "$e1:$e2" '^([5-9][0-9]{2}|[0-9]{4,}):([5-9][0-9]{2}|[0-9]{4,})$'
+check "2: ekm_health() on the coordinator counts the active key's encryptions on every node" \
+  "$(c "SELECT substring(detail from 'encrypted ([0-9]+) values') FROM ekm_health() WHERE \"check\" = 'encryptions'")" "$((e0 + e1 + e2))"
 c "CREATE TABLE branches (code text PRIMARY KEY, vault text)" >/dev/null
 c "SELECT create_reference_table('branches')" >/dev/null
 c "INSERT INTO branches SELECT 'b' || g, ekm_encrypt('vault-' || g, 'branches') FROM generate_series(1, 100) g" >/dev/null

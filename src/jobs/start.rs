@@ -74,7 +74,8 @@ pub fn supersede_unfinished(force: bool, by: &str) -> EkmResult<()> {
 }
 
 /// The active key, where it stands against the policy, and its encryptions
-/// (stored plus those still in shared memory). As the owner.
+/// (stored plus those still in shared memory; on a Citus coordinator, plus
+/// every worker node's). As the owner.
 pub fn active_key_age() -> EkmResult<(String, ekm_core::lifecycle::KeyAge, i64)> {
     let (active, created, stored) = spi::three::<String, TimestampWithTimeZone, i64>(
         "SELECT key_id, created_at, encryptions FROM ekm.key WHERE rotation_status = 'active'",
@@ -85,7 +86,8 @@ pub fn active_key_age() -> EkmResult<(String, ekm_core::lifecycle::KeyAge, i64)>
     let pending = ekm_core::KeyId::parse(&active)
         .map(|k| crate::keys::shmem::pending(&k.to_ref()))
         .unwrap_or(0) as i64;
-    let encryptions = stored.unwrap_or(0) + pending;
+    let encryptions =
+        stored.unwrap_or(0) + pending + crate::keys::cluster::worker_encryptions(&active)?;
     let age = gucs::policy().evaluate(created, chrono::Utc::now(), encryptions);
     Ok((active, age, encryptions))
 }

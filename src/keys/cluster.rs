@@ -348,6 +348,27 @@ pub fn state() -> Result<String> {
     .to_string())
 }
 
+/// On a Citus coordinator, the encryptions the worker nodes made with key
+/// `key_id` (each node's stored count plus what it has not flushed yet, as
+/// its `ekm.keys` shows them): the 2^32 random-nonce bound is the key's,
+/// across every node that encrypts with it. 0 elsewhere; a node that
+/// cannot be asked adds nothing (ekm_health names it in its own check).
+pub fn worker_encryptions(key_id: &str) -> Result<i64> {
+    if citus::node()? != Node::Coordinator {
+        return Ok(0);
+    }
+    let query = spi::one::<String>(
+        "SELECT pg_catalog.format('SELECT coalesce(sum(encryptions), 0) FROM ekm.keys WHERE key_id = %L', $1::text)",
+        vec![key_id.into()],
+    )?
+    .unwrap_or_default();
+    Ok(citus::read_on_workers(&query)?
+        .into_iter()
+        .filter(|(_, ok, _)| *ok)
+        .filter_map(|(_, _, n)| n.parse::<i64>().ok())
+        .sum())
+}
+
 /// Whether every ekm key with material unwraps under the master key this
 /// node loads (or the previous one, during a master key rotation): None,
 /// else which one does not.
