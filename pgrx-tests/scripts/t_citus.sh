@@ -19,7 +19,7 @@
 #      whose retire cannot reach a worker node waits (not failed, nothing
 #      retired anywhere) and finishes once the node is back; a worker node
 #      with a different master key is named by ekm_health();
-#   4. refusals (up front, with a SQLSTATE and a hint): rotating the master key, key changes on a worker node; a node that
+#   4. refusals (up front, with a SQLSTATE and a hint): key changes (the master key's rotation too) on a worker node; a node that
 #      had ekm of its own with a used key refuses the coordinator's catalog;
 #      a scan of the database records Citus tables as not scanned; a node
 #      that cannot be reached is named by ekm_health();
@@ -50,6 +50,10 @@
 #      keeps a key while any node's registered columns or own scan hold
 #      values on it, or a node has not scanned since it retired, or cannot be
 #      reached, and destroys the others on every node at once;
+#  10. the master key rotated from the coordinator: refused while a worker
+#      node does not load the new master key (naming it; nothing changes on
+#      any node), then every node's keys re-wrapped in one distributed
+#      transaction; with only the new key configured every value decrypts;
 #   5. no wrapped key material and no plaintext in any node's server log
 #      (with citus.log_remote_commands = on, which logs every command the
 #      coordinator sends, and after a worker node's apply was cancelled).
@@ -224,8 +228,8 @@ check_match "3: and is ok once it has the same master key" \
   "$(c "SELECT status FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" '^ok$'
 
 # --- 4. refusals ---------------------------------------------------------------
-check_match "4: rotating the master key is refused on the cluster" \
-  "$(c "SELECT * FROM ekm_rotate_master_key()")" "^ERROR:  cannot rotate the master key on a Citus cluster yet"
+check_match "4: rotating the master key on a worker node is refused" \
+  "$(werr 1 "SELECT * FROM ekm_rotate_master_key()")" "^ERROR:  55000: this is a Citus worker node"
 check_match "4: a key change on a worker node is refused with a hint" \
   "$(werr 1 "SELECT ekm_create_key()")" "^ERROR:  55000: this is a Citus worker node: ekm's keys are managed on the coordinator HINT: "
 check_match "4: so is ekm_cluster_sync() there" "$(werr 1 "SELECT ekm_cluster_sync()")" "^ERROR:  55000: this is a Citus worker node"
@@ -488,6 +492,47 @@ check "9: every registered value still decrypts through the coordinator" \
   "$(c "SELECT count(*) FROM accounts WHERE ekm_decrypt(email, 'accounts.email') = email_plain")" 100000
 check "9: and no value anywhere is on a destroyed key (the unregistered ones are on kept keys)" \
   "$(c "SELECT count(*) FROM people WHERE ekm_key_id(email) IN (SELECT key_id FROM ekm.keys WHERE rotation_status = 'destroyed')")/$(c "SELECT count(*) FROM people WHERE ekm_key_id(email) IN (SELECT key_id FROM ekm.keys WHERE rotation_status = 'retired')")" 0/100000
+
+# --- 10. the master key rotated on the cluster ---------------------------------
+python3 -c "import os, sys; sys.stdout.write(os.urandom(32).hex())" >"$base.key/new.key"
+chmod 600 "$base.key/new.key"
+[ "$(id -u)" -eq 0 ] && chown -R "$EKM_PG_USER" "$base.key"
+# node N loads the new master key, the old one as the previous (restarted:
+# every session there has both)
+new_mk() {
+  printf "ekm.master_key_file = '%s'\nekm.previous_master_key_file = '%s'\n" "$base.key/new.key" "$base.key/master.key" \
+    | as_pg tee -a "$base$1/data/postgresql.conf" >/dev/null
+  cluster_stop "$base$1" >/dev/null; cluster_restart_only "$base$1" >/dev/null
+}
+# (the keys with material: a destroyed key keeps the check value it had)
+fps() { for n in 0 1 2 3; do w "$n" "SELECT string_agg(DISTINCT master_key_fingerprint, ',') FROM ekm.keys WHERE rotation_status <> 'destroyed'"; done | sort -u | tr '\n' ' '; }
+old_fp=$(fps)
+check_match "10: before: every node's keys are wrapped under one master key" "$old_fp" '^[0-9a-f]+ $'
+for n in 0 1 2; do new_mk "$n"; done
+out=$(c "SELECT count(*) FROM ekm_rotate_master_key()")
+check_match "10: with worker node 3 still on the old master key, the rotation on the coordinator is refused, naming the node" \
+  "$(echo "$out" | tr '\n' ' ')" "^ERROR:  the coordinator's key key_[0-9_a-f]+ is wrapped under master key [0-9a-f]+, which worker node 127\.0\.0\.1:${ports[3]} does not load \(it loads [0-9a-f]+\).* HINT:  configure master key"
+check "10: and nothing changed on any node" "$(fps)" "$old_fp"
+new_mk 3
+check_match "10: once every node loads the new master key, ekm_rotate_master_key() on the coordinator re-wraps every key" \
+  "$(c "SELECT count(*) FILTER (WHERE action = 're-wrapped') || '/' || count(*) FROM ekm_rotate_master_key()")" '^([1-9][0-9]*)/\1$'
+new_fp=$(fps)
+check_match "10: every node's keys are now wrapped under the new master key, the same on every node" "$new_fp" '^[0-9a-f]+ $'
+check "10: which is another one" "$([ "$new_fp" != "$old_fp" ] && echo yes)" yes
+for n in 1 2 3; do
+  check "10: node $n has the coordinator's catalog" "$(digest_of "$n")" "$(digest_of 0)"
+done
+check "10: ekm_health() on the coordinator: every node has the same keys and unwraps them" \
+  "$(c "SELECT status FROM ekm_health() WHERE \"check\" = 'citus_nodes'")" ok
+# the previous master key removed everywhere: only the new one loads
+for n in 0 1 2 3; do
+  echo "ekm.previous_master_key_file = ''" | as_pg tee -a "$base$n/data/postgresql.conf" >/dev/null
+  cluster_stop "$base$n" >/dev/null; cluster_restart_only "$base$n" >/dev/null
+done
+check "10: with only the new master key configured, every value decrypts through the coordinator (new sessions)" \
+  "$(c "SELECT count(*) FROM accounts WHERE ekm_decrypt(email, 'accounts.email') = email_plain")" 100000
+check "10: and a new key reaches every node" \
+  "$(c "SELECT ekm_activate_key(ekm_create_key()) IS NOT NULL"):$(keys_of 3)" "t:$(keys_of 0)"
 
 # --- 5. the server logs ------------------------------------------------------------
 wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")

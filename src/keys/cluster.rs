@@ -258,6 +258,7 @@ fn apply_rows(incoming: &[Incoming], on_retire: &dyn Fn(&[String]) -> Result<()>
         .map(|k| k.id.clone())
         .collect();
     on_retire(&retiring)?;
+    refuse_material_not_loaded(incoming)?;
     // the coordinator's keys: every one that is not to be active first (the
     // node's active key may be one that is rotating now), then the active one
     let mut order: Vec<&Incoming> = incoming.iter().collect();
@@ -318,6 +319,58 @@ fn apply_rows(incoming: &[Incoming], on_retire: &dyn Fn(&[String]) -> Result<()>
         )?;
     }
     Ok(incoming.len() as i64)
+}
+
+/// Key material that is new here, or wrapped again (the coordinator's
+/// master key was rotated), must be wrapped under the master key this node
+/// loads, or the previous one it is configured with: else this node could
+/// not use the keys, and it refuses them (the coordinator's whole change
+/// rolls back on every node, in its distributed transaction).
+fn refuse_material_not_loaded(incoming: &[Incoming]) -> Result<()> {
+    let mut loaded: Option<(String, Option<String>)> = None;
+    for k in incoming {
+        // (a destroyed key keeps its check value, not its material)
+        let wrapped = k.row.get("wrapped").and_then(|v| v.as_str());
+        let kcv = k.row.get("master_kcv").and_then(|v| v.as_str());
+        let (Some(_), Some(kcv)) = (wrapped, kcv) else {
+            continue;
+        };
+        let here = spi::one::<String>(
+            "SELECT encode(master_kcv, 'hex') FROM ekm.key_material WHERE key_id = $1",
+            vec![k.id.clone().into()],
+        )?;
+        if here.as_deref() == Some(kcv) {
+            continue;
+        }
+        if loaded.is_none() {
+            let current = masterkey::load()?.fingerprint();
+            let previous = masterkey::load_previous()
+                .and_then(|r| r.ok())
+                .map(|p| p.fingerprint());
+            loaded = Some((current, previous));
+        }
+        let (current, previous) = loaded.as_ref().expect("loaded above");
+        if kcv != current && previous.as_deref() != Some(kcv) {
+            // this node as the coordinator names it
+            let me = spi::one::<String>(
+                "SELECT nodename || ':' || nodeport FROM pg_catalog.pg_dist_node \
+                 WHERE groupid OPERATOR(pg_catalog.=) (SELECT groupid FROM pg_catalog.pg_dist_local_group) LIMIT 1",
+                vec![],
+            )?
+            .unwrap_or_else(|| "this worker node".into());
+            crate::pg::error::raise_with(
+                pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "the coordinator's key {} is wrapped under master key {kcv}, which worker node {me} does not load (it loads {current}); it cannot take the key",
+                    k.id
+                ),
+                Some(format!(
+                    "configure master key {kcv} on this node (ekm.master_key_file or _command, and the one it replaces as ekm.previous_master_key_file or _command), SELECT pg_reload_conf(), then repeat the change on the coordinator; nothing changed on any node"
+                )),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// This node's catalog and whether it can use it, for the coordinator's

@@ -2,29 +2,13 @@
 //! with Citus"): the key tables' triggers that send every key change from
 //! the coordinator to the worker nodes and keep a worker node's keys the
 //! coordinator's, the function a worker node applies them with, each node's
-//! state for `ekm_health()`, `ekm_cluster_sync()`, and the refusals of what
-//! ekm does not do on a cluster yet. Thin: the work is in keys::cluster.
+//! state for `ekm_health()`, and `ekm_cluster_sync()`. Thin: the work is in keys::cluster.
 
 use crate::keys::cluster;
 use crate::pg::citus::{self, Node};
 use crate::pg::error::{raise_with, OrRaise};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
-
-/// Refuses `what` on the coordinator of a Citus cluster (ERRCODE 0A000),
-/// saying `why`.
-pub(crate) fn refuse_on_cluster(what: &str, why: &str) {
-    if citus::node().or_raise() == Node::Coordinator {
-        raise_with(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("cannot {what} on a Citus cluster yet: {why}"),
-            Some(
-                "README, \"Scaling out with Citus\": what ekm does and does not do on a cluster"
-                    .into(),
-            ),
-        );
-    }
-}
 
 /// Sends the coordinator's key catalog to every worker node now, in this
 /// transaction (after `citus_add_node`, or when `ekm_health()` says a node

@@ -164,7 +164,10 @@ fn ekm_key_status_v2() -> TableIterator<
 /// key, in one transaction: keys wrapped under the previous master key
 /// (`ekm.previous_master_key_command` / `_file`) are unwrapped with it and
 /// wrapped again; keys already under the configured key are left as they
-/// are. No value is touched (the data keys do not change). Idempotent.
+/// are. No value is touched (the data keys do not change). Idempotent. On
+/// a Citus coordinator the re-wrapped keys reach every worker node at
+/// commit, in the distributed transaction; a node that does not load the
+/// new master key refuses them, and nothing changes on any node.
 #[pg_extern(volatile)]
 fn ekm_rotate_master_key() -> TableIterator<
     'static,
@@ -176,10 +179,13 @@ fn ekm_rotate_master_key() -> TableIterator<
     ),
 > {
     crate::pg::error::refuse_on_standby("rotate the master key", "ekm_rotate_master_key()");
-    crate::sql::cluster::refuse_on_cluster(
-        "rotate the master key",
-        "each node loads the master key from its own configuration, and re-wrapping the keys on the coordinator would leave the worker nodes with keys wrapped under a master key they do not load",
-    );
+    if crate::pg::citus::node().or_raise() == crate::pg::citus::Node::Worker {
+        crate::pg::error::raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "this is a Citus worker node: ekm's keys are managed on the coordinator".into(),
+            Some("configure the new master key (and the old one as the previous) on every node, reload, then SELECT * FROM ekm_rotate_master_key() on the coordinator".into()),
+        );
+    }
     TableIterator::new(rotate_master_key().or_raise())
 }
 
