@@ -54,6 +54,9 @@
 #      node does not load the new master key (naming it; nothing changes on
 #      any node), then every node's keys re-wrapped in one distributed
 #      transaction; with only the new key configured every value decrypts;
+#  11. a partitioned distributed table (a partition added after it was
+#      registered too) rotates through the coordinator: every placement of
+#      every partition on the new key;
 #   5. no wrapped key material and no plaintext in any node's server log
 #      (with citus.log_remote_commands = on, which logs every command the
 #      coordinator sends, and after a worker node's apply was cancelled).
@@ -533,6 +536,31 @@ check "10: with only the new master key configured, every value decrypts through
   "$(c "SELECT count(*) FROM accounts WHERE ekm_decrypt(email, 'accounts.email') = email_plain")" 100000
 check "10: and a new key reaches every node" \
   "$(c "SELECT ekm_activate_key(ekm_create_key()) IS NOT NULL"):$(keys_of 3)" "t:$(keys_of 0)"
+
+# --- 11. a partitioned distributed table ----------------------------------------
+c "CREATE TABLE events (tenant int, month int, secret text, plain text, PRIMARY KEY (tenant, month)) PARTITION BY RANGE (month)" >/dev/null
+c "CREATE TABLE events_h1 PARTITION OF events FOR VALUES FROM (1) TO (7)" >/dev/null
+c "CREATE TABLE events_h2 PARTITION OF events FOR VALUES FROM (7) TO (13)" >/dev/null
+c "SELECT create_distributed_table('events', 'tenant')" >/dev/null
+c "INSERT INTO events SELECT g, m, ekm_encrypt('e' || g || '-' || m, 'events'), 'e' || g || '-' || m FROM generate_series(1, 500) g, generate_series(1, 12) m" >/dev/null
+check_match "11: ekm_register_column on a partitioned distributed table registers it" \
+  "$(c "SELECT ekm_register_column('events', 'secret', 'events')")" '^registered'
+for n in 1 2; do
+  check_match "11: worker node $n registers its placements of both partitions, with the partitioned table" \
+    "$(w "$n" "SELECT count(*) FILTER (WHERE tbl::text LIKE 'events_h1_%') || ':' || count(*) FILTER (WHERE tbl::text LIKE 'events_h2_%') FROM ekm.registered_column WHERE parent = 'events'::regclass")" '^[1-9][0-9]*:[1-9][0-9]*$'
+done
+# a partition added after the registration (Citus distributes it), with rows
+c "CREATE TABLE events_h3 PARTITION OF events FOR VALUES FROM (13) TO (19)" >/dev/null
+c "INSERT INTO events SELECT g, 13, ekm_encrypt('e' || g || '-13', 'events'), 'e' || g || '-13' FROM generate_series(1, 500) g" >/dev/null
+job=$(c "SELECT DISTINCT job_id FROM ekm_rotate(force => true)")
+check "11: a rotation through the coordinator ends done" "$(c "SELECT state FROM ekm_rotation_wait($job, 300)" | tail -n 1)" done
+to=$(c "SELECT key_id FROM ekm.keys WHERE rotation_status = 'active'")
+for p in events_h1 events_h2 events_h3; do
+  check "11: every placement of partition $p holds only values on the new key" \
+    "$(c "SELECT sum(result::bigint) FROM run_command_on_placements('$p', \$\$SELECT count(*) FROM %s WHERE ekm_key_id(secret) IS DISTINCT FROM '$to'\$\$)")" 0
+done
+check "11: every value decrypts through the coordinator to its shadow" \
+  "$(c "SELECT count(*) FROM events WHERE ekm_decrypt(secret, 'events') = plain AND ekm_key_id(secret) = '$to'")" 6500
 
 # --- 5. the server logs ------------------------------------------------------------
 wrapped=$(cpsql "${base}0" "${ports[0]}" -d app -At -q -c "SELECT string_agg(encode(wrapped, 'hex'), ' ') FROM ekm.key_material")

@@ -1386,8 +1386,12 @@ fn lock_registered_parents() -> Result<(), String> {
         "SELECT coalesce(array_agg(DISTINCT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)), '{}') \
          FROM ekm.registered_column r JOIN pg_catalog.pg_class c ON c.oid = r.tbl \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         WHERE r.parent IS NULL AND (c.relkind = 'p' OR c.relhassubclass)",
-        vec![],
+         WHERE r.parent IS NULL AND (c.relkind = 'p' OR c.relhassubclass) \
+           AND NOT (r.tbl::oid = ANY ($1::oid[]))",
+        // (not a Citus table's shell: a LOCK there is a distributed lock on
+        // every node; a partition added to a Citus table arrives as shard
+        // placements, which the retire's last sync finds on each node)
+        vec![crate::pg::citus::citus_tables().map_err(e)?.into()],
     )
     .map_err(e)?
     .unwrap_or_default();

@@ -165,8 +165,9 @@ pub fn sync_partitions() -> EkmResult<i64> {
     )?;
     refuse_rows_stored_elsewhere()?;
     refuse_owner_without_privileges()?;
-    let shards = sync_shard_placements()?;
-    Ok(shards + spi::one_mut::<i64>(
+    // partitions first: a partitioned Citus table's partitions are Citus
+    // tables whose placements the next call registers
+    let partitions = spi::one_mut::<i64>(
         "WITH RECURSIVE tree AS ( \
            SELECT r.tbl::oid AS root, r.col, r.context, r.registered_by, i.inhrelid AS rel \
            FROM ekm.registered_column r JOIN pg_catalog.pg_inherits i ON i.inhparent = r.tbl \
@@ -180,37 +181,43 @@ pub fn sync_partitions() -> EkmResult<i64> {
          SELECT count(*) FROM ins",
         vec![],
     )?
-    .unwrap_or(0))
+    .unwrap_or(0);
+    Ok(partitions + sync_shard_placements()?)
 }
 
 /// On a node of a Citus cluster: registers the shard placements this node
-/// holds of every registered Citus table (distributed or reference), with
-/// the table's column and context (`parent` names the Citus table), and
-/// forgets registrations of placements no longer here (moved away, or the
-/// table undistributed): the node's jobs rotate and check exactly the
-/// placements it holds (docs/design.md, section 9). How many it registered.
+/// holds of every registered Citus table (distributed or reference, and
+/// the partitions of a partitioned one, registered with it), with the
+/// table's column and context (`parent` names the registered Citus table:
+/// the partitioned one for its partitions' placements), and forgets
+/// registrations of placements no longer here (moved away, or the table
+/// undistributed): the node's jobs rotate and check exactly the placements
+/// it holds (docs/design.md, section 9). How many it registered.
 fn sync_shard_placements() -> EkmResult<i64> {
     if crate::pg::citus::citus_tables()?.is_empty() {
         return Ok(0);
     }
+    // each placement here with the registration of its Citus table
+    // (`top`: the table registered by itself, whose partition it may be)
     const HERE: &str = "WITH here AS ( \
-           SELECT s.logicalrelid::oid AS root, \
-                  pg_catalog.to_regclass(pg_catalog.shard_name(s.logicalrelid, s.shardid, false))::oid AS rel \
+           SELECT pg_catalog.to_regclass(pg_catalog.shard_name(s.logicalrelid, s.shardid, false))::oid AS rel, \
+                  coalesce(r.parent, r.tbl)::oid AS top, r.col, r.context, r.registered_by \
            FROM pg_catalog.pg_dist_shard s JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid \
+           JOIN ekm.registered_column r ON r.tbl::oid = s.logicalrelid::oid \
            WHERE p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group))";
     spi::exec(
         &format!(
             "{HERE} DELETE FROM ekm.registered_column r \
              WHERE r.parent::oid IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) \
-               AND NOT EXISTS (SELECT 1 FROM here h WHERE h.rel = r.tbl::oid AND h.root = r.parent::oid)"
+               AND r.tbl::oid NOT IN (SELECT logicalrelid::oid FROM pg_catalog.pg_dist_partition) \
+               AND NOT EXISTS (SELECT 1 FROM here h WHERE h.rel = r.tbl::oid AND h.top = r.parent::oid AND h.col = r.col)"
         ),
         vec![],
     )?;
     Ok(spi::one_mut::<i64>(
         &format!(
             "{HERE}, ins AS (INSERT INTO ekm.registered_column (tbl, col, context, registered_by, parent) \
-               SELECT h.rel::regclass, r.col, r.context, r.registered_by, r.tbl FROM here h \
-               JOIN ekm.registered_column r ON r.tbl::oid = h.root AND r.parent IS NULL \
+               SELECT h.rel::regclass, h.col, h.context, h.registered_by, h.top::regclass FROM here h \
                WHERE h.rel IS NOT NULL \
                ON CONFLICT (tbl, col) DO NOTHING RETURNING 1) \
              SELECT count(*) FROM ins"

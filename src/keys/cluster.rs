@@ -86,8 +86,7 @@ pub fn propagate(once: bool) -> Result<i64> {
 
 /// Registering (or unregistering) a column of Citus table `name` on this
 /// node: refused on a worker node (the coordinator registers Citus tables
-/// and sends the registration to every node); and a partitioned Citus
-/// table is refused (its partitions' shards are not rotated yet).
+/// and sends the registration to every node).
 pub fn refuse_citus_registration_here(name: &str) -> Result<()> {
     if applying() {
         return Ok(());
@@ -97,18 +96,6 @@ pub fn refuse_citus_registration_here(name: &str) -> Result<()> {
             pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("{name} is a Citus table and this is a worker node: its columns are registered on the coordinator"),
             Some("run ekm_register_column (or ekm_unregister_column) on the coordinator; it registers the shard placements on every node".into()),
-        );
-    }
-    let partitioned = spi::one::<bool>(
-        "SELECT relkind = 'p' FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass($1)",
-        vec![name.into()],
-    )?
-    .unwrap_or(false);
-    if partitioned {
-        crate::pg::error::raise_with(
-            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("{name} is a partitioned Citus table: ekm does not rotate the shards of its partitions yet"),
-            Some("README, \"Scaling out with Citus\", says what ekm does on a cluster".into()),
         );
     }
     Ok(())
