@@ -114,8 +114,11 @@ fn health() -> Vec<HealthRow> {
         let one_active = active.as_ref().map(|r| r.1 == "ok").unwrap_or(false);
         push(active, "active_key");
         if one_active {
-            push(check_key_age(), "key_age");
-            push(check_encryptions(), "encryptions");
+            // once for both checks (on a Citus coordinator it asks every
+            // worker node for its count)
+            let active = crate::jobs::start::active_key_age();
+            push(active.clone().map(|a| check_key_age(&a)), "key_age");
+            push(active.map(|a| check_encryptions(&a)), "encryptions");
         }
         push(check_jobs(), "rotation_jobs");
         push(check_auto_rotation(), "auto_rotation");
@@ -245,11 +248,10 @@ fn check_active_key() -> EkmResult<HealthRow> {
     })
 }
 
-fn check_key_age() -> EkmResult<HealthRow> {
-    let (active, age, _) = crate::jobs::start::active_key_age()?;
+fn check_key_age((active, age, _): &ActiveKeyAge) -> HealthRow {
     let now = chrono::Utc::now();
     let due = age.due_at.format("%Y-%m-%d");
-    Ok(if now >= age.expires_at {
+    if now >= age.expires_at {
         row(
             "key_age",
             "failed",
@@ -273,16 +275,16 @@ fn check_key_age() -> EkmResult<HealthRow> {
                 age.age_days, age.expires_in_days
             ),
         )
-    })
+    }
 }
 
-fn check_encryptions() -> EkmResult<HealthRow> {
-    let (active, _, n) = crate::jobs::start::active_key_age()?;
+fn check_encryptions((active, _, n): &ActiveKeyAge) -> HealthRow {
+    let n = *n;
     let due = gucs::policy().due_encryptions;
     let pct = 100.0 * n as f64 / NONCE_BOUND;
     let detail =
         format!("{active} encrypted {n} values ({pct:.4}% of the 2^32 random-nonce bound)");
-    Ok(if n as f64 >= NONCE_BOUND {
+    if n as f64 >= NONCE_BOUND {
         row("encryptions", "failed", format!("{detail}: rotate now"))
     } else if n as f64 >= due {
         row(
@@ -292,8 +294,11 @@ fn check_encryptions() -> EkmResult<HealthRow> {
         )
     } else {
         row("encryptions", "ok", detail)
-    })
+    }
 }
+
+/// The active key, its age against the policy, and its encryptions.
+type ActiveKeyAge = (String, ekm_core::lifecycle::KeyAge, i64);
 
 fn check_jobs() -> EkmResult<HealthRow> {
     // A worker holds its job's lock (src/locks.rs).
